@@ -1,0 +1,47 @@
+"""User errors: one line naming the culprit, exit status 2, never a traceback.
+
+A `UserError` is raised anywhere input is judged (files, flags, environment).
+Entry points wrap their body in `exit_on_user_error`, which prints
+`cnnpar: error: <culprit>: <message>` on stderr and exits 2. Bugs are not
+UserErrors: they keep their traceback (and, under MPI, abort the job).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake in what the user gave us; `culprit` is the path, flag or variable at fault."""
+
+    def __init__(self, culprit: str, message: str):
+        super().__init__(f"{culprit}: {message}")
+        self.culprit = str(culprit)
+        self.message = message
+
+    def line(self) -> str:
+        return f"cnnpar: error: {self.culprit}: {self.message}"
+
+
+def print_user_error(err: UserError, file=None) -> None:
+    print(err.line(), file=file or sys.stderr, flush=True)
+
+
+def exit_on_user_error(main):
+    """Decorate a CLI `main`: a UserError becomes one line on stderr and exit 2; Ctrl-C exits 130."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            print_user_error(err)
+            raise SystemExit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            print("cnnpar: interrupted", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+
+    return wrapper
