@@ -1,0 +1,97 @@
+"""Checkpoints: everything needed to continue a run bit for bit, in one small HDF5 file.
+
+A checkpoint holds the flat params, the optimizer's flat velocity, the data
+position (global step; the sample order is a pure function of seed and epoch,
+so no RNG state has to be carried), the running epoch statistics, the time and
+samples accounted so far, the config, the rank count, and how many rows of the
+run log belong to it. Rank 0 writes it atomically (temporary file, then
+rename), so a kill at any moment leaves the previous checkpoint intact. No
+pickle anywhere: opening a checkpoint cannot run code.
+
+The checkpoint of a log lives beside it: `<log>.ckpt`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .errors import UserError
+
+MAGIC = "cnnpar-checkpoint"
+VERSION = 1
+
+# Settings that shape the trajectory: a resumed run must use the same ones as the checkpointed run.
+TRAJECTORY_FIELDS = ("dataset", "arch", "lr", "reduce", "momentum", "lr_scaling", "warmup_steps",
+                     "samples_per_rank", "seed", "mode", "allreduce", "race_window", "folds", "epochs", "steps")
+
+
+def path_for_log(log_path: str) -> str:
+    return f"{log_path}.ckpt"
+
+
+def save(path: str, *, params: np.ndarray, velocity: np.ndarray, step: int, epoch_sums: np.ndarray,
+         train_time_s: float, samples_done: int, config_json: str, ranks: int, log_steps: int,
+         log_epochs: int) -> None:
+    import h5py
+
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with h5py.File(temporary, "w") as f:
+            f.attrs["format"] = MAGIC
+            f.attrs["format_version"] = VERSION
+            f.attrs["step"] = int(step)
+            f.attrs["train_time_s"] = float(train_time_s)
+            f.attrs["samples_done"] = int(samples_done)
+            f.attrs["ranks"] = int(ranks)
+            f.attrs["log_steps"] = int(log_steps)
+            f.attrs["log_epochs"] = int(log_epochs)
+            f.attrs["config_json"] = config_json
+            f.create_dataset("params", data=params)
+            f.create_dataset("velocity", data=velocity)
+            f.create_dataset("epoch_sums", data=np.asarray(epoch_sums, np.float64))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def load(path: str) -> dict:
+    """Read and check a checkpoint; any problem is a UserError naming the file."""
+    import h5py
+
+    if not os.path.isfile(path):
+        raise UserError(path, "no such checkpoint file")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != MAGIC:
+                raise UserError(path, "not a cnnpar checkpoint")
+            version = int(f.attrs.get("format_version", -1))
+            if version != VERSION:
+                raise UserError(path, f"checkpoint format version {version}; this cnnpar reads {VERSION}")
+            state = {key: f.attrs[key] for key in ("step", "train_time_s", "samples_done", "ranks",
+                                                  "log_steps", "log_epochs")}
+            state["config"] = json.loads(f.attrs["config_json"])
+            for name in ("params", "velocity", "epoch_sums"):
+                state[name] = f[name][...]
+    except UserError:
+        raise
+    except (OSError, KeyError, ValueError) as err:
+        raise UserError(path, f"unreadable checkpoint ({err}); it may be truncated") from None
+    return state
+
+
+def check_compatible(state: dict, config, ranks: int, n_params: int, path: str) -> None:
+    """A checkpoint continues only the run that wrote it: same ranks, same trajectory settings."""
+    if int(state["ranks"]) != ranks:
+        raise UserError("--resume", f"{path} was written by a run with {int(state['ranks'])} ranks, this one has "
+                        f"{ranks}; resume with the same rank count (the log keeps one column per rank)")
+    for name in TRAJECTORY_FIELDS:
+        theirs, ours = state["config"].get(name), getattr(config, name)
+        if theirs != ours:
+            raise UserError("--resume", f"{path} was written with --{name.replace('_', '-')} {theirs!r}, this run "
+                            f"asks for {ours!r}; use the checkpointed run's settings")
+    if state["params"].shape != (n_params,):
+        raise UserError("--resume", f"{path} holds {state['params'].size} params, the network has {n_params}")

@@ -1,0 +1,172 @@
+"""The one frozen run configuration, its command line, and its validation.
+
+Every setting lives in `Config` below with its default and a comment; the
+command line is generated from it, so `--help` and the defaults cannot drift
+apart. `Config.to_json()` is what the HDF5 log stores verbatim. Validation
+that needs nothing but the values happens in `Config.validate()`; checks that
+need the file system or the rank count happen in `validate_environment`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+
+from .errors import UserError
+
+MODES = ("sync", "local", "race", "atomic", "hogwild")
+REDUCES = ("sum", "mean")
+ALLREDUCES = ("auto", "mpi", "shm", "hier")
+RACE_WINDOWS = ("auto", "shared", "rma")
+LR_SCALINGS = ("none", "linear")
+WAITS = ("auto", "spin", "yield")
+
+
+def _opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- data ---
+    dataset: str = _opt("auto", "dataset name (mnist, fashion-mnist, mnist-5k) or a directory holding the four IDX "
+                        "files; 'auto' = full mnist when fetched, else the bundled mnist-5k")
+    data_dir: str = _opt("", "where datasets are looked for first (then $CNNPAR_DATA, then the project's data/)")
+    # --- model ---
+    arch: str = _opt("small", "network: 'small', 'lenet', or a layer stack in the grammar below")
+    # --- optimisation ---
+    epochs: int = _opt(3, "passes over the training set (ignored when --steps is given)")
+    steps: int = _opt(0, "budget in global steps instead of epochs; 0 = use --epochs")
+    lr: float = _opt(0.01, "SGD learning rate, applied to the step's summed (or mean) gradient")
+    reduce: str = _opt("sum", "'sum': lr times the sum of the step's per-sample gradients, as the paper's "
+                       "unprotected accumulation does; 'mean': lr times their mean", choices=REDUCES)
+    momentum: float = _opt(0.0, "SGD momentum (0 = plain SGD)")
+    lr_scaling: str = _opt("none", "'linear': multiply lr by the global batch (ranks x samples-per-rank), "
+                           "reached by a linear warm-up over --warmup-steps", choices=LR_SCALINGS)
+    warmup_steps: int = _opt(0, "steps of linear learning-rate warm-up (0 = none)")
+    samples_per_rank: int = _opt(1, "samples each rank processes per step; global batch = ranks x this")
+    seed: int = _opt(0, "seed for initialisation and the per-epoch sample order (same on every rank)")
+    # --- parallelism ---
+    mode: str = _opt("sync", "gradient exchange: 'sync' allreduce; 'local' no exchange (compute-only bound, "
+                     "replicas diverge); 'race' lock-free one-sided accumulation (the paper's race); 'atomic' "
+                     "one-sided Accumulate (lossless); 'hogwild' lock-free updates of shared parameters",
+                     choices=MODES)
+    allreduce: str = _opt("auto", "sync exchange implementation: 'mpi' MPI_Allreduce, 'shm' node shared-memory "
+                          "window, 'hier' node-local then leaders, 'auto' the fastest that applies",
+                          choices=ALLREDUCES)
+    race_window: str = _opt("auto", "race mode window: 'shared' node shared memory, 'rma' Get/add/Put on an "
+                            "owner rank, 'auto' shared when all ranks share a node", choices=RACE_WINDOWS)
+    race_audit: bool = _opt(False, "race modes: also compute the exact sum and log how much the race lost "
+                            "(its cost is excluded from step timings)")
+    wait: str = _opt("auto", "how ranks wait for each other: 'spin', 'yield' the core (for ranks > cores), "
+                     "'auto' yield when oversubscribed", choices=WAITS)
+    pretend_nodes: int = _opt(0, "split one machine's ranks into this many pretend nodes (tests the multi-node "
+                              "paths on one machine); 0 = real node layout")
+    folds: int = _opt(1, "k-fold cross-validation: split the ranks into k groups that train the k folds at once")
+    # --- evaluation, logging, checkpoints ---
+    eval_every: int = _opt(1, "evaluate on the test set every N epochs (the last epoch always)")
+    check_every: int = _opt(200, "compare a checksum of every replica's params every N steps (0 = only at the end)")
+    log: str = _opt("", "HDF5 run log path; default runs/<date-time>-n<ranks>-<mode>.h5")
+    log_window: int = _opt(512, "steps of per-rank statistics gathered to rank 0 at once")
+    checkpoint_every: str = _opt("", "write a checkpoint every N steps ('500') or epochs ('1e'); '' = never")
+    resume: str = _opt("", "continue from a checkpoint: its path, or 'auto' = the latest one for --log")
+    quiet: bool = _opt(False, "print nothing but the final summary line")
+
+    # ------------------------------------------------------------------
+    def validate(self) -> "Config":
+        """Checks that need only the values; raises UserError naming the flag."""
+        positive = {"--epochs": self.epochs, "--samples-per-rank": self.samples_per_rank,
+                    "--folds": self.folds, "--log-window": self.log_window}
+        for flag, value in positive.items():
+            if value < 1:
+                raise UserError(flag, f"must be at least 1, got {value}")
+        non_negative = {"--steps": self.steps, "--warmup-steps": self.warmup_steps,
+                        "--eval-every": self.eval_every, "--check-every": self.check_every,
+                        "--pretend-nodes": self.pretend_nodes}
+        for flag, value in non_negative.items():
+            if value < 0:
+                raise UserError(flag, f"must not be negative, got {value}")
+        if not (self.lr > 0 and self.lr < float("inf")):
+            raise UserError("--lr", f"must be a positive finite number, got {self.lr}")
+        if not (0 <= self.momentum < 1):
+            raise UserError("--momentum", f"must be in [0, 1), got {self.momentum}")
+        for flag, value, allowed in (("--mode", self.mode, MODES), ("--reduce", self.reduce, REDUCES),
+                                     ("--allreduce", self.allreduce, ALLREDUCES),
+                                     ("--race-window", self.race_window, RACE_WINDOWS),
+                                     ("--lr-scaling", self.lr_scaling, LR_SCALINGS), ("--wait", self.wait, WAITS)):
+            if value not in allowed:
+                raise UserError(flag, f"unknown value {value!r}; choose one of {', '.join(allowed)}")
+        if self.race_audit and self.mode not in ("race", "atomic", "hogwild"):
+            raise UserError("--race-audit", f"only applies to --mode race, atomic or hogwild, not {self.mode!r}")
+        checkpoint_interval(self.checkpoint_every)
+        if self.resume and self.resume != "auto" and not os.path.isfile(self.resume):
+            raise UserError("--resume", f"no checkpoint file at {self.resume!r}")
+        if self.resume == "auto" and not self.log:
+            raise UserError("--resume", "'auto' finds the latest checkpoint of a log: give --log PATH too")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+
+
+def checkpoint_interval(spec: str) -> tuple[int, str] | None:
+    """'500' -> (500, 'steps'); '2e' -> (2, 'epochs'); '' -> None."""
+    if not spec:
+        return None
+    text = spec.strip().lower()
+    unit = "steps"
+    for suffix in ("epochs", "epoch", "e"):
+        if text.endswith(suffix):
+            text, unit = text[: -len(suffix)], "epochs"
+            break
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise UserError("--checkpoint-every", f"expected a positive step count ('500') or epoch count ('1e'), "
+                        f"got {spec!r}")
+    return count, unit
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports mistakes as one `cnnpar: error:` line with exit 2, like every other user error."""
+
+    def error(self, message):
+        raise UserError("command line", message)
+
+
+def build_parser(epilog: str = "") -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="python -m cnnpar.train",
+        description="Data-parallel CNN training: each MPI rank runs its samples of every step's global batch "
+                    "with numba kernels, then the gradients are exchanged and all ranks take the same SGD step. "
+                    "Run under MPI: mpirun -n 12 python -m cnnpar.train",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=help_text)
+            continue
+        py_type = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        kwargs = {"type": py_type, "default": f.default,
+                  "help": f"{help_text} (default: {f.default if f.default != '' else 'none'})"}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def parse_config(argv=None, epilog: str = "") -> Config:
+    """Command line -> validated Config. Raises UserError on any mistake."""
+    args = build_parser(epilog).parse_args(argv)
+    return Config(**vars(args)).validate()

@@ -1,0 +1,36 @@
+"""Launch MPI programs from tests: the mpiexec that sits next to this Python (the `mpich` wheel's)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mpiexec() -> str:
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("mpiexec")
+    if not found:
+        raise RuntimeError("no mpiexec next to this Python or on PATH; install the project (it brings MPICH)")
+    return found
+
+
+def run_mpi(n: int, args: list, timeout: float = 120, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """`mpiexec -n N python ARGS...`, output captured as text."""
+    full_env = dict(os.environ)
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    if env:
+        full_env.update(env)
+    command = [mpiexec(), "-n", str(n), sys.executable, *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=cwd or REPO)
+
+
+def run_train(n: int, *flags, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_mpi(n, ["-m", "cnnpar.train", *flags], timeout=timeout, env=env)
