@@ -101,7 +101,7 @@ def make_exchange(config, dist: Dist, n_params: int) -> Exchange:
     if mode == "local":
         return LocalExchange()
     if mode == "sync":
-        if config.allreduce in ("mpi", "auto") or dist.size == 1:
+        if config.allreduce == "mpi" or dist.size == 1:  # 'auto' is decided by exchange_shm
             return MpiAllreduce(dist)
         from . import exchange_shm
         return exchange_shm.make_sync_exchange(config.allreduce, dist, n_params)
