@@ -1,0 +1,488 @@
+"""numba kernels: the CNN's layers, and one-call-per-step drivers over a whole layer stack.
+
+Shape legend (one sample; there is no batch axis inside a layer kernel):
+
+    C, H, W     input channels, height, width of a layer's input
+    F           output channels of a conv / output features of a dense layer
+    K           conv kernel size (square); P zero padding on every side; stride is 1
+    OH, OW      conv output size: OH = H + 2P - K + 1, OW = W + 2P - K + 1
+    PH, PW      max-pool output size: PH = H // 2, PW = W // 2 (2x2 window, stride 2; an odd last
+                row/column is dropped, as PyTorch's floor mode does)
+    N_in        dense input features (the previous activation flattened, C*H*W); N_out = F
+    n_classes   logits / probabilities of the softmax cross-entropy
+
+    conv weight (F, C, K, K), bias (F,)        dense weight (N_out, N_in), bias (N_out,)
+
+Conventions shared by every kernel:
+- Output buffers come first in the argument list; no kernel allocates.
+- Backward kernels ADD (+=) into parameter-gradient buffers, so several samples accumulate; the
+  caller zeroes them once per step. Input-gradient buffers (dx) are overwritten.
+- Kernels are dtype-generic: numba specialises them per dtype (float32 to train, float64 for
+  finite-difference tests). Floats follow the dtype of the arrays; accumulators start from a zero of
+  that dtype so float32 stays float32.
+- fastmath is limited to reassociation/contraction (vectorised reductions, FMAs). No 'nnan'/'ninf':
+  the trainer detects divergence by NaN losses, so NaN must propagate.
+
+The drivers `network_forward_backward` / `network_evaluate` run a whole step in ONE call from Python
+(a Python->numba call costs about a microsecond, a step about forty). The layer stack is encoded as an
+int64 table, one row per layer (columns T_*), built by cnnpar.model; activations, deltas and the
+pool argmaxes live in flat workspaces at offsets the table gives. The drivers live in this file on
+purpose: numba's cache only notices edits to the file that holds the cached function, so a driver
+calling kernels from another module could load stale machine code after a kernel edit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+FASTMATH = {"reassoc", "contract", "nsz"}
+
+# Table layout: op codes and column indices (numba treats these module globals as constants).
+OP_CONV = 1
+OP_RELU = 2
+OP_POOL = 3
+OP_DENSE = 4
+
+T_OP = 0
+T_C = 1        # input channels (dense: 1)
+T_H = 2        # input height (dense: 1)
+T_W = 3        # input width (dense: N_in)
+T_F = 4        # output channels / features
+T_OH = 5
+T_OW = 6
+T_K = 7
+T_P = 8
+T_IN = 9       # offset of the layer's input in the activation workspace; -1: the input image
+T_OUT = 10     # offset of the layer's output in the activation workspace
+T_WEIGHT = 11  # offset of the weight in the flat params/grads; -1: none
+T_BIAS = 12
+T_DIN = 13     # offset of d(loss)/d(input) in the delta workspace; -1: not wanted (first layer)
+T_DOUT = 14    # offset of d(loss)/d(output) in the delta workspace
+T_ARGMAX = 15  # offset in the int workspace (pool only)
+T_XPAD = 16    # conv only: offset of its padded input (C, H+2P, W+2P) in the activation workspace
+T_SCRATCH = 17  # conv only: offset of the scratch all convs share (conv2d_scratch_size long)
+T_COLUMNS = 18
+
+
+# --------------------------------------------------------------------------------------------- conv
+#
+# The conv works on the zero-padded input xpad (C, Hp, Wp), Hp = H + 2P, Wp = W + 2P, read as one
+# flat row per channel. Output position (oy, ox) then sits at flat index i = oy*Wp + ox of a "wide"
+# plane of L = (OH-1)*Wp + OW entries (the Wp-OW entries at the end of each row are junk), and tap
+# (ky, kx) reads xpad_flat[c*Hp*Wp + ky*Wp + kx + i]: every tap is ONE contiguous loop of L, which
+# vectorises well, where row-by-row loops of OW (24 for small, 10 for lenet's conv2) do not.
+
+@njit(cache=True)
+def conv2d_scratch_size(C, H, W, F, K, P):
+    """Length of the 1-D scratch buffer conv2d_forward / conv2d_backward need."""
+    Hp, Wp = H + 2 * P, W + 2 * P
+    OH, OW = Hp - K + 1, Wp - K + 1
+    wide = (OH - 1) * Wp + OW
+    return wide + 2 * (K - 1) + C * Hp * Wp
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def conv2d_forward(out, xpad, scratch, x, weight, bias, pad):
+    """out (F,OH,OW) = conv(x (C,H,W), weight (F,C,K,K)) + bias, stride 1, zero padding `pad`.
+
+    xpad (C,H+2P,W+2P) receives the padded input (the backward reads it); scratch: 1-D,
+    conv2d_scratch_size(...) long."""
+    F, OH, OW = out.shape
+    C, Hp, Wp = xpad.shape
+    K = weight.shape[2]
+    _pad_input(xpad, x, pad)
+    x_flat = xpad.reshape(xpad.size)
+    L = (OH - 1) * Wp + OW
+    acc = scratch[:L]
+    for f in range(F):
+        b = bias[f]
+        for i in range(L):
+            acc[i] = b
+        for c in range(C):
+            for ky in range(K):
+                start = c * Hp * Wp + ky * Wp
+                src = x_flat[start:start + L + K - 1]
+                w = weight[f, c, ky]
+                # a kernel row's taps in one pass: acc is loaded and stored once per K taps
+                if K == 5:
+                    w0, w1, w2, w3, w4 = w[0], w[1], w[2], w[3], w[4]
+                    for i in range(L):
+                        acc[i] += w0 * src[i] + w1 * src[i + 1] + w2 * src[i + 2] + w3 * src[i + 3] + w4 * src[i + 4]
+                elif K == 3:
+                    w0, w1, w2 = w[0], w[1], w[2]
+                    for i in range(L):
+                        acc[i] += w0 * src[i] + w1 * src[i + 1] + w2 * src[i + 2]
+                else:
+                    for kx in range(K):
+                        wk = w[kx]
+                        shifted = src[kx:]
+                        for i in range(L):
+                            acc[i] += wk * shifted[i]
+        for oy in range(OH):
+            wide_row = acc[oy * Wp:]
+            out_row = out[f, oy]
+            for ox in range(OW):
+                out_row[ox] = wide_row[ox]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _pad_input(xpad, x, pad):
+    C, H, W = x.shape
+    if pad > 0:
+        xpad[:] = 0
+    for c in range(C):
+        for y in range(H):
+            dst = xpad[c, y + pad, pad:]
+            src = x[c, y]
+            for i in range(W):
+                dst[i] = src[i]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def conv2d_backward(dx, dweight, dbias, scratch, dout, xpad, weight, pad, need_dx):
+    """dweight += dL/dweight, dbias += dL/dbias; dx (C,H,W) = dL/dx when need_dx (else untouched).
+
+    dout (F,OH,OW) is dL/dout; xpad is the padded input conv2d_forward left; scratch as for forward."""
+    F, OH, OW = dout.shape
+    C, Hp, Wp = xpad.shape
+    K = weight.shape[2]
+    zero = scratch.dtype.type(0)
+    x_flat = xpad.reshape(xpad.size)
+    L = (OH - 1) * Wp + OW
+    M = K - 1
+    # dout of one filter in the wide layout, junk entries 0, with M zeros either side (for dx)
+    margined = scratch[:L + 2 * M]
+    d = margined[M:M + L]
+    dxpad = scratch[L + 2 * M:L + 2 * M + C * Hp * Wp]
+    for i in range(margined.shape[0]):
+        margined[i] = zero
+    if need_dx:
+        for i in range(dxpad.shape[0]):
+            dxpad[i] = zero
+    for f in range(F):
+        bias_sum = zero
+        for oy in range(OH):
+            wide_row = d[oy * Wp:]
+            dout_row = dout[f, oy]
+            for ox in range(OW):
+                g = dout_row[ox]
+                wide_row[ox] = g
+                bias_sum += g
+        dbias[f] += bias_sum
+        for c in range(C):
+            for ky in range(K):
+                start = c * Hp * Wp + ky * Wp
+                src = x_flat[start:start + L + K - 1]
+                dw = dweight[f, c, ky]
+                if K == 5:
+                    a0 = a1 = a2 = a3 = a4 = zero
+                    for i in range(L):
+                        g = d[i]
+                        a0 += g * src[i]
+                        a1 += g * src[i + 1]
+                        a2 += g * src[i + 2]
+                        a3 += g * src[i + 3]
+                        a4 += g * src[i + 4]
+                    dw[0] += a0
+                    dw[1] += a1
+                    dw[2] += a2
+                    dw[3] += a3
+                    dw[4] += a4
+                else:
+                    for kx in range(K):
+                        shifted = src[kx:]
+                        a = zero
+                        for i in range(L):
+                            a += d[i] * shifted[i]
+                        dw[kx] += a
+                if need_dx:
+                    # dxpad[start + j] += sum_kx w[kx] * d[j - kx]  (= margined[j + M - kx])
+                    dst = dxpad[start:start + L + M]
+                    w = weight[f, c, ky]
+                    if K == 5:
+                        w0, w1, w2, w3, w4 = w[0], w[1], w[2], w[3], w[4]
+                        for j in range(L + M):
+                            dst[j] += (w0 * margined[j + 4] + w1 * margined[j + 3] + w2 * margined[j + 2]
+                                       + w3 * margined[j + 1] + w4 * margined[j])
+                    else:
+                        for kx in range(K):
+                            wk = w[kx]
+                            shifted = margined[M - kx:]
+                            for j in range(L + M):
+                                dst[j] += wk * shifted[j]
+    if need_dx:
+        H, W = dx.shape[1], dx.shape[2]
+        dxpad3 = dxpad.reshape((C, Hp, Wp))
+        for c in range(C):
+            for y in range(H):
+                src_row = dxpad3[c, y + pad, pad:]
+                dst_row = dx[c, y]
+                for i in range(W):
+                    dst_row[i] = src_row[i]
+
+
+# --------------------------------------------------------------------------------------------- relu
+
+@njit(cache=True, fastmath=FASTMATH)
+def relu_forward(out, x):
+    """out = max(x, 0), elementwise, any shape (flat views in the drivers)."""
+    x_flat = x.reshape(x.size)
+    out_flat = out.reshape(out.size)
+    zero = out.dtype.type(0)
+    for i in range(x_flat.shape[0]):
+        v = x_flat[i]
+        # not (v <= 0) rather than v > 0: NaN passes through, so divergence still shows
+        out_flat[i] = v if not (v <= 0) else zero
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def relu_backward(dx, dout, out):
+    """dx = dout where the forward output was positive, else 0; `out` is relu_forward's output."""
+    dx_flat = dx.reshape(dx.size)
+    dout_flat = dout.reshape(dout.size)
+    out_flat = out.reshape(out.size)
+    zero = dx.dtype.type(0)
+    for i in range(out_flat.shape[0]):
+        dx_flat[i] = dout_flat[i] if not (out_flat[i] <= 0) else zero
+
+
+# ------------------------------------------------------------------------------------------ maxpool
+
+@njit(cache=True, fastmath=FASTMATH)
+def maxpool2_forward(out, argmax, x):
+    """out (C,PH,PW) = max over 2x2 windows of x (C,H,W); argmax (C,PH,PW) int32 records the flat
+    index into x's (C,H,W) of each window's maximum (the first one on ties) for the backward."""
+    C, PH, PW = out.shape
+    H, W = x.shape[1], x.shape[2]
+    for c in range(C):
+        for py in range(PH):
+            top = x[c, 2 * py]
+            bottom = x[c, 2 * py + 1]
+            base = (c * H + 2 * py) * W
+            for px in range(PW):
+                i = 2 * px
+                best = top[i]
+                where = base + i
+                if top[i + 1] > best:
+                    best = top[i + 1]
+                    where = base + i + 1
+                if bottom[i] > best:
+                    best = bottom[i]
+                    where = base + W + i
+                if bottom[i + 1] > best:
+                    best = bottom[i + 1]
+                    where = base + W + i + 1
+                out[c, py, px] = best
+                argmax[c, py, px] = where
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def maxpool2_backward(dx, dout, argmax):
+    """dx (C,H,W) = dout routed to each window's argmax, 0 elsewhere (an odd last row/column too)."""
+    dx_flat = dx.reshape(dx.size)
+    dout_flat = dout.reshape(dout.size)
+    argmax_flat = argmax.reshape(argmax.size)
+    # clear, then scatter: a vectorised clear and one store per window beat four selects per window
+    zero = dx.dtype.type(0)
+    for i in range(dx_flat.shape[0]):
+        dx_flat[i] = zero
+    for j in range(dout_flat.shape[0]):
+        dx_flat[argmax_flat[j]] = dout_flat[j]
+
+
+# -------------------------------------------------------------------------------------------- dense
+
+@njit(cache=True, fastmath=FASTMATH)
+def dense_forward(out, x, weight, bias):
+    """out (N_out,) = weight (N_out,N_in) @ x (N_in,) + bias."""
+    n_out, n_in = weight.shape
+    for o in range(n_out):
+        w_row = weight[o]
+        acc = out.dtype.type(0)
+        for i in range(n_in):
+            acc += w_row[i] * x[i]
+        out[o] = acc + bias[o]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def dense_backward(dx, dweight, dbias, dout, x, weight, need_dx):
+    """dweight += outer(dout, x), dbias += dout; dx (N_in,) = weight.T @ dout when need_dx."""
+    n_out, n_in = weight.shape
+    if need_dx:
+        dx[:] = 0
+    for o in range(n_out):
+        g = dout[o]
+        dbias[o] += g
+        if g == 0:
+            continue
+        dw_row = dweight[o]
+        for i in range(n_in):
+            dw_row[i] += g * x[i]
+        if need_dx:
+            w_row = weight[o]
+            for i in range(n_in):
+                dx[i] += g * w_row[i]
+
+
+# ------------------------------------------------------------------------------ softmax x-entropy
+
+@njit(cache=True, fastmath=FASTMATH)
+def softmax_xent_forward(probs, logits, label):
+    """probs (n_classes,) = softmax(logits); returns the loss -log probs[label] (computed stably)."""
+    n = logits.shape[0]
+    top = logits[0]
+    for j in range(1, n):
+        if logits[j] > top:
+            top = logits[j]
+    total = probs.dtype.type(0)
+    for j in range(n):
+        e = np.exp(logits[j] - top)
+        probs[j] = e
+        total += e
+    for j in range(n):
+        probs[j] /= total
+    return np.log(total) - (logits[label] - top)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def softmax_xent_backward(dlogits, probs, label):
+    """dlogits (n_classes,) = probs - onehot(label): the loss's gradient w.r.t. the logits."""
+    for j in range(probs.shape[0]):
+        dlogits[j] = probs[j]
+    dlogits[label] -= 1
+
+
+# ------------------------------------------------------------------------------------------ drivers
+
+@njit(cache=True, fastmath=FASTMATH)
+def _layer_forward(params, work, iwork, row, image):
+    op = row[T_OP]
+    C, H, W, F, OH, OW = row[T_C], row[T_H], row[T_W], row[T_F], row[T_OH], row[T_OW]
+    if row[T_IN] < 0:
+        x_flat = image.reshape(image.size)
+    else:
+        x_flat = work[row[T_IN]:row[T_IN] + C * H * W]
+    out_flat = work[row[T_OUT]:row[T_OUT] + F * OH * OW]
+    if op == OP_CONV:
+        K, P = row[T_K], row[T_P]
+        weight = params[row[T_WEIGHT]:row[T_WEIGHT] + F * C * K * K].reshape((F, C, K, K))
+        bias = params[row[T_BIAS]:row[T_BIAS] + F]
+        Hp, Wp = H + 2 * P, W + 2 * P
+        xpad = work[row[T_XPAD]:row[T_XPAD] + C * Hp * Wp].reshape((C, Hp, Wp))
+        scratch = work[row[T_SCRATCH]:row[T_SCRATCH] + conv2d_scratch_size(C, H, W, F, K, P)]
+        conv2d_forward(out_flat.reshape((F, OH, OW)), xpad, scratch, x_flat.reshape((C, H, W)), weight, bias, P)
+    elif op == OP_RELU:
+        relu_forward(out_flat, x_flat)
+    elif op == OP_POOL:
+        argmax = iwork[row[T_ARGMAX]:row[T_ARGMAX] + F * OH * OW].reshape((F, OH, OW))
+        maxpool2_forward(out_flat.reshape((F, OH, OW)), argmax, x_flat.reshape((C, H, W)))
+    else:
+        n_in = C * H * W
+        weight = params[row[T_WEIGHT]:row[T_WEIGHT] + F * n_in].reshape((F, n_in))
+        bias = params[row[T_BIAS]:row[T_BIAS] + F]
+        dense_forward(out_flat, x_flat, weight, bias)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _layer_backward(params, grads, work, iwork, row, image):
+    op = row[T_OP]
+    C, H, W, F, OH, OW = row[T_C], row[T_H], row[T_W], row[T_F], row[T_OH], row[T_OW]
+    n_in = C * H * W
+    n_out = F * OH * OW
+    need_dx = row[T_DIN] >= 0
+    if row[T_IN] < 0:
+        x_flat = image.reshape(image.size)
+    else:
+        x_flat = work[row[T_IN]:row[T_IN] + n_in]
+    # with no dx wanted, any correctly typed view will do: the kernel does not touch it
+    din = work[row[T_DIN]:row[T_DIN] + n_in] if need_dx else work[0:n_in]
+    dout = work[row[T_DOUT]:row[T_DOUT] + n_out]
+    if op == OP_CONV:
+        K, P = row[T_K], row[T_P]
+        w0, b0 = row[T_WEIGHT], row[T_BIAS]
+        weight = params[w0:w0 + F * C * K * K].reshape((F, C, K, K))
+        dweight = grads[w0:w0 + F * C * K * K].reshape((F, C, K, K))
+        Hp, Wp = H + 2 * P, W + 2 * P
+        xpad = work[row[T_XPAD]:row[T_XPAD] + C * Hp * Wp].reshape((C, Hp, Wp))
+        scratch = work[row[T_SCRATCH]:row[T_SCRATCH] + conv2d_scratch_size(C, H, W, F, K, P)]
+        conv2d_backward(din.reshape((C, H, W)), dweight, grads[b0:b0 + F], scratch, dout.reshape((F, OH, OW)),
+                        xpad, weight, P, need_dx)
+    elif op == OP_RELU:
+        relu_backward(din, dout, work[row[T_OUT]:row[T_OUT] + n_out])
+    elif op == OP_POOL:
+        argmax = iwork[row[T_ARGMAX]:row[T_ARGMAX] + n_out].reshape((F, OH, OW))
+        maxpool2_backward(din.reshape((C, H, W)), dout.reshape((F, OH, OW)), argmax)
+    else:
+        w0, b0 = row[T_WEIGHT], row[T_BIAS]
+        weight = params[w0:w0 + F * n_in].reshape((F, n_in))
+        dweight = grads[w0:w0 + F * n_in].reshape((F, n_in))
+        dense_backward(din, dweight, grads[b0:b0 + F], dout, x_flat, weight, need_dx)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def network_forward_backward(params, grads, work, iwork, table, images, labels):
+    """For each sample: forward through the table's layers, softmax cross-entropy, backward in exact
+    reverse order, gradients ADDED into `grads`. Returns (sum of the samples' losses, number correct).
+
+    work holds activations and deltas (offsets in the table; the last layer's logits at
+    table[-1, T_OUT], then probs, then dlogits = table[-1, T_DOUT]); iwork the pool argmaxes."""
+    n_layers = table.shape[0]
+    last = table[n_layers - 1]
+    n_classes = last[T_F]
+    logits = work[last[T_OUT]:last[T_OUT] + n_classes]
+    probs = work[last[T_OUT] + n_classes:last[T_OUT] + 2 * n_classes]
+    dlogits = work[last[T_DOUT]:last[T_DOUT] + n_classes]
+    loss_sum = 0.0
+    n_correct = 0
+    for s in range(images.shape[0]):
+        image = images[s]
+        for layer in range(n_layers):
+            _layer_forward(params, work, iwork, table[layer], image)
+        label = labels[s]
+        if label < 0 or label >= n_classes:
+            raise ValueError("a label is outside 0..n_classes-1")
+        loss_sum += softmax_xent_forward(probs, logits, label)
+        if _argmax(logits) == label:
+            n_correct += 1
+        softmax_xent_backward(dlogits, probs, label)
+        for layer in range(n_layers - 1, -1, -1):
+            _layer_backward(params, grads, work, iwork, table[layer], image)
+    return loss_sum, n_correct
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def network_evaluate(params, work, iwork, table, images, labels, predictions_out):
+    """Forward only: (sum of losses, number correct); predictions_out[s] = argmax of the logits
+    (pass an empty array to skip)."""
+    n_layers = table.shape[0]
+    last = table[n_layers - 1]
+    n_classes = last[T_F]
+    logits = work[last[T_OUT]:last[T_OUT] + n_classes]
+    probs = work[last[T_OUT] + n_classes:last[T_OUT] + 2 * n_classes]
+    want_predictions = predictions_out.shape[0] > 0
+    loss_sum = 0.0
+    n_correct = 0
+    for s in range(images.shape[0]):
+        image = images[s]
+        for layer in range(n_layers):
+            _layer_forward(params, work, iwork, table[layer], image)
+        label = labels[s]
+        if label < 0 or label >= n_classes:
+            raise ValueError("a label is outside 0..n_classes-1")
+        loss_sum += softmax_xent_forward(probs, logits, label)
+        predicted = _argmax(logits)
+        if predicted == label:
+            n_correct += 1
+        if want_predictions:
+            predictions_out[s] = predicted
+    return loss_sum, n_correct
+
+
+@njit(cache=True)
+def _argmax(values):
+    best = 0
+    for j in range(1, values.shape[0]):
+        if values[j] > values[best]:
+            best = j
+    return best

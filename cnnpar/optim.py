@@ -1,0 +1,60 @@
+"""SGD on the flat parameter / gradient buffers (see cnnpar.model for their layout).
+
+    velocity = momentum * velocity + grads          (only when momentum > 0)
+    params  -= scale * (velocity if momentum > 0 else grads)
+
+with scale = lr for reduce='sum' (the paper: the step's gradients are summed, never averaged) and
+lr / n_samples for reduce='mean', n_samples being the step's global sample count. A step with
+n_samples == 0 changes nothing. One njit call per step, nothing allocated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+REDUCES = ("sum", "mean")
+
+
+@njit(cache=True)
+def sgd_step_kernel(params, grads, velocity, scale, momentum):
+    """params -= scale * grads, or with momentum > 0 through the velocity buffer (updated in place)."""
+    if momentum == 0.0:
+        for i in range(params.shape[0]):
+            params[i] -= scale * grads[i]
+    else:
+        for i in range(params.shape[0]):
+            v = momentum * velocity[i] + grads[i]
+            velocity[i] = v
+            params[i] -= scale * v
+
+
+class SGD:
+    """Plain / momentum SGD over flat float32 buffers; `velocity` is the momentum state (checkpoint it)."""
+
+    def __init__(self, n_params: int, lr: float, momentum: float = 0.0, reduce: str = "sum"):
+        if reduce not in REDUCES:
+            raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
+        if not lr > 0 or not np.isfinite(lr):
+            raise ValueError(f"lr must be a positive number, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.n_params = int(n_params)
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+        self.reduce = reduce
+        self.velocity = np.zeros(self.n_params, np.float32)
+
+    def step(self, params: np.ndarray, grads: np.ndarray, n_samples: int, lr: float | None = None) -> None:
+        """One update of params (in place) from grads holding the step's n_samples gradients summed."""
+        if n_samples <= 0:
+            return
+        scale = self.lr if lr is None else float(lr)
+        if self.reduce == "mean":
+            scale /= n_samples
+        if params.shape != (self.n_params,) or grads.shape != params.shape:
+            raise ValueError(f"params {params.shape} and grads {grads.shape} must both be ({self.n_params},)")
+        velocity = self.velocity
+        if velocity.dtype != params.dtype:   # a float64 run (tests): keep the state in its dtype
+            velocity = self.velocity = velocity.astype(params.dtype)
+        sgd_step_kernel(params, grads, velocity, params.dtype.type(scale), params.dtype.type(self.momentum))
