@@ -1,0 +1,553 @@
+"""Train the CNN data-parallel over MPI: `mpirun -n 12 python -m cnnpar.train`.
+
+Each rank holds a replica of the model (same seed, same initial params) and
+takes its slice of every step's global batch (ranks x samples-per-rank
+samples). It runs the numba forward/backward on its samples, the exchange
+turns the per-rank gradients into their sum, and every rank applies the same
+SGD step, so the replicas stay identical (checked by checksum).
+
+main() reads top to bottom: config -> ranks/seeds -> data -> model ->
+exchange -> loop -> evaluate -> close. Rank 0 alone prints and writes the
+HDF5 log; all ranks decide together on errors.
+"""
+
+from __future__ import annotations
+
+from . import dist as _dist
+
+_dist.pin_threads()  # before numpy and numba load their thread pools
+
+import datetime  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import zlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .config import Config, parse_config, build_parser  # noqa: E402
+from .errors import EXIT_USER_ERROR, UserError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return train(argv)
+    except SystemExit:
+        raise
+    except UserError as err:  # found by one rank after the collective checks: nobody else can be asked
+        _dist.user_error_midrun(world, err)
+    except KeyboardInterrupt:
+        world.Abort(130)
+    except BaseException as exc:  # a bug: take every rank down rather than leave them hanging
+        _dist.abort_on_bug(world, exc)
+    return 1
+
+
+def train(argv) -> int:
+    from mpi4py import MPI
+
+    from . import checkpoint, data, model as model_lib, optim, runlog
+    from .exchange import make_exchange, split_wait
+
+    world = MPI.COMM_WORLD
+    # --- config: parsed identically on every rank; rank 0 alone speaks ---
+    if "-h" in argv or "--help" in argv:
+        if world.Get_rank() == 0:
+            build_parser(model_lib.ARCH_HELP).print_help()
+        return 0
+    config = None
+    with _dist.collective_check(world):
+        config = parse_config(argv, model_lib.ARCH_HELP)
+        _check_world(config, world.Get_size())
+
+    # --- ranks, nodes, seeds: with --folds k, k groups of ranks train the k folds at once ---
+    fold = world.Get_rank() * config.folds // world.Get_size()
+    group = world.Split(fold, world.Get_rank()) if config.folds > 1 else world
+    dist = _dist.setup(group, pretend_nodes=config.pretend_nodes, wait=config.wait)
+    is_writer = world.Get_rank() == 0  # one log per job, written by world rank 0 (fold 0's root)
+    say = _Speaker(is_writer, config.quiet)
+    if dist.oversubscribed:
+        say.line(f"note: {world.Get_size()} ranks share {dist.cores} cores; waiting ranks yield their core "
+                 f"(--wait {'yield' if dist.yield_when_waiting else 'spin'})")
+
+    # --- data, model, and every check that needs them: all before anything is written ---
+    state = None
+    with _dist.collective_check(world):
+        _, notice = data.resolve_dataset(config.dataset, config.data_dir or None)
+        dataset = data.load_dataset(config.dataset, config.data_dir or None)
+        if config.folds > 1:
+            dataset = data.fold_split(dataset, config.folds, fold, config.seed)
+        network = model_lib.build_network(config.arch, dataset.train_images.shape[1:], dataset.n_classes)
+        n_train = len(dataset.train_labels)
+        global_batch = dist.size * config.samples_per_rank
+        if global_batch > n_train:
+            raise UserError("--samples-per-rank", f"{dist.size} ranks x {config.samples_per_rank} samples = "
+                            f"{global_batch} per step, more than the {n_train} training samples")
+        log_path = _log_path(config, world)
+        if is_writer:
+            state = _resume_state(config, log_path, dist.size, network.n_params, checkpoint)
+    if notice:
+        say.line(notice)
+    state = world.bcast(state, root=0)
+    _dist.compile_once(dist, lambda: _warm(network, dataset))
+
+    params = network.init_params(config.seed) if state is None else state["params"].copy()
+    grads = np.zeros_like(params)
+
+    # --- exchange, optimizer, log ---
+    exchange = make_exchange(config, dist, network.n_params)
+    try:
+        params = exchange.bind(params)
+        optimizer = optim.SGD(network.n_params, config.lr, config.momentum, config.reduce)
+        if state is not None:
+            optimizer.velocity[:] = state["velocity"]
+            say.line(f"resuming {log_path} at step {int(state['step'])}")
+        steps_per_epoch = data.steps_per_epoch(n_train, dist.size, config.samples_per_rank)
+        total_steps = config.steps or config.epochs * steps_per_epoch
+        log = None
+        if is_writer:
+            if state is None:
+                log = runlog.RunLogWriter(log_path, config.to_json(), _config_fields(config),
+                                          _environment(dist, MPI), _layout_rows(network), dist.size,
+                                          dataset.n_classes)
+            else:
+                log = runlog.RunLogWriter.reopen(log_path, int(state["log_steps"]), int(state["log_epochs"]))
+        saver = _Checkpointer(config, log_path, steps_per_epoch, dist.size, optimizer, checkpoint)
+        try:
+            result = _loop(config, dist, dataset, network, params, grads, exchange, optimizer, log, say,
+                           steps_per_epoch, total_steps, split_wait, state, saver)
+            result.update(_gather_folds(config, world, dist, fold, result))
+        except _Diverged as div:
+            if log is not None:
+                log.close("diverged", str(div))
+            if is_writer:
+                print(f"cnnpar: error: --lr: {div}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_USER_ERROR)
+        except BaseException as exc:
+            if log is not None:
+                log.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                          f"{type(exc).__name__}: {exc}")
+            raise
+        if log is not None:
+            if config.folds > 1:
+                log.write_folds(result["fold_acc"], result["fold_loss"])
+            log.write_final(params, result["confusion"], test_acc=result["test_acc"],
+                            test_loss=result["test_loss"], train_time_s=result["train_time_s"],
+                            samples=result["samples"], samples_per_s=result["samples_per_s"],
+                            steps=total_steps)
+            log.close("complete")
+    finally:
+        exchange.close()
+    accuracy = f"test accuracy {100 * result['test_acc']:.1f}%"
+    if config.folds > 1:
+        accuracy = (f"cross-validation accuracy {100 * np.mean(result['fold_acc']):.1f}% +- "
+                    f"{100 * np.std(result['fold_acc'], ddof=1):.1f}% over {config.folds} folds")
+    say.summary(f"{accuracy} | {result['samples']} samples in {result['train_time_s']:.2f} s "
+                f"({result['samples_per_s']:.0f} samples/s, training only) | log {log_path}")
+    return 0
+
+
+def _check_world(config: Config, world_size: int) -> None:
+    if config.folds > 1:
+        if world_size % config.folds:
+            raise UserError("--folds", f"{config.folds} folds do not divide {world_size} ranks evenly; "
+                            f"use a rank count that is a multiple of {config.folds}")
+        if config.checkpoint_every or config.resume:
+            raise UserError("--folds", "cross-validation runs cannot be checkpointed or resumed yet")
+
+
+def _resume_state(config: Config, log_path: str, ranks: int, n_params: int, checkpoint):
+    """The checkpoint to continue from, checked against this run; None for a fresh start."""
+    if not config.resume:
+        return None
+    path = checkpoint.path_for_log(log_path) if config.resume == "auto" else config.resume
+    if config.resume == "auto" and not os.path.exists(path):
+        if os.path.exists(log_path):
+            raise UserError("--resume", f"{log_path} exists but has no checkpoint ({path}); nothing to resume "
+                            f"from: remove the log or choose another --log")
+        return None  # 'auto' with nothing there yet: job scripts can always pass it
+    state = checkpoint.load(path)
+    checkpoint.check_compatible(state, config, ranks, n_params, path)
+    if not os.path.exists(log_path):
+        raise UserError("--log", f"{log_path} is missing; the checkpoint continues that log")
+    return state
+
+
+class _Checkpointer:
+    """Decides when to checkpoint and writes one (rank 0; the window is flushed first, so the log and the
+    checkpoint agree on how many steps are done)."""
+
+    def __init__(self, config, log_path, steps_per_epoch, ranks, optimizer, checkpoint):
+        from .config import checkpoint_interval
+
+        interval = checkpoint_interval(config.checkpoint_every)
+        self.every_steps = 0
+        if interval is not None:
+            count, unit = interval
+            self.every_steps = count * (steps_per_epoch if unit == "epochs" else 1)
+        self.path = checkpoint.path_for_log(log_path)
+        self.config_json = config.to_json()
+        self.ranks = ranks
+        self.optimizer = optimizer
+        self.checkpoint = checkpoint
+
+    def due(self, steps_done: int) -> bool:
+        return self.every_steps > 0 and steps_done % self.every_steps == 0
+
+    def save(self, log, params, steps_done, epoch_sums, train_time_s, samples_done) -> None:
+        if log is None:
+            return
+        log.flush()
+        self.checkpoint.save(self.path, params=params, velocity=self.optimizer.velocity, step=steps_done,
+                             epoch_sums=epoch_sums, train_time_s=train_time_s, samples_done=samples_done,
+                             config_json=self.config_json, ranks=self.ranks,
+                             log_steps=log.rows("steps"), log_epochs=log.rows("epochs"))
+
+
+def _gather_folds(config, world, dist, fold, result) -> dict:
+    """With --folds k, world rank 0 collects every fold's held-out accuracy (sent by each group's root)."""
+    if config.folds == 1:
+        return {}
+    mine = (fold, result["test_acc"], result["test_loss"]) if dist.is_root else None
+    everyone = world.gather(mine, root=0)
+    if world.Get_rank() != 0:
+        return {}
+    rows = sorted(row for row in everyone if row is not None)
+    return {"fold_acc": np.array([r[1] for r in rows]), "fold_loss": np.array([r[2] for r in rows])}
+
+
+class _Diverged(Exception):
+    pass
+
+
+def _loop(config, dist, dataset, network, params, grads, exchange, optimizer, log, say,
+          steps_per_epoch, total_steps, split_wait, state, saver):
+    """The training loop: sample, forward+backward, exchange, SGD step; statistics in windows."""
+    from .data import epoch_permutation, step_slice
+
+    comm, rank, ranks = dist.comm, dist.rank, dist.size
+    k = config.samples_per_rank
+    n_train = len(dataset.train_labels)
+    images, labels = dataset.train_images, dataset.train_labels
+    batch_images = np.empty((k,) + images.shape[1:], np.float32)
+    batch_labels = np.empty(k, np.int32)
+    global_batch = ranks * k
+    window = _StepWindow(config.log_window)
+    epoch_sums = np.zeros(3)  # loss sum, correct, samples over this rank's samples of the epoch
+    first_step, train_time_s, samples_done = 0, 0.0, 0
+    if state is not None:
+        first_step, train_time_s = int(state["step"]), float(state["train_time_s"])
+        samples_done = int(state["samples_done"])
+        if rank == 0:  # the saved sums are over all ranks already; the others restart theirs from zero
+            epoch_sums[:] = state["epoch_sums"]
+    samples_at_start = samples_done
+    result = {}
+    progress = say.progress(total_steps, global_batch, first_step)
+    order = None
+    loop_start = time.perf_counter()
+
+    for step in range(first_step, total_steps):
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        if order is None or step_in_epoch == 0:
+            order = epoch_permutation(config.seed, epoch, n_train)
+        lr = _learning_rate(config, step, global_batch)
+        start, stop = step_slice(n_train, ranks, k, step_in_epoch, rank)
+        count = stop - start
+        step_count = min(global_batch, n_train - step_in_epoch * global_batch)
+
+        t0 = time.perf_counter()
+        np.take(images, order[start:stop], axis=0, out=batch_images[:count], mode="clip")
+        np.take(labels, order[start:stop], out=batch_labels[:count], mode="clip")
+        grads.fill(0.0)
+        loss_sum, correct = network.forward_backward(params, grads, batch_images[:count], batch_labels[:count])
+        t1 = time.perf_counter()
+        measured_wait_s = exchange.reduce(grads)
+        t2 = time.perf_counter()
+        optimizer.step(params, grads, step_count, lr)
+
+        epoch_sums += (loss_sum, correct, count)
+        window.record(step, epoch, loss_sum, count, step_count, t1 - t0,
+                      t2 - t1 - exchange.excluded_s, measured_wait_s, lr)
+        samples_done += step_count
+        steps_done = step + 1
+        last_of_epoch = step_in_epoch == steps_per_epoch - 1 or steps_done == total_steps
+        checkpoint_due = saver.due(steps_done) and steps_done < total_steps
+        if window.full or last_of_epoch or checkpoint_due:
+            _flush_window(window, comm, log, split_wait, exchange)
+        if config.check_every and steps_done % config.check_every == 0:
+            _check_replicas(comm, params, step, log, exchange)
+        if progress is not None:
+            progress.update(step, samples_done - samples_at_start, loss_sum / max(count, 1))
+
+        if last_of_epoch:
+            train_time_s += time.perf_counter() - loop_start
+            sums = comm.allreduce(epoch_sums)
+            train_loss, train_acc = sums[0] / max(sums[2], 1), sums[1] / max(sums[2], 1)
+            epoch_sums[:] = 0
+            if steps_done == total_steps or (config.eval_every and (epoch + 1) % config.eval_every == 0):
+                test_loss, test_acc, confusion = _evaluate(network, params, dataset, dist)
+                if log is not None:
+                    log.append_epoch(epoch, steps_done, train_loss, train_acc, test_loss, test_acc,
+                                     train_time_s, samples_done)
+                    log.flush()
+                if progress is not None:
+                    progress.epoch(epoch, train_loss, train_acc, test_loss, test_acc)
+                result.update(test_loss=test_loss, test_acc=test_acc, confusion=confusion)
+            loop_start = time.perf_counter()
+        if checkpoint_due:
+            train_time_s += time.perf_counter() - loop_start
+            # Rank 0 saves the epoch's running sums over all ranks, so a resumed epoch reports the same figures.
+            summed = comm.reduce(epoch_sums, root=0)
+            saver.save(log, params, steps_done, summed, train_time_s, samples_done)
+            loop_start = time.perf_counter()
+
+    _check_replicas(comm, params, total_steps - 1, log, exchange)
+    if progress is not None:
+        progress.close()
+    if "test_acc" not in result:  # a --steps budget that ended mid-epoch still gets a final evaluation
+        result["test_loss"], result["test_acc"], result["confusion"] = _evaluate(network, params, dataset, dist)
+    result.update(train_time_s=train_time_s, samples=samples_done,
+                  samples_per_s=samples_done / train_time_s if train_time_s > 0 else 0.0)
+    return result
+
+
+class _StepWindow:
+    """Per-step statistics of this rank, kept until they are gathered to rank 0 in one go."""
+
+    FIELDS = ("step", "epoch", "loss_sum", "count", "step_count", "arrive_s", "reduce_s", "wait_s", "lr")
+
+    def __init__(self, size: int):
+        self.rows = np.zeros((size, len(self.FIELDS)))
+        self.used = 0
+
+    @property
+    def full(self) -> bool:
+        return self.used == len(self.rows)
+
+    def record(self, *values) -> None:
+        self.rows[self.used] = values
+        self.used += 1
+
+
+def _flush_window(window, comm, log, split_wait, exchange) -> None:
+    """Gather the window's per-rank rows to rank 0, which derives the step figures and logs them.
+    Rank 0 also decides, for everyone, whether the run has diverged."""
+    rows = window.rows[: window.used]
+    gathered = comm.gather(rows, root=0)
+    audit = exchange.drain_audit()
+    bad_step = -1
+    if comm.Get_rank() == 0:
+        per_rank = np.stack(gathered, axis=1)  # (steps, ranks, fields)
+        f = {name: per_rank[:, :, i] for i, name in enumerate(_StepWindow.FIELDS)}
+        counts = f["count"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rank_loss = np.where(counts > 0, f["loss_sum"] / counts, np.nan)
+            loss = f["loss_sum"].sum(axis=1) / np.maximum(counts.sum(axis=1), 1)
+        exchange_s, wait_s = split_wait(f["arrive_s"], f["reduce_s"], f["wait_s"])
+        steps = f["step"][:, 0].astype(np.int64)
+        if log is not None:
+            log.append_steps(steps, f["epoch"][:, 0].astype(np.int32), loss.astype(np.float32),
+                             rank_loss.astype(np.float32), f["step_count"][:, 0].astype(np.int32),
+                             f["arrive_s"].astype(np.float32), exchange_s.astype(np.float32),
+                             wait_s.astype(np.float32), f["lr"][:, 0].astype(np.float32))
+            if audit is not None:
+                log.append_audit(**audit)
+        nonfinite = ~np.isfinite(loss)
+        if nonfinite.any():
+            bad_step = int(steps[np.argmax(nonfinite)])
+    window.used = 0
+    bad_step = comm.bcast(bad_step, root=0)
+    if bad_step >= 0:
+        raise _Diverged(f"the loss became NaN or infinite at step {bad_step}; try a smaller --lr "
+                        f"or --reduce mean")
+
+
+def _check_replicas(comm, params, step, log, exchange) -> None:
+    """Every replica must hold the same params; a mismatch is a bug in an exchange, so stop."""
+    if not exchange.replicas_agree:
+        return
+    checksum = zlib.crc32(params.view(np.uint8))
+    checksums = comm.allgather(checksum)
+    ok = len(set(checksums)) == 1
+    if log is not None:
+        log.append_consistency(step, checksum, ok)
+    if not ok:
+        bad = [r for r, c in enumerate(checksums) if c != checksums[0]]
+        raise RuntimeError(f"replica params differ at step {step}: ranks {bad} disagree with rank 0")
+
+
+def _evaluate(network, params, dataset, dist):
+    """Each rank scores a contiguous shard of the test set; sums and the confusion matrix are reduced."""
+    n_test = len(dataset.test_labels)
+    bounds = np.linspace(0, n_test, dist.size + 1).astype(np.int64)
+    lo, hi = bounds[dist.rank], bounds[dist.rank + 1]
+    labels = dataset.test_labels[lo:hi]
+    predictions = np.empty(hi - lo, np.int32)
+    loss_sum, correct = network.evaluate(params, dataset.test_images[lo:hi], labels, predictions)
+    n = dataset.n_classes
+    confusion = np.bincount(labels.astype(np.int64) * n + predictions, minlength=n * n).reshape(n, n)
+    totals = dist.comm.allreduce(np.array([loss_sum, correct], np.float64))
+    confusion = dist.comm.allreduce(confusion)
+    return totals[0] / n_test, totals[1] / n_test, confusion
+
+
+def _learning_rate(config: Config, step: int, global_batch: int) -> float:
+    """The base lr, or with --lr-scaling linear the lr x global batch reached by a linear warm-up."""
+    if config.lr_scaling == "none":
+        return config.lr
+    target = config.lr * global_batch
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr + (target - config.lr) * (step + 1) / config.warmup_steps
+    return target
+
+
+def _warm(network, dataset) -> None:
+    params = network.init_params(0)
+    grads = np.zeros_like(params)
+    network.forward_backward(params, grads, dataset.train_images[:2], dataset.train_labels[:2])
+    network.evaluate(params, dataset.test_images[:2], dataset.test_labels[:2], np.empty(2, np.int32))
+
+
+def _log_path(config: Config, world) -> str:
+    """The log's path (default runs/<date-time>-n<ranks>-<mode>.h5), checked writable before training."""
+    path = config.log
+    if not path:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        stamp = world.bcast(stamp, root=0)
+        path = os.path.join("runs", f"{stamp}-n{world.Get_size()}-{config.mode}.h5")
+    if world.Get_rank() == 0:
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(path) and not config.resume:
+            raise UserError("--log", f"{path} already exists; choose another path or remove it")
+        if not config.log and not os.path.isdir(folder):
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as err:
+                raise UserError("--log", f"cannot create the folder {folder}: {err.strerror}") from None
+        if not os.path.isdir(folder):
+            raise UserError("--log", f"the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise UserError("--log", f"the folder {folder} is not writable")
+    return path
+
+
+def _config_fields(config: Config) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(config)
+
+
+def _layout_rows(network) -> list:
+    return [(p.name, tuple(p.shape), p.offset, p.size) for p in network.layout]
+
+
+def _environment(dist, MPI) -> dict:
+    import platform
+
+    import h5py
+    import mpi4py
+    import numba
+
+    return {
+        "cnnpar": __version__, "python": platform.python_version(), "numpy": np.__version__,
+        "numba": numba.__version__, "mpi4py": mpi4py.__version__, "h5py": h5py.__version__,
+        "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
+        "hostnames": list(dist.hostnames), "ranks": dist.size, "cores": dist.cores,
+        "physical_cores": _physical_cores(), "nodes": dist.n_nodes, "oversubscribed": dist.oversubscribed,
+        "wait": "yield" if dist.yield_when_waiting else "spin",
+        "threads_per_rank": os.environ.get("NUMBA_NUM_THREADS", ""),
+    }
+
+
+def _physical_cores() -> int:
+    """Distinct (package, core) pairs in /proc/cpuinfo; 0 when unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return 0
+    cores, package = set(), None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            package = value.strip()
+        elif key == "core id":
+            cores.add((package, value.strip()))
+    return len(cores)
+
+
+class _Speaker:
+    """What rank 0 says: a progress bar on a terminal, plain periodic lines otherwise, and with --quiet
+    nothing but the final summary. Other ranks say nothing."""
+
+    def __init__(self, is_root: bool, quiet: bool):
+        self.active = is_root and not quiet
+        self.is_root = is_root
+
+    def line(self, text: str) -> None:
+        if self.active:
+            print(text, file=sys.stderr, flush=True)
+
+    def summary(self, text: str) -> None:
+        if self.is_root:
+            print(text, flush=True)
+
+    def progress(self, total_steps: int, global_batch: int, first_step: int = 0):
+        if not self.active:
+            return None
+        return _Progress(total_steps, first_step, sys.stderr.isatty())
+
+
+class _Progress:
+    UPDATE_EVERY = 64  # steps; keeps rank 0 (whom everyone waits for) off the terminal in the hot loop
+
+    def __init__(self, total_steps: int, first_step: int, bar: bool):
+        self.total = total_steps
+        self.start = time.perf_counter()
+        self.bar = None
+        self.next_line = 0.0
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=first_step, unit="step", file=sys.stderr,
+                            dynamic_ncols=True)
+        self.loss = math.nan
+        self.done = first_step
+
+    def update(self, step: int, samples: int, loss: float) -> None:
+        self.loss = loss if math.isnan(self.loss) else 0.98 * self.loss + 0.02 * loss
+        if (step + 1) % self.UPDATE_EVERY and step + 1 != self.total:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = samples / elapsed if elapsed > 0 else 0.0
+        if self.bar is not None:
+            self.bar.update(step + 1 - self.done)
+            self.bar.set_postfix_str(f"loss {self.loss:.3f} | {rate:.0f} samples/s", refresh=False)
+        elif elapsed >= self.next_line or step + 1 == self.total:
+            print(f"step {step + 1}/{self.total} | loss {self.loss:.4f} | {rate:.0f} samples/s",
+                  file=sys.stderr, flush=True)
+            self.next_line = elapsed + 5.0
+        self.done = step + 1
+
+    def epoch(self, epoch, train_loss, train_acc, test_loss, test_acc) -> None:
+        text = (f"epoch {epoch + 1}: train loss {train_loss:.4f} acc {100 * train_acc:.1f}% | "
+                f"test loss {test_loss:.4f} acc {100 * test_acc:.1f}%")
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

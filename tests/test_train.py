@@ -1,0 +1,138 @@
+"""The distributed trainer end to end, under mpiexec: equivalence, logs, accuracy, faults, user errors."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cnnpar.runlog import open_log
+from mpi_util import REPO, run_mpi, run_train
+
+
+def _final_params(path) -> np.ndarray:
+    with open_log(path) as log:
+        return np.asarray(log.final["params"], dtype=np.float64)
+
+
+def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_n_ranks_one_sample_equals_one_rank_n_samples(tmp_path, n, reduce):
+    flags = ["--dataset", "mnist-5k", "--steps", "400", "--reduce", reduce, "--lr", "0.01", "--seed", "3",
+             "--quiet", "--allreduce", "mpi"]
+    wide = run_train(n, *flags, "--samples-per-rank", "1", "--log", tmp_path / "wide.h5")
+    assert wide.returncode == 0, wide.stderr
+    deep = run_train(1, *flags, "--samples-per-rank", str(n), "--log", tmp_path / "deep.h5")
+    assert deep.returncode == 0, deep.stderr
+    start = np.asarray(_initial_params(tmp_path, flags))
+    wide_params, deep_params = _final_params(tmp_path / "wide.h5"), _final_params(tmp_path / "deep.h5")
+    assert _rel_diff(wide_params, start) > 1e-2, "training must have moved the params for the check to mean much"
+    assert _rel_diff(deep_params, wide_params) < 1e-5
+
+
+def _initial_params(tmp_path, flags):
+    from cnnpar.model import build_network
+
+    return build_network("small").init_params(3)
+
+
+def test_mpiexec_one_rank_equals_plain_python(tmp_path):
+    flags = ["--dataset", "mnist-5k", "--steps", "300", "--quiet", "--seed", "1"]
+    under_mpi = run_train(1, *flags, "--log", tmp_path / "mpi.h5")
+    assert under_mpi.returncode == 0, under_mpi.stderr
+    plain = subprocess.run([sys.executable, "-m", "cnnpar.train", *flags, "--log", str(tmp_path / "plain.h5")],
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert plain.returncode == 0, plain.stderr
+    assert np.array_equal(_final_params(tmp_path / "mpi.h5"), _final_params(tmp_path / "plain.h5"))
+
+
+def test_log_holds_every_field_and_matches_what_was_printed(tmp_path):
+    path = tmp_path / "run.h5"
+    done = run_train(2, "--dataset", "mnist-5k", "--epochs", "2", "--log", path, "--check-every", "500")
+    assert done.returncode == 0, done.stderr
+    printed = [float(x) / 100 for x in re.findall(r"test loss [\d.]+ acc ([\d.]+)%", done.stderr)]
+    summary = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"test accuracy [\d.]+% \| 4000 samples in [\d.]+ s \(\d+ samples/s, training only\) "
+                        r"\| log .*run\.h5", summary), summary
+    with open_log(path) as log:
+        assert log.complete and log.ranks == 2
+        assert log.config["epochs"] == 2 and log.config["dataset"] == "mnist-5k"
+        for key in ("cnnpar", "python", "numpy", "numba", "mpi4py", "mpi_library", "hostnames", "cores"):
+            assert key in log.env, key
+        steps = log.steps
+        assert np.array_equal(steps["step"], np.arange(4000))  # 4000 samples / (2 ranks x 1) x 2 epochs
+        for name in ("compute_s", "exchange_s", "wait_s", "rank_loss"):
+            assert steps[name].shape == (4000, 2), name
+        assert np.all(steps["compute_s"] > 0) and np.all(steps["wait_s"] >= 0)
+        assert np.all(np.isfinite(steps["loss"]))
+        assert list(log.epochs["epoch"]) == [0, 1]
+        np.testing.assert_allclose(log.epochs["test_acc"], printed, atol=0.0006)  # printed to 0.1%
+        final_acc = float(re.search(r"test accuracy ([\d.]+)%", summary).group(1)) / 100
+        assert abs(log.final["attrs"]["test_acc"] - final_acc) < 0.0006
+        confusion = np.asarray(log.final["confusion"])
+        assert confusion.sum() == 1000
+        assert abs(np.trace(confusion) / 1000 - log.epochs["test_acc"][-1]) < 1e-9
+        assert all(log.consistency["ok"]) and len(log.consistency["step"]) >= 2
+        assert log.final["params"].shape == (sum(size for *_, size in log.layout),)
+
+
+def test_small_arch_one_rank_three_epochs_reaches_90_percent(tmp_path):
+    done = run_train(1, "--dataset", "mnist-5k", "--log", tmp_path / "acc.h5", "--quiet")
+    assert done.returncode == 0, done.stderr
+    with open_log(tmp_path / "acc.h5") as log:
+        assert log.config["epochs"] == 3 and log.config["arch"] == "small"
+        assert log.final["attrs"]["test_acc"] >= 0.90
+
+
+def test_a_rank_raising_mid_run_ends_the_job_promptly(tmp_path):
+    path = tmp_path / "fault.h5"
+    start = time.monotonic()
+    done = run_mpi(3, [REPO / "tests" / "mpi_fault_driver.py", "--dataset", "mnist-5k", "--epochs", "3",
+                       "--log", path], env={"FAULT_RANK": "1", "FAULT_CALL": "2000"}, timeout=60)
+    elapsed = time.monotonic() - start
+    assert done.returncode != 0
+    assert "injected fault" in done.stderr
+    assert elapsed < 30  # includes start-up; the job does not hang
+    with open_log(path) as log:  # rank 0 was killed, but every flushed epoch is readable
+        assert len(log.epochs["epoch"]) == 1  # 1334 steps per epoch: the fault hit in the second epoch
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--lr", "-1"], "--lr"),
+    (["--epochs", "0"], "--epochs"),
+    (["--mode", "bogus"], "command line"),
+    (["--arch", "conv8k5,blah"], "--arch"),
+    (["--dataset", "/nonexistent/dir"], "/nonexistent/dir"),
+    (["--samples-per-rank", "3000"], "--samples-per-rank"),
+    (["--log", "/nonexistent/dir/run.h5"], "--log"),
+])
+def test_user_errors_are_one_line_once_exit_2_nothing_written(tmp_path, flags, culprit):
+    before = set(tmp_path.iterdir())
+    args = ["--dataset", "mnist-5k", "--log", str(tmp_path / "x.h5")] + flags
+    done = run_train(2, *args, timeout=60)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("cnnpar: error: ") and culprit in lines[0], lines[0]
+    assert "Traceback" not in done.stderr
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_help_is_printed_once_and_names_every_flag():
+    from dataclasses import fields
+
+    from cnnpar.config import Config
+
+    done = run_train(2, "--help", timeout=60)
+    assert done.returncode == 0
+    assert done.stdout.count("usage:") == 1
+    for f in fields(Config):
+        assert "--" + f.name.replace("_", "-") in done.stdout
