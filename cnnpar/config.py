@@ -85,7 +85,7 @@ class Config:
                 raise UserError(flag, f"must be at least 1, got {value}")
         non_negative = {"--steps": self.steps, "--warmup-steps": self.warmup_steps,
                         "--eval-every": self.eval_every, "--check-every": self.check_every,
-                        "--pretend-nodes": self.pretend_nodes}
+                        "--pretend-nodes": self.pretend_nodes, "--seed": self.seed}
         for flag, value in non_negative.items():
             if value < 0:
                 raise UserError(flag, f"must not be negative, got {value}")

@@ -95,6 +95,9 @@ def train(argv) -> int:
     if notice:
         say.line(notice)
     state = world.bcast(state, root=0)
+    if state is not None and state.get("complete"):
+        say.summary(f"nothing to resume: {log_path} is already complete")
+        return 0
     _dist.compile_once(dist, lambda: _warm(network, dataset))
 
     params = network.init_params(config.seed) if state is None else state["params"].copy()
@@ -176,6 +179,10 @@ def _resume_state(config: Config, log_path: str, ranks: int, n_params: int, chec
     checkpoint.check_compatible(state, config, ranks, n_params, path)
     if not os.path.exists(log_path):
         raise UserError("--log", f"{log_path} is missing; the checkpoint continues that log")
+    from .runlog import is_complete_log
+
+    if is_complete_log(log_path):
+        return {"complete": True}
     return state
 
 

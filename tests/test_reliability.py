@@ -1,0 +1,158 @@
+"""Reliability: exact resume, killed ranks, determinism, divergence, and validation before anything is written."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cnnpar.runlog import open_log
+from mpi_util import REPO, mpiexec, run_mpi, run_train
+
+BASE = ["--dataset", "mnist-5k", "--seed", "5", "--quiet", "--momentum", "0.5"]
+
+
+def _log(path):
+    with open_log(path) as log:
+        return {"params": np.array(log.final["params"]) if log.final else None,
+                "steps": {k: np.array(v) for k, v in log.steps.items()},
+                "epochs": {k: np.array(v) for k, v in log.epochs.items()}, "status": log.status}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, n):
+    flags = BASE + ["--steps", "900", "--checkpoint-every", "250", "--eval-every", "1"]
+    whole = run_train(n, *flags, "--log", tmp_path / "whole.h5")
+    assert whole.returncode == 0, whole.stderr
+
+    broken_log = tmp_path / "broken.h5"
+    # Rank n-1 dies on its 640th forward/backward (the warm-up makes one call): after the checkpoint at 500.
+    broken = run_mpi(n, [REPO / "tests" / "mpi_fault_driver.py", *flags, "--log", broken_log],
+                     env={"FAULT_RANK": str(n - 1), "FAULT_CALL": "640"}, timeout=120)
+    assert broken.returncode != 0 and "injected fault" in broken.stderr
+    assert os.path.exists(f"{broken_log}.ckpt")
+    resumed = run_train(n, *flags, "--log", broken_log, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+
+    a, b = _log(tmp_path / "whole.h5"), _log(broken_log)
+    assert b["status"] == "complete"
+    assert np.array_equal(b["steps"]["step"], np.arange(900))  # no duplicated or missing steps
+    assert np.array_equal(a["params"], b["params"])
+    assert np.array_equal(a["steps"]["loss"], b["steps"]["loss"])
+    for key in ("epoch", "train_loss", "train_acc", "test_acc"):
+        assert np.array_equal(a["epochs"][key], b["epochs"][key]), key
+
+
+def test_two_sync_runs_with_the_same_seed_are_bit_identical(tmp_path):
+    flags = BASE + ["--steps", "600"]
+    for name in ("one", "two"):
+        done = run_train(3, *flags, "--log", tmp_path / f"{name}.h5")
+        assert done.returncode == 0, done.stderr
+    one, two = _log(tmp_path / "one.h5"), _log(tmp_path / "two.h5")
+    assert np.array_equal(one["params"], two["params"])
+    assert np.array_equal(one["steps"]["loss"], two["steps"]["loss"])
+    assert np.array_equal(one["steps"]["rank_loss"], two["steps"]["rank_loss"])
+
+
+def test_killed_rank_ends_the_job_promptly_and_resume_finishes(tmp_path):
+    path = tmp_path / "killed.h5"
+    flags = ["--dataset", "mnist-5k", "--epochs", "8", "--checkpoint-every", "1e", "--log", str(path), "--quiet"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    job = subprocess.Popen([mpiexec(), "-n", "3", sys.executable, "-m", "cnnpar.train", *flags], cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=dict(env, CNNPAR_TEST_TAG="pending"))
+    try:
+        pids = _rank_pids_by_tag(job, "pending")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait for the first completed epoch, reading the live log
+            if os.path.exists(path):
+                try:
+                    with open_log(path) as log:
+                        if len(log.epochs["epoch"]) >= 1:
+                            break
+                except Exception:
+                    pass
+            time.sleep(0.05)
+        else:
+            pytest.fail("no epoch completed in time")
+        os.kill(pids[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        job.wait(timeout=30)
+        assert time.monotonic() - killed_at < 10
+        assert job.returncode != 0
+    finally:
+        if job.poll() is None:
+            job.kill()
+    with open_log(path) as log:
+        completed = len(log.epochs["epoch"])
+        assert 1 <= completed < 8
+    resumed = run_train(3, *flags, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    with open_log(path) as log:
+        assert log.complete
+        steps_per_epoch = -(-4000 // 3)
+        assert np.array_equal(log.steps["step"], np.arange(8 * steps_per_epoch))
+        assert list(log.epochs["epoch"]) == list(range(8))
+
+
+def _rank_pids_by_tag(job, tag, ranks=3):
+    deadline = time.monotonic() + 60
+    found = {}
+    while time.monotonic() < deadline and len(found) < ranks:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    items = f.read().split(b"\0")
+            except OSError:
+                continue
+            env = dict(item.split(b"=", 1) for item in items if b"=" in item)
+            if env.get(b"CNNPAR_TEST_TAG") == tag.encode() and b"PMI_RANK" in env:
+                found[int(env[b"PMI_RANK"])] = int(pid)
+        time.sleep(0.05)
+    assert len(found) == ranks, found
+    return found
+
+
+def test_divergence_stops_with_one_line_naming_the_step_and_keeps_the_log(tmp_path):
+    path = tmp_path / "diverged.h5"
+    done = run_train(2, "--dataset", "mnist-5k", "--lr", "1e30", "--steps", "400", "--log", path, "--quiet")
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert lines[0].startswith("cnnpar: error: --lr: ") and "at step" in lines[0] and "--reduce mean" in lines[0]
+    with open_log(path) as log:
+        assert log.status == "diverged"
+        assert "at step" in log.status_message
+
+
+@pytest.mark.parametrize("n, flags, culprit", [
+    (3, ["--folds", "2"], "--folds"),
+    (2, ["--arch", "conv8k29,relu,pool,dense10"], "--arch"),
+    (2, ["--log", "/proc/version/run.h5"], "--log"),
+    (2, ["--checkpoint-every", "soon"], "--checkpoint-every"),
+    (2, ["--resume", "/nonexistent.ckpt"], "--resume"),
+    (2, ["--steps", "-3"], "--steps"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, n, flags, culprit):
+    before = sorted(os.listdir(tmp_path))
+    done = run_train(n, "--dataset", "mnist-5k", "--log", str(tmp_path / "x.h5"), *flags, timeout=60)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"cnnpar: error: {culprit}"), done.stderr
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_resume_with_another_rank_count_is_refused(tmp_path):
+    path = tmp_path / "r.h5"
+    first = run_train(2, *BASE, "--steps", "300", "--checkpoint-every", "100", "--log", path)
+    assert first.returncode == 0, first.stderr
+    again = run_train(3, *BASE, "--steps", "300", "--checkpoint-every", "100", "--log", path, "--resume", "auto")
+    assert again.returncode == 2
+    assert "2 ranks" in again.stderr and "3" in again.stderr and again.stderr.count("cnnpar: error") == 1
