@@ -268,13 +268,25 @@ def _copy(dst, src, m):
         dst[i] = src[i]
 
 
+@njit(cache=True, nogil=True)
+def _copy_except(dst, src, m, skip_lo, skip_hi):
+    """dst[:m] = src[:m] except [skip_lo, skip_hi), which reduce_begin already copied."""
+    if skip_lo >= skip_hi:
+        _copy(dst, src, m)
+        return
+    for i in range(skip_lo):
+        dst[i] = src[i]
+    for i in range(skip_hi, m):
+        dst[i] = src[i]
+
+
 P_SLICES, P_SINGLE, P_ALL = 0, 1, 2
 PROTOCOLS = {"slices": P_SLICES, "single": P_SINGLE, "all": P_ALL}
 
 
 @njit(cache=True, nogil=True)
 def _shm_step(ctrl, slots, result, grads, rank, n, lo, hi, seq, phase, spin_ns, use_futex, protocol, node_only,
-              slice_ns):
+              slice_ns, pre_lo, pre_hi):
     """One exchange step, resumable at `phase`. Returns the phase reached | (ns waited << 3).
 
     P_SLICES: copy in, arrive A, wait A, sum my slice into result, arrive D, wait D, copy out.
@@ -285,6 +297,7 @@ def _shm_step(ctrl, slots, result, grads, rank, n, lo, hi, seq, phase, spin_ns, 
               half h at step s+2 only after A counted everyone at step s+1, i.e. after all finished reading
               half h at step s.
     node_only (hier, P_SLICES): stop after this rank's slice is summed and counted on D (PH_WAIT_DONE).
+    [pre_lo, pre_hi): already copied into the slot by reduce_begin (empty when pre_lo >= pre_hi).
     Every variant forms the same rank-order float32 sum, so all give bitwise the same result."""
     m = grads.shape[0]
     target = n * seq
@@ -293,7 +306,7 @@ def _shm_step(ctrl, slots, result, grads, rank, n, lo, hi, seq, phase, spin_ns, 
     if protocol == P_ALL:
         base = (seq & 1) * n
         if phase == PH_START:
-            _copy(slots[base + rank], grads, m)
+            _copy_except(slots[base + rank], grads, m, pre_lo, pre_hi)
             _arrive(ctrl, F_ARRIVE, target)
         done, ns = _wait(ctrl, F_ARRIVE, target, spin_ns, use_futex, start, slice_ns)
         if not done:
@@ -301,7 +314,7 @@ def _shm_step(ctrl, slots, result, grads, rank, n, lo, hi, seq, phase, spin_ns, 
         _sum_rows(slots, base, n, grads, 0, m)
         return PH_FINISHED | (ns << _PHASE_BITS)
     if phase == PH_START:
-        _copy(slots[rank], grads, m)
+        _copy_except(slots[rank], grads, m, pre_lo, pre_hi)
         last = _arrive(ctrl, F_ARRIVE, target)
         if protocol == P_SINGLE:
             if last:
@@ -395,10 +408,11 @@ class ShmAllreduce(Exchange):
     name = "shm"
 
     def __init__(self, dist, n_params: int, comm=None, wait: str | None = None, protocol: str | None = None,
-                 spin_ns: int = SPIN_NS_DEFAULT, node_only: bool = False):
+                 spin_ns: int = SPIN_NS_DEFAULT, node_only: bool = False, own_comm: bool = False):
         from mpi4py import MPI
 
         self._comm = comm if comm is not None else dist.node
+        self._own_comm = own_comm  # free the communicator too on close (one made for this exchange)
         self._rank, self._n = self._comm.Get_rank(), self._comm.Get_size()
         self._m = int(n_params)
         if wait is None:
@@ -457,6 +471,7 @@ class ShmAllreduce(Exchange):
         self.last_wait_s = 0.0
         self.wait_slice_ns = WAIT_SLICE_NS  # tests shorten it to exercise the resume path
         self.resumed = 0  # times a wait slice expired and the step resumed from Python
+        self._pre = (0, 0)  # range reduce_begin already put in the slot
 
     # -- the step --
     def _run(self, grads, phase: int, stop: int) -> tuple:
@@ -465,7 +480,7 @@ class ShmAllreduce(Exchange):
         while True:
             code = _shm_step(self._ctrl, self._slots, self._result, grads, self._rank, self._n, self._lo,
                              self._hi, self._seq, phase, self._spin_ns, self._use_futex, self._protocol,
-                             self._node_only, self.wait_slice_ns)
+                             self._node_only, self.wait_slice_ns, self._pre[0], self._pre[1])
             phase = code & 7
             waited += code >> _PHASE_BITS
             if phase == stop:
@@ -479,14 +494,22 @@ class ShmAllreduce(Exchange):
         self.last_wait_s = waited * 1e-9
         return self.last_wait_s
 
-    # -- overlap: publish a slice early, finish later --
+    # -- overlap: hand over a slice early, finish later --
     def reduce_begin(self, grads: np.ndarray, lo: int, hi: int) -> None:
-        """Copy grads[lo:hi] into this rank's slot now (e.g. right after the dense layer's backward)."""
-        _copy_in(self._slots, self._rank, grads, lo, hi)
-        self._early = (lo, hi)
+        """Put grads[lo:hi] (e.g. the dense layer's gradient, ready before the conv backward ends) into this
+        rank's slot now; reduce_end(grads) then copies only the rest. Nothing else can start early: the sum
+        needs every rank's slot, and no other agent (NIC, idle core) exists to work on it meanwhile."""
+        row = self._rank
+        if self._protocol == P_ALL:
+            row = ((self._seq + 1) & 1) * self._n + self._rank
+        _copy_in(self._slots, row, grads, lo, hi)
+        self._pre = (lo, hi)
 
     def reduce_end(self, grads: np.ndarray) -> float:
-        return self.reduce(grads)
+        try:
+            return self.reduce(grads)
+        finally:
+            self._pre = (0, 0)
 
     def close(self) -> None:
         if self._closed:
@@ -495,6 +518,8 @@ class ShmAllreduce(Exchange):
         self._ctrl = self._slots = self._result = None
         if _closing_collectively():
             self._free_window()
+            if self._own_comm:
+                self._comm.Free()
         self._win = None
 
     def _free_window(self) -> None:
@@ -558,30 +583,31 @@ def shared_memory_comm(dist):
 def make_sync_exchange(choice: str, dist, n_params: int) -> Exchange:
     """The 'sync' exchange for --allreduce shm|hier|auto (collective: every rank decides the same).
 
-    auto: mpi for one rank; shm when all ranks share one host (real or --pretend-nodes, since pretend nodes do
-    share memory: one window over all of them is faster than leaders + MPI); hier across real nodes when
-    some node has two or more ranks; mpi when every node has a single rank (hier would add nothing)."""
+    auto: mpi for one rank; shm when all ranks are on one node; hier across nodes (real ones, or
+    --pretend-nodes, which exist to run the multi-node path on one machine) when some node holds two or
+    more ranks; mpi when every node holds a single rank (hier would only add a copy). Explicit 'shm' works
+    whenever all ranks share memory, pretend nodes included; across real nodes it is a user error."""
     from .dist import collective_check
 
     if dist.size == 1 and choice in ("auto", "shm"):
         return MpiAllreduce(dist)
+    if choice == "auto":
+        if dist.n_nodes == 1:
+            choice = "shm"
+        else:
+            choice = "hier" if dist.comm.allreduce(dist.node_size, op=_max_op()) > 1 else "mpi"
+        if choice == "mpi":
+            return MpiAllreduce(dist)
     if choice == "hier":
         _warm_kernels(dist)
         return HierAllreduce(dist, n_params)
-    host = shared_memory_comm(dist)
-    if choice == "shm":
-        with collective_check(dist.comm):
-            if host is None:
-                raise UserError("--allreduce", f"'shm' needs all ranks on one node, but the {dist.size} ranks "
-                                               f"span {dist.n_nodes} nodes; use 'hier' or 'auto'")
-    if host is not None:
-        _warm_kernels(dist)
-        return ShmAllreduce(dist, n_params, comm=host)
-    max_node = dist.comm.allreduce(dist.node_size, op=_max_op())
-    if max_node > 1:
-        _warm_kernels(dist)
-        return HierAllreduce(dist, n_params)
-    return MpiAllreduce(dist)
+    host = dist.node if dist.n_nodes == 1 else shared_memory_comm(dist)
+    with collective_check(dist.comm):
+        if host is None:
+            raise UserError("--allreduce", f"'shm' needs all ranks on one node, but the {dist.size} ranks "
+                                           f"span {dist.n_nodes} nodes; use 'hier' or 'auto'")
+    _warm_kernels(dist)
+    return ShmAllreduce(dist, n_params, comm=host, own_comm=host is not dist.node)
 
 
 def _max_op():
@@ -606,10 +632,10 @@ def warm_kernels() -> None:
     slots = np.zeros((2, 16), np.float32)
     for protocol in PROTOCOLS.values():
         ctrl[:] = 0
-        _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_START, 0, HAVE_FUTEX, protocol, False, WAIT_SLICE_NS)
+        _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_START, 0, HAVE_FUTEX, protocol, False, WAIT_SLICE_NS, 0, 0)
     ctrl[:] = 0
-    _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_START, 0, HAVE_FUTEX, P_SLICES, True, WAIT_SLICE_NS)
+    _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_START, 0, HAVE_FUTEX, P_SLICES, True, WAIT_SLICE_NS, 0, 0)
     _wait_field(ctrl, F_DONE, 1, 0, HAVE_FUTEX, WAIT_SLICE_NS)
     _publish_result(ctrl)
-    _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_WAIT_RESULT, 0, HAVE_FUTEX, P_SLICES, True, WAIT_SLICE_NS)
+    _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_WAIT_RESULT, 0, HAVE_FUTEX, P_SLICES, True, WAIT_SLICE_NS, 0, 0)
     _copy_in(slots, 0, grads, 0, 16)

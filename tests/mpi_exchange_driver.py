@@ -64,6 +64,24 @@ def tolerance(gathered: np.ndarray) -> np.ndarray:
     return 2 * n * np.finfo(np.float32).eps * np.abs(gathered.astype(np.float64)).sum(axis=0) + 1e-30
 
 
+class Overlapped:
+    """Drives an exchange through reduce_begin(dense slice) + reduce_end, as an overlapping trainer would."""
+
+    def __init__(self, inner, lo: int, hi: int):
+        self.inner, self.lo, self.hi = inner, lo, hi
+        self.name = inner.name
+
+    def reduce(self, grads):
+        self.inner.reduce_begin(grads, self.lo, self.hi)
+        return self.inner.reduce_end(grads)
+
+    def close(self):
+        self.inner.close()
+
+    def __getattr__(self, item):
+        return getattr(self.inner, item)
+
+
 def check_exchange(label: str, exchange, dist, steps: int, seed: int, reference: str, late: bool,
                    node_of=None) -> dict:
     comm = dist.comm
@@ -120,7 +138,8 @@ def check_exchange(label: str, exchange, dist, steps: int, seed: int, reference:
     exchange.close()
     exchange.close()  # twice is safe
     finite = [w for w in waits if not math.isnan(w)]
-    return {"exchange": label, "class": type(exchange).__name__, "name": exchange.name, "steps": steps,
+    inner = getattr(exchange, "inner", exchange)
+    return {"exchange": label, "class": type(inner).__name__, "name": exchange.name, "steps": steps,
             "bitwise_steps": bitwise_steps, "reference": reference, "worst_err_over_bound": worst,
             "wait_measured": len(finite) == len(waits), "mean_wait_s": float(np.mean(finite)) if finite else None,
             "resumed": int(getattr(exchange, "resumed", 0) or getattr(getattr(exchange, "_node", None),
@@ -163,6 +182,10 @@ def main() -> int:
             ex.wait_slice_ns = 1_000_000
             return ex
         run("shm-short-slices", short_slices, reference="rank_order", late="first")
+        for protocol in ("slices", "single", "all"):
+            run(f"shm-overlap-{protocol}",
+                lambda: Overlapped(exchange_shm.ShmAllreduce(dist, N_PARAMS, comm=dist.comm, protocol=protocol),
+                                   208, N_PARAMS), reference="rank_order")
     config = SimpleNamespace(mode="sync", allreduce="shm")
     run("shm", lambda: exchange_lib.make_exchange(config, dist, N_PARAMS),
         reference="rank_order" if dist.size > 1 else "none")
@@ -180,6 +203,9 @@ def main() -> int:
                 reference="node_order", d=pretend, node_of=node_of)
         config = SimpleNamespace(mode="sync", allreduce="auto")
         run("auto-pretend", lambda: exchange_lib.make_exchange(config, pretend, N_PARAMS),
+            reference="node_order", d=pretend, node_of=node_of)
+        config = SimpleNamespace(mode="sync", allreduce="shm")
+        run("shm-pretend", lambda: exchange_lib.make_exchange(config, pretend, N_PARAMS),
             reference="rank_order", d=pretend)
     if world.Get_rank() == 0:
         print(json.dumps({"done": True, "ranks": dist.size, "oversubscribed": dist.oversubscribed,

@@ -39,7 +39,8 @@ def test_every_exchange_sums_like_mpi_allreduce(n):
     expected = {"mpi", "shm", "auto"}
     if n > 1:
         expected |= {f"shm-{p}-{w}" for p in ("slices", "single", "all") for w in ("spin", "block", "yield")}
-        expected |= {"shm-short-slices", "hier", "hier-spin", "hier-block", "auto-pretend"}
+        expected |= {"shm-short-slices", "hier", "hier-spin", "hier-block", "auto-pretend", "shm-pretend"}
+        expected |= {f"shm-overlap-{p}" for p in ("slices", "single", "all")}
     assert expected <= set(results), sorted(expected - set(results))
     for label, result in results.items():
         # within float32 summation-order tolerance of MPI_Allreduce on every step (the driver raises otherwise)
@@ -51,8 +52,10 @@ def test_every_exchange_sums_like_mpi_allreduce(n):
         assert results["auto"]["class"] == results["shm"]["class"] == "MpiAllreduce"
     else:
         assert results["auto"]["class"] == "ShmAllreduce"
-        assert results["auto-pretend"]["class"] == "ShmAllreduce"  # pretend nodes share memory: one window
+        # pretend nodes stand for real ones: hier, unless every node holds one rank (then plain MPI)
+        assert results["auto-pretend"]["class"] == ("HierAllreduce" if n >= 3 else "MpiAllreduce")
         assert results["hier"]["class"] == "HierAllreduce"
+        assert results["shm-pretend"]["class"] == "ShmAllreduce"  # pretend nodes do share memory
         for label in ("shm", "auto") + tuple(k for k in results if k.startswith("shm-")):
             assert results[label]["wait_measured"], f"{label} must measure its own wait"
         assert results["shm-short-slices"]["resumed"] >= 1, "a late rank must make a 1 ms wait slice resume"
@@ -122,7 +125,7 @@ def test_kernels_synchronise_threads(protocol, use_futex):
                 phase = X.PH_START
                 while phase != X.PH_FINISHED:
                     code = X._shm_step(ctrl, slots, result, g, r, n, lo, hi, s + 1, phase, 2000 if r == 0 else 0,
-                                       use_futex, X.PROTOCOLS[protocol], False, 5_000_000)
+                                       use_futex, X.PROTOCOLS[protocol], False, 5_000_000, 0, 0)
                     phase = code & 7
                 outputs[s, r] = g
         except BaseException as exc:  # pragma: no cover - reported below

@@ -1,0 +1,616 @@
+#!/usr/bin/env python3
+"""How training throughput scales with ranks, per gradient exchange, measured on the real trainer.
+
+    python launch/bench_scaling.py                    # ranks 1,2,4,8,12 x exchanges x samples/rank 1,16
+    python launch/bench_scaling.py --vs-ddp           # ... and PyTorch DDP (gloo), same net and semantics
+    python launch/bench_scaling.py --quick            # CI: ranks 1,2, a few hundred steps; checks it works
+    python launch/bench_scaling.py --micro            # exchange microbenchmark (fake compute + reduce)
+
+Every trainer point is one `mpiexec -n N python -m cnnpar.train --steps S --log DIR/x.h5 --quiet ...` run;
+the figures come from its HDF5 log: /final samples_per_s (training time only) and the per-step, per-rank
+compute_s / exchange_s / wait_s columns (means over ranks and over the steps after the first 10%).
+`other` is the rest of a step's wall time (the SGD update, the loop's Python, statistics windows,
+replica checks): step = global batch / samples_per_s.
+
+Exchanges: mpi, shm, auto, hier (2 pretend nodes, only with --exchanges), local (--mode local, no exchange:
+the compute-only bound) and the race modes race and atomic when cnnpar/race.py exists. With --repeats R
+the whole grid runs R times, interleaved (so slow phases of a shared machine hit every point alike), and the
+median of each point is reported.
+
+Results: OUT/scaling.md (tables, the split, the targets with their ratios), OUT/scaling.h5 (one group per
+point with every figure) and, as the last line on stdout, one JSON object with every figure.
+--micro writes OUT/exchange_micro.md and .json instead. OUT defaults to analysis/results
+(analysis/results/quick for --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+RANKS = (1, 2, 4, 8, 12)
+SAMPLES = (1, 16)
+BASE_EXCHANGES = ("mpi", "shm", "auto", "local")
+RACE_EXCHANGES = ("race", "atomic")
+TARGET_SAMPLES = {1: 30_000, 16: 60_000}   # samples per trainer run (~1-2 s of training)
+MIN_STEPS = 300
+
+
+def exchange_flags(exchange: str) -> list:
+    if exchange in ("mpi", "shm", "auto", "hier"):
+        flags = ["--mode", "sync", "--allreduce", exchange]
+        return flags + (["--pretend-nodes", "2"] if exchange == "hier" else [])
+    if exchange in ("local", "race", "atomic", "hogwild"):
+        return ["--mode", exchange]
+    raise SystemExit(f"bench_scaling: unknown exchange {exchange!r}")
+
+
+def mpiexec() -> str:
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("mpiexec") or shutil.which("mpirun")
+    if not found:
+        raise SystemExit("bench_scaling: no mpiexec next to this Python or on PATH")
+    return found
+
+
+def run_command(command: list, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if env:
+        full_env.update(env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
+
+
+# ------------------------------------------------------------------------------------------------------
+# trainer runs
+
+def trainer_point(n: int, k: int, exchange: str, steps: int, workdir: Path, extra: list, timeout: float) -> dict:
+    log = workdir / f"n{n:02d}-k{k:02d}-{exchange}-{time.monotonic_ns()}.h5"
+    command = [mpiexec(), "-n", str(n), sys.executable, "-m", "cnnpar.train", "--steps", str(steps),
+               "--samples-per-rank", str(k), "--log", str(log), "--quiet", "--eval-every", "0",
+               *exchange_flags(exchange), *extra]
+    load_before = load_average()
+    started = time.perf_counter()
+    proc = run_command(command, timeout)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"trainer failed (n={n}, k={k}, {exchange}), exit {proc.returncode}:\n"
+                           f"{' '.join(command)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    point = read_log(log)
+    point.update(ranks=n, samples_per_rank=k, exchange=exchange, steps=steps, run_wall_s=wall,
+                 load_before=load_before, load_after=load_average())
+    log.unlink(missing_ok=True)
+    return point
+
+
+def read_log(path: Path) -> dict:
+    import numpy as np
+
+    try:
+        from cnnpar.runlog import open_log
+    except ImportError:  # pragma: no cover - the log reader is part of the package
+        open_log = None
+    if open_log is not None:
+        log = open_log(path)
+        steps = {name: np.asarray(log.steps[name]) for name in ("compute_s", "exchange_s", "wait_s", "samples")}
+        final = dict(log.final["attrs"]) if log.final is not None else {}
+        env = dict(log.env)
+    else:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            steps = {name: f["steps"][name][:] for name in ("compute_s", "exchange_s", "wait_s", "samples")}
+            final = dict(f["final"].attrs)
+            env = {}
+    samples_per_s = float(final["samples_per_s"])
+    skip = len(steps["compute_s"]) // 10
+    split = {name[:-2] + "_us": float(np.nanmean(steps[name][skip:]) * 1e6)
+             for name in ("compute_s", "exchange_s", "wait_s")}
+    global_batch = float(np.mean(steps["samples"][skip:]))
+    step_us = global_batch / samples_per_s * 1e6 if samples_per_s > 0 else math.nan
+    split["step_us"] = step_us
+    split["other_us"] = step_us - split["compute_us"] - split["exchange_us"] - split["wait_us"]
+    return {"samples_per_s": samples_per_s, "train_time_s": float(final.get("train_time_s", math.nan)),
+            "oversubscribed": bool(env.get("oversubscribed", False)), "wait_mode": env.get("wait", ""), **split}
+
+
+def steps_for(n: int, k: int, quick: bool) -> int:
+    if quick:
+        return 150
+    return max(MIN_STEPS, TARGET_SAMPLES[k] // (n * k))
+
+
+# ------------------------------------------------------------------------------------------------------
+# PyTorch DDP (gloo): same network, same SGD-on-the-sum semantics
+
+DDP_WORKER = r'''
+import json, os, sys, time
+import numpy as np
+import torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+rank, size = int(os.environ.get("PMI_RANK", "0")), int(os.environ.get("PMI_SIZE", "1"))
+port, k, steps, warm = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+sys.path.insert(0, sys.argv[5])
+from cnnpar.data import load_dataset
+data = load_dataset("mnist-5k")
+images = torch.from_numpy(np.ascontiguousarray(data.train_images, np.float32))
+labels = torch.from_numpy(data.train_labels.astype(np.int64))
+torch.manual_seed(0)
+# cnnpar's 'small': conv 1->8 5x5, relu, 2x2 max-pool, dense 1152->10
+model = DDP(nn.Sequential(nn.Conv2d(1, 8, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(1152, 10)))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+n = len(labels)
+order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+def step(i):
+    start = (i * size * k + rank * k) % (n - k)
+    idx = order[start:start + k]
+    opt.zero_grad(set_to_none=False)
+    # DDP averages gradients over ranks; x size makes the step use their sum, as cnnpar --reduce sum does
+    loss = F.cross_entropy(model(images[idx]), labels[idx], reduction="sum") * size
+    loss.backward()
+    opt.step()
+for i in range(warm):
+    step(i)
+dist.barrier()
+t0 = time.perf_counter()
+for i in range(steps):
+    step(warm + i)
+elapsed = time.perf_counter() - t0
+elapsed = torch.tensor([elapsed], dtype=torch.float64)
+dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+if rank == 0:
+    print(json.dumps({"samples_per_s": size * k * steps / float(elapsed[0]), "steps": steps}), flush=True)
+dist.destroy_process_group()
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_point(n: int, k: int, steps: int, timeout: float) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix="_ddp_worker.py", delete=False) as fh:
+        fh.write(DDP_WORKER)
+        script = fh.name
+    try:
+        command = [mpiexec(), "-n", str(n), sys.executable, script, str(free_port()), str(k), str(steps),
+                   str(max(20, steps // 10)), str(REPO)]
+        proc = run_command(command, timeout, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    finally:
+        os.unlink(script)
+    if proc.returncode != 0:
+        raise RuntimeError(f"DDP run failed (n={n}, k={k}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    line = [x for x in proc.stdout.splitlines() if x.startswith("{")][-1]
+    result = json.loads(line)
+    result.update(ranks=n, samples_per_rank=k, exchange="ddp-gloo")
+    return result
+
+
+def ddp_steps(n: int, k: int, quick: bool) -> int:
+    return 30 if quick else max(100, (1500 if k == 1 else 4000) // (n * k))
+
+
+# ------------------------------------------------------------------------------------------------------
+# reporting
+
+def median_points(runs: list) -> list:
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault((run["samples_per_rank"], run["exchange"], run["ranks"]), []).append(run)
+    merged = []
+    for key in sorted(groups):
+        items = sorted(groups[key], key=lambda r: r["samples_per_s"])
+        mid = dict(items[len(items) // 2])
+        mid["repeats"] = len(items)
+        mid["samples_per_s_all"] = [r["samples_per_s"] for r in groups[key]]
+        merged.append(mid)
+    return merged
+
+
+def lookup(points: list, k: int, exchange: str, n: int) -> float:
+    for p in points:
+        if p["samples_per_rank"] == k and p["exchange"] == exchange and p["ranks"] == n:
+            return p["samples_per_s"]
+    return math.nan
+
+
+def targets(points: list, ddp: list, ranks: list) -> list:
+    """The issue's targets as (name, value, threshold, passed) for the default exchange ('auto')."""
+    out = []
+
+    def add(name, value, threshold):
+        out.append({"target": name, "value": value, "threshold": threshold,
+                    "passed": bool(value >= threshold) if not math.isnan(value) else None})
+
+    for ex in ("auto", "shm"):
+        if 1 in ranks and 2 in ranks:
+            add(f"k=1 {ex}: n=2 / n=1", lookup(points, 1, ex, 2) / lookup(points, 1, ex, 1), 1.6)
+            add(f"k=16 {ex}: n=2 / n=1", lookup(points, 16, ex, 2) / lookup(points, 16, ex, 1), 1.85)
+        if 12 in ranks:
+            add(f"k=1 {ex}: n=12 / local bound n=12", lookup(points, 1, ex, 12) / lookup(points, 1, "local", 12), 0.5)
+            if 1 in ranks:
+                add(f"k=1 {ex}: n=12 / n=1", lookup(points, 1, ex, 12) / lookup(points, 1, ex, 1), 1.0)
+    for k, threshold in ((1, 40.0), (16, 5.0)):
+        for n in (1, 2, 12):
+            d = lookup(ddp, k, "ddp-gloo", n)
+            if not math.isnan(d):
+                add(f"k={k} n={n}: auto / DDP gloo", lookup(points, k, "auto", n) / d, threshold)
+    return out
+
+
+def fmt(value, digits=0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def markdown(points: list, ddp: list, goals: list, meta: dict) -> str:
+    lines = ["# Scaling benchmark: samples/s of the real trainer", "",
+             f"Machine: {meta['machine']}; {meta['cores']} usable cores; MPI {meta['mpi']}; "
+             f"load average {fmt(meta['load_start'], 2)} at start, {fmt(meta['load_end'], 2)} at end "
+             f"(the machine is shared: read ratios within this run, not absolute figures across runs). "
+             f"Repeats per point: {meta['repeats']} (median shown). Command: `{meta['command']}`.", ""]
+    ranks = sorted({p["ranks"] for p in points} | {p["ranks"] for p in ddp})
+    for k in sorted({p["samples_per_rank"] for p in points}):
+        lines += [f"## {k} sample{'s' if k > 1 else ''} per rank: samples/s", "",
+                  "| exchange | " + " | ".join(f"n={n}" for n in ranks) + " |",
+                  "|---|" + "---:|" * len(ranks)]
+        exchanges = [e for e in dict.fromkeys(p["exchange"] for p in points if p["samples_per_rank"] == k)]
+        for ex in exchanges:
+            lines.append(f"| {ex} | " + " | ".join(fmt(lookup(points, k, ex, n)) for n in ranks) + " |")
+        if any(d["samples_per_rank"] == k for d in ddp):
+            lines.append("| PyTorch DDP gloo | " + " | ".join(fmt(lookup(ddp, k, "ddp-gloo", n)) for n in ranks)
+                         + " |")
+        lines += ["", f"Per-step split (us, mean over ranks and steps), k={k}: compute / exchange / wait / other "
+                      "(= step - the three) / step", "",
+                  "| exchange | " + " | ".join(f"n={n}" for n in ranks) + " |", "|---|" + "---|" * len(ranks)]
+        for ex in exchanges:
+            cells = []
+            for n in ranks:
+                p = next((q for q in points if q["samples_per_rank"] == k and q["exchange"] == ex
+                          and q["ranks"] == n), None)
+                cells.append("-" if p is None else
+                             f"{p['compute_us']:.0f} / {p['exchange_us']:.0f} / {p['wait_us']:.0f} / "
+                             f"{p['other_us']:.0f} / {p['step_us']:.0f}")
+            lines.append(f"| {ex} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if goals:
+        lines += ["## Targets (issue 7)", "", "| target | value | threshold | met |", "|---|---:|---:|---|"]
+        for g in goals:
+            met = {True: "yes", False: "NO", None: "-"}[g["passed"]]
+            lines.append(f"| {g['target']} | {fmt(g['value'], 2)} | {g['threshold']} | {met} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_h5(path: Path, points: list, ddp: list, meta: dict) -> None:
+    import h5py
+    import numpy as np
+
+    with h5py.File(path, "w") as f:
+        for key, value in meta.items():
+            f.attrs[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
+        for group_name, items in (("trainer", points), ("ddp", ddp)):
+            group = f.create_group(group_name)
+            for p in items:
+                g = group.create_group(f"k{p['samples_per_rank']:02d}-{p['exchange']}-n{p['ranks']:02d}")
+                for key, value in p.items():
+                    if isinstance(value, list):
+                        g.create_dataset(key, data=np.asarray(value, dtype=float))
+                    elif value is not None:
+                        g.attrs[key] = value
+
+
+# ------------------------------------------------------------------------------------------------------
+# exchange microbenchmark: fake compute + reduce, every exchange variant, interleaved rounds
+
+def micro_worker(passes: int, steps: int, rounds: int, split: float) -> None:
+    """Runs under mpiexec. Rank 0 prints one JSON line per variant."""
+    from cnnpar import dist as dist_lib
+
+    dist_lib.pin_threads()
+    import numpy as np
+    from mpi4py import MPI
+    from numba import njit
+
+    from cnnpar import exchange_shm as X
+    from cnnpar.exchange import LocalExchange, MpiAllreduce
+
+    fake = njit(nogil=True, cache=True)(_fake_compute)
+    d = dist_lib.setup()
+    m = 11_738
+    dense_lo = 208  # the small arch: conv weights+bias first (208), the dense layer after (11,530)
+
+    variants = {"local": lambda: LocalExchange(), "mpi": lambda: MpiAllreduce(d)}
+    if d.size > 1:
+        waits = ("block", "yield", "spin") if d.yield_when_waiting else ("spin", "block")
+        for protocol in ("slices", "single", "all"):
+            for wait in waits:
+                variants[f"shm-{protocol}-{wait}"] = (
+                    lambda p=protocol, w=wait: X.ShmAllreduce(d, m, comm=d.comm, wait=w, protocol=p))
+        variants["auto"] = lambda: X.make_sync_exchange("auto", d, m)
+        pretend = dist_lib.setup(pretend_nodes=2)
+        variants["hier(2 pretend nodes)"] = lambda: X.HierAllreduce(pretend, m)
+        variants["mpi+overlap"] = "overlap-mpi"
+        variants["auto+overlap"] = "overlap-auto"
+    if d.yield_when_waiting:
+        variants["mpi wait=yield+sleep"] = "mpi-sleepy"
+        variants["mpi wait=Wait()"] = "mpi-wait"
+
+    work = np.ones(m, np.float32)
+    grads = np.ones(m, np.float32)
+    first = max(1, int(passes * split))
+    rest = max(0, passes - first)
+    results: dict = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, make in variants.items():
+            overlap = None
+            if make == "overlap-mpi":
+                ex, overlap = MpiAllreduce(d), "mpi"
+            elif make == "overlap-auto":
+                ex, overlap = X.make_sync_exchange("auto", d, m), "shm"
+            elif make == "mpi-sleepy":
+                ex = MpiAllreduce(d)
+                ex._dist = _WaitWith(_wait_yield_then_sleep)
+            elif make == "mpi-wait":
+                ex = MpiAllreduce(d)
+                ex._dist = _WaitWith(lambda request: request.Wait())
+            else:
+                ex = make()
+            red = np.zeros(steps)
+            wt = np.zeros(steps)
+            total = 0.0
+            for phase in ("warm", "timed"):
+                count = min(100, steps) if phase == "warm" else steps
+                d.comm.Barrier()
+                t0 = time.perf_counter()
+                for i in range(count):
+                    grads[:] = 1.0
+                    if overlap is None:
+                        fake(work, passes)
+                        t = time.perf_counter()
+                        w = ex.reduce(grads)
+                    else:  # dense gradients ready after `split` of the compute: start on them, finish later
+                        fake(work, first)
+                        if overlap == "mpi":
+                            request = d.comm.Iallreduce(MPI.IN_PLACE, grads[dense_lo:], MPI.SUM)
+                            fake(work, rest)
+                            t = time.perf_counter()
+                            d.comm.Allreduce(MPI.IN_PLACE, grads[:dense_lo], MPI.SUM)
+                            d.wait(request)
+                            w = math.nan
+                        else:
+                            begin = getattr(ex, "reduce_begin", None)
+                            if begin is not None:
+                                begin(grads, dense_lo, m)
+                            fake(work, rest)
+                            t = time.perf_counter()
+                            w = ex.reduce_end(grads) if begin is not None else ex.reduce(grads)
+                    if phase == "timed":
+                        red[i] = time.perf_counter() - t
+                        wt[i] = w
+                if phase == "timed":
+                    total = d.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+            ex.close()
+            reduce_all = np.asarray(d.comm.gather(red, root=0)) if True else None
+            wait_all = np.asarray(d.comm.gather(wt, root=0))
+            if d.rank == 0:
+                finite = wait_all[np.isfinite(wait_all)]
+                results[name].append({
+                    "samples_per_s": d.size * steps / total, "step_us": total / steps * 1e6,
+                    "reduce_us": float(np.median(reduce_all) * 1e6),
+                    "reduce_mean_us": float(reduce_all.mean() * 1e6),
+                    "wait_us": float(np.median(finite) * 1e6) if finite.size else None,
+                    "exchange_us": float(np.median(reduce_all - np.where(np.isfinite(wait_all), wait_all, 0)) * 1e6)
+                    if finite.size else None,
+                    "policy": getattr(ex, "wait_policy", None), "protocol": getattr(ex, "protocol", None),
+                    "class": type(ex).__name__})
+    if d.rank == 0:
+        for name, items in results.items():
+            items.sort(key=lambda r: r["samples_per_s"])
+            mid = dict(items[len(items) // 2])
+            mid.update(variant=name, ranks=d.size, oversubscribed=d.oversubscribed, rounds=len(items),
+                       samples_per_s_all=[r["samples_per_s"] for r in items])
+            print(json.dumps(mid), flush=True)
+
+
+def _fake_compute(work, passes):
+    """Stand-in for forward+backward: a fixed amount of arithmetic on a gradient-sized array (CPU time,
+    not wall time, so a rank that is descheduled still owes the same work)."""
+    for _ in range(passes):
+        for i in range(work.shape[0]):
+            work[i] = work[i] * 0.999 + 0.001
+
+
+class _WaitWith:
+    yield_when_waiting = True
+
+    def __init__(self, fn):
+        self.wait = fn
+
+
+def _wait_yield_then_sleep(request) -> None:
+    """Candidate for dist.wait_for: yield for ~20 polls, then sleep with growing naps (50 us .. 0.5 ms)."""
+    test = request.Test
+    polls = 0
+    while not test():
+        if polls < 20:
+            os.sched_yield()
+        else:
+            time.sleep(min(50e-6 * (polls - 19), 500e-6))
+        polls += 1
+
+
+def calibrate_passes(target_us: float) -> int:
+    import numpy as np
+    from numba import njit
+
+    fake = njit(nogil=True, cache=True)(_fake_compute)
+    work = np.ones(11_738, np.float32)
+    fake(work, 1)
+    best = math.inf
+    for _ in range(100):
+        t = time.perf_counter()
+        fake(work, 10)
+        best = min(best, (time.perf_counter() - t) / 10)
+    return max(1, round(target_us * 1e-6 / best))
+
+
+def micro(args) -> dict:
+    passes = calibrate_passes(args.compute_us)
+    rows = []
+    for n in args.micro_ranks:
+        command = [mpiexec(), "-n", str(n), sys.executable, str(Path(__file__).resolve()), "--micro-worker",
+                   "--passes", str(passes), "--micro-steps", str(args.micro_steps), "--repeats", str(args.repeats)]
+        proc = run_command(command, timeout=args.timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"micro worker failed at n={n}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        for line in proc.stdout.splitlines():
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+                r = rows[-1]
+                print(f"n={n:2d} {r['variant']:24s} {r['samples_per_s']:9.0f} samples/s  reduce median "
+                      f"{r['reduce_us']:7.1f} us  wait {fmt(r['wait_us'], 1)}", file=sys.stderr, flush=True)
+    meta = {"compute_us": args.compute_us, "passes": passes, "steps": args.micro_steps, "rounds": args.repeats,
+            "machine": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
+            "load_end": load_average(), "command": " ".join(sys.argv)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Exchange microbenchmark", "",
+             f"Each step: {args.compute_us:.0f} us of fake compute (calibrated on an idle core), then the "
+             f"exchange of 11,738 float32. {args.micro_steps} timed steps per variant, {args.repeats} interleaved "
+             f"rounds, median round shown. reduce = time in reduce() (median over steps and ranks), wait = the "
+             f"part the exchange measured as waiting for other ranks. Load average at the end: "
+             f"{fmt(meta['load_end'], 2)}.", "",
+             "| ranks | variant | samples/s | step us | reduce us (median) | of which wait | exchange us |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['ranks']} | {r['variant']} | {fmt(r['samples_per_s'])} | {fmt(r['step_us'], 1)} | "
+                     f"{fmt(r['reduce_us'], 1)} | {fmt(r['wait_us'], 1)} | {fmt(r['exchange_us'], 1)} |")
+    (out / "exchange_micro.md").write_text("\n".join(lines) + "\n")
+    figures = {"micro": True, "meta": meta, "rows": rows}
+    (out / "exchange_micro.json").write_text(json.dumps(figures, indent=1))
+    return figures
+
+
+# ------------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", default=None, help="comma-separated rank counts (default 1,2,4,8,12)")
+    parser.add_argument("--samples-per-rank", default=None, help="comma-separated (default 1,16)")
+    parser.add_argument("--exchanges", default=None,
+                        help="comma-separated: mpi,shm,auto,hier,local,race,atomic (default mpi,shm,auto,local "
+                             "+ race,atomic when cnnpar/race.py exists)")
+    parser.add_argument("--steps", type=int, default=0, help="trainer steps per point (default: ~30k samples "
+                        "for k=1, 60k for k=16, at least 300 steps)")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved repetitions; the median is reported")
+    parser.add_argument("--vs-ddp", action="store_true", help="also run PyTorch DDP (gloo) on the same net")
+    parser.add_argument("--quick", action="store_true", help="CI: ranks 1,2, k=1, 150 steps, no DDP")
+    parser.add_argument("--micro", action="store_true", help="exchange microbenchmark instead of the trainer")
+    parser.add_argument("--micro-ranks", default="2,4,12")
+    parser.add_argument("--micro-steps", type=int, default=2000)
+    parser.add_argument("--compute-us", type=float, default=40.0, help="--micro: fake compute per step")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mpiexec run")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--micro-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--passes", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--overlap-split", type=float, default=0.6, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.micro_worker:
+        micro_worker(args.passes, args.micro_steps, args.repeats, args.overlap_split)
+        return 0
+    if args.out is None:
+        args.out = str(REPO / "analysis" / "results" / ("quick" if args.quick else ""))
+    if args.micro:
+        args.micro_ranks = [int(x) for x in args.micro_ranks.split(",")]
+        figures = micro(args)
+        print(json.dumps(figures))
+        return 0
+
+    ranks = [int(x) for x in (args.ranks or ("1,2" if args.quick else ",".join(map(str, RANKS)))).split(",")]
+    ks = [int(x) for x in (args.samples_per_rank or ("1" if args.quick else "1,16")).split(",")]
+    if args.exchanges:
+        exchanges = args.exchanges.split(",")
+    else:
+        exchanges = list(BASE_EXCHANGES)
+        if not args.quick and importlib.util.find_spec("cnnpar.race") is not None:
+            exchanges += list(RACE_EXCHANGES)
+    for ex in exchanges:
+        exchange_flags(ex)
+
+    meta = {"machine": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
+            "mpi": "", "load_start": load_average(), "repeats": args.repeats, "quick": args.quick,
+            "command": " ".join(["python", "launch/bench_scaling.py", *(argv if argv is not None else sys.argv[1:])])}
+    try:
+        from mpi4py import MPI  # noqa: F401 - only for the library version; no MPI job in this process
+
+        meta["mpi"] = MPI.Get_library_version().strip().splitlines()[0]
+    except Exception:  # pragma: no cover
+        pass
+
+    runs, ddp_runs = [], []
+    with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
+        workdir = Path(tmp)
+        for repeat in range(args.repeats):
+            for k in ks:
+                for n in ranks:
+                    for ex in exchanges:
+                        steps = args.steps or steps_for(n, k, args.quick)
+                        point = trainer_point(n, k, ex, steps, workdir, [], args.timeout)
+                        point["repeat"] = repeat
+                        runs.append(point)
+                        print(f"k={k:2d} n={n:2d} {ex:7s} {point['samples_per_s']:9.0f} samples/s  step "
+                              f"{point['step_us']:7.1f} us = compute {point['compute_us']:.1f} + exchange "
+                              f"{point['exchange_us']:.1f} + wait {point['wait_us']:.1f} + other "
+                              f"{point['other_us']:.1f}", file=sys.stderr, flush=True)
+                    if args.vs_ddp:
+                        d = ddp_point(n, k, ddp_steps(n, k, args.quick), args.timeout)
+                        d["repeat"] = repeat
+                        ddp_runs.append(d)
+                        print(f"k={k:2d} n={n:2d} ddp-gloo {d['samples_per_s']:9.0f} samples/s", file=sys.stderr,
+                              flush=True)
+    meta["load_end"] = load_average()
+    points, ddp = median_points(runs), median_points(ddp_runs)
+    goals = targets(points, ddp, ranks)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling.md").write_text(markdown(points, ddp, goals, meta))
+    write_h5(out / "scaling.h5", points, ddp, meta)
+    figures = {"quick": args.quick, "meta": meta, "runs": points, "ddp": ddp, "targets": goals}
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
