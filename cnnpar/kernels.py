@@ -79,7 +79,7 @@ def conv2d_scratch_size(C, H, W, F, K, P):
     Hp, Wp = H + 2 * P, W + 2 * P
     OH, OW = Hp - K + 1, Wp - K + 1
     wide = (OH - 1) * Wp + OW
-    return wide + 2 * (K - 1) + C * Hp * Wp
+    return 2 * (wide + 2 * (K - 1)) + C * Hp * Wp
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -95,20 +95,32 @@ def conv2d_forward(out, xpad, scratch, x, weight, bias, pad):
     x_flat = xpad.reshape(xpad.size)
     L = (OH - 1) * Wp + OW
     acc = scratch[:L]
-    for f in range(F):
-        b = bias[f]
+    twin_acc = scratch[L:2 * L]
+    # K=5 (both named archs): two filters per pass share each input load, and a kernel row's five
+    # taps go in one pass so the accumulators are loaded and stored once per five taps. An odd
+    # last filter pairs with itself and its twin's result is dropped.
+    step = 2 if K == 5 else 1
+    for f in range(0, F, step):
+        twin = f + 1 if f + 1 < F else f
+        b, twin_b = bias[f], bias[twin]
         for i in range(L):
             acc[i] = b
+        if K == 5:
+            for i in range(L):
+                twin_acc[i] = twin_b
         for c in range(C):
             for ky in range(K):
                 start = c * Hp * Wp + ky * Wp
                 src = x_flat[start:start + L + K - 1]
                 w = weight[f, c, ky]
-                # a kernel row's taps in one pass: acc is loaded and stored once per K taps
                 if K == 5:
+                    v = weight[twin, c, ky]
                     w0, w1, w2, w3, w4 = w[0], w[1], w[2], w[3], w[4]
+                    v0, v1, v2, v3, v4 = v[0], v[1], v[2], v[3], v[4]
                     for i in range(L):
-                        acc[i] += w0 * src[i] + w1 * src[i + 1] + w2 * src[i + 2] + w3 * src[i + 3] + w4 * src[i + 4]
+                        s0, s1, s2, s3, s4 = src[i], src[i + 1], src[i + 2], src[i + 3], src[i + 4]
+                        acc[i] += w0 * s0 + w1 * s1 + w2 * s2 + w3 * s3 + w4 * s4
+                        twin_acc[i] += v0 * s0 + v1 * s1 + v2 * s2 + v3 * s3 + v4 * s4
                 elif K == 3:
                     w0, w1, w2 = w[0], w[1], w[2]
                     for i in range(L):
@@ -119,11 +131,44 @@ def conv2d_forward(out, xpad, scratch, x, weight, bias, pad):
                         shifted = src[kx:]
                         for i in range(L):
                             acc[i] += wk * shifted[i]
-        for oy in range(OH):
-            wide_row = acc[oy * Wp:]
-            out_row = out[f, oy]
-            for ox in range(OW):
-                out_row[ox] = wide_row[ox]
+        _unwiden(out[f], acc, Wp)
+        if K == 5 and twin != f:
+            _unwiden(out[twin], twin_acc, Wp)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _unwiden(plane, wide, Wp):
+    # (OH, OW) plane <- the wide layout's rows of stride Wp
+    OH, OW = plane.shape
+    for oy in range(OH):
+        wide_row = wide[oy * Wp:]
+        row = plane[oy]
+        for ox in range(OW):
+            row[ox] = wide_row[ox]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _widen(margined, plane, Wp, M):
+    # margined[M + oy*Wp + ox] <- plane[oy, ox]; returns the plane's sum. The junk columns and the
+    # M-entry margins stay as they were: zero, as conv2d_backward set them.
+    OH, OW = plane.shape
+    total = margined.dtype.type(0)
+    for oy in range(OH):
+        wide_row = margined[M + oy * Wp:]
+        row = plane[oy]
+        for ox in range(OW):
+            g = row[ox]
+            wide_row[ox] = g
+            total += g
+    return total
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _dx_row_k5(dst, margined, w):
+    # dst[j] += sum_kx w[kx] * margined[j + 4 - kx]: one kernel row's five taps in one pass
+    w0, w1, w2, w3, w4 = w[0], w[1], w[2], w[3], w[4]
+    for j in range(dst.shape[0]):
+        dst[j] += w0 * margined[j + 4] + w1 * margined[j + 3] + w2 * margined[j + 2] + w3 * margined[j + 1] + w4 * margined[j]
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -151,44 +196,59 @@ def conv2d_backward(dx, dweight, dbias, scratch, dout, xpad, weight, pad, need_d
     x_flat = xpad.reshape(xpad.size)
     L = (OH - 1) * Wp + OW
     M = K - 1
-    # dout of one filter in the wide layout, junk entries 0, with M zeros either side (for dx)
+    # dout of a filter (and of its twin) in the wide layout, junk entries 0, M zeros either side
     margined = scratch[:L + 2 * M]
+    twin_margined = scratch[L + 2 * M:2 * (L + 2 * M)]
     d = margined[M:M + L]
-    dxpad = scratch[L + 2 * M:L + 2 * M + C * Hp * Wp]
-    for i in range(margined.shape[0]):
-        margined[i] = zero
+    twin_d = twin_margined[M:M + L]
+    dxpad = scratch[2 * (L + 2 * M):2 * (L + 2 * M) + C * Hp * Wp]
+    for i in range(2 * (L + 2 * M)):
+        scratch[i] = zero
     if need_dx:
         for i in range(dxpad.shape[0]):
             dxpad[i] = zero
-    for f in range(F):
-        bias_sum = zero
-        for oy in range(OH):
-            wide_row = d[oy * Wp:]
-            dout_row = dout[f, oy]
-            for ox in range(OW):
-                g = dout_row[ox]
-                wide_row[ox] = g
-                bias_sum += g
-        dbias[f] += bias_sum
+    step = 2 if K == 5 else 1      # as in the forward: K=5 takes filters in pairs
+    for f in range(0, F, step):
+        twin = f + 1 if f + 1 < F else f
+        has_twin = K == 5 and twin != f
+        dbias[f] += _widen(margined, dout[f], Wp, M)
+        if has_twin:
+            dbias[twin] += _widen(twin_margined, dout[twin], Wp, M)
         for c in range(C):
             for ky in range(K):
                 start = c * Hp * Wp + ky * Wp
                 src = x_flat[start:start + L + K - 1]
                 dw = dweight[f, c, ky]
                 if K == 5:
+                    # dweight[f, c, ky, kx] += sum_i d[i] * src[i + kx], both filters sharing the src loads
                     a0 = a1 = a2 = a3 = a4 = zero
+                    b0 = b1 = b2 = b3 = b4 = zero
                     for i in range(L):
+                        s0, s1, s2, s3, s4 = src[i], src[i + 1], src[i + 2], src[i + 3], src[i + 4]
                         g = d[i]
-                        a0 += g * src[i]
-                        a1 += g * src[i + 1]
-                        a2 += g * src[i + 2]
-                        a3 += g * src[i + 3]
-                        a4 += g * src[i + 4]
+                        a0 += g * s0
+                        a1 += g * s1
+                        a2 += g * s2
+                        a3 += g * s3
+                        a4 += g * s4
+                        h = twin_d[i]
+                        b0 += h * s0
+                        b1 += h * s1
+                        b2 += h * s2
+                        b3 += h * s3
+                        b4 += h * s4
                     dw[0] += a0
                     dw[1] += a1
                     dw[2] += a2
                     dw[3] += a3
                     dw[4] += a4
+                    if has_twin:
+                        dv = dweight[twin, c, ky]
+                        dv[0] += b0
+                        dv[1] += b1
+                        dv[2] += b2
+                        dv[3] += b3
+                        dv[4] += b4
                 else:
                     for kx in range(K):
                         shifted = src[kx:]
@@ -201,10 +261,9 @@ def conv2d_backward(dx, dweight, dbias, scratch, dout, xpad, weight, pad, need_d
                     dst = dxpad[start:start + L + M]
                     w = weight[f, c, ky]
                     if K == 5:
-                        w0, w1, w2, w3, w4 = w[0], w[1], w[2], w[3], w[4]
-                        for j in range(L + M):
-                            dst[j] += (w0 * margined[j + 4] + w1 * margined[j + 3] + w2 * margined[j + 2]
-                                       + w3 * margined[j + 1] + w4 * margined[j])
+                        _dx_row_k5(dst, margined, w)
+                        if has_twin:
+                            _dx_row_k5(dst, twin_margined, weight[twin, c, ky])
                     else:
                         for kx in range(K):
                             wk = w[kx]

@@ -51,6 +51,7 @@ ARCH_HELP = ("'small' (conv 1->8 5x5, relu, 2x2 maxpool, dense 10), 'lenet' (con
              "pool (2x2 max, stride 2, odd sizes floored), dense<N>; it must end with dense<number of "
              "classes>, e.g. \"conv8k5p0,relu,pool,dense10\"")
 
+_INT32 = np.dtype(np.int32)
 _TOKEN = re.compile(r"conv(\d+)k(\d+)(?:p(\d+))?|relu|pool|dense(\d+)")
 
 
@@ -293,6 +294,11 @@ class Network:
 
     # --- compute ---
     def _as_batch(self, images, labels):
+        # the common case costs a few attribute reads; anything else is converted or refused
+        if (images.dtype is self.dtype and labels.dtype is _INT32 and images.flags.c_contiguous
+                and labels.flags.c_contiguous and images.shape[1:] == self.input_shape
+                and labels.shape[0] == images.shape[0] and images.ndim == 4 and labels.ndim == 1):
+            return images, labels
         if images.dtype != self.dtype or not images.flags.c_contiguous:
             images = np.ascontiguousarray(images, self.dtype)
         if images.shape[1:] != self.input_shape or images.ndim != 4:

@@ -44,17 +44,18 @@ class SGD:
         self.momentum = float(momentum)
         self.reduce = reduce
         self.velocity = np.zeros(self.n_params, np.float32)
+        self._shape = (self.n_params,)
 
     def step(self, params: np.ndarray, grads: np.ndarray, n_samples: int, lr: float | None = None) -> None:
         """One update of params (in place) from grads holding the step's n_samples gradients summed."""
         if n_samples <= 0:
             return
-        scale = self.lr if lr is None else float(lr)
+        scale = self.lr if lr is None else lr
         if self.reduce == "mean":
             scale /= n_samples
-        if params.shape != (self.n_params,) or grads.shape != params.shape:
+        if params.shape != self._shape or grads.shape != self._shape:
             raise ValueError(f"params {params.shape} and grads {grads.shape} must both be ({self.n_params},)")
-        velocity = self.velocity
-        if velocity.dtype != params.dtype:   # a float64 run (tests): keep the state in its dtype
-            velocity = self.velocity = velocity.astype(params.dtype)
-        sgd_step_kernel(params, grads, velocity, params.dtype.type(scale), params.dtype.type(self.momentum))
+        if params.dtype != self.velocity.dtype:   # a float64 run (tests): keep the state in its dtype
+            self.velocity = self.velocity.astype(params.dtype)
+        as_dtype = params.dtype.type   # float32 scalars keep the update in float32
+        sgd_step_kernel(params, grads, self.velocity, as_dtype(scale), as_dtype(self.momentum))
