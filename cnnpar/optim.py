@@ -17,16 +17,25 @@ REDUCES = ("sum", "mean")
 
 
 @njit(cache=True)
-def sgd_step_kernel(params, grads, velocity, scale, momentum):
-    """params -= scale * grads, or with momentum > 0 through the velocity buffer (updated in place)."""
+def sgd_step_kernel(params, grads, velocity, scale, momentum, zero_grads):
+    """params -= scale * grads, or with momentum > 0 through the velocity buffer (updated in place);
+    with zero_grads, grads are cleared in the same pass (saves the caller a separate sweep)."""
+    zero = grads.dtype.type(0)
     if momentum == 0.0:
-        for i in range(params.shape[0]):
-            params[i] -= scale * grads[i]
+        if zero_grads:
+            for i in range(params.shape[0]):
+                params[i] -= scale * grads[i]
+                grads[i] = zero
+        else:
+            for i in range(params.shape[0]):
+                params[i] -= scale * grads[i]
     else:
         for i in range(params.shape[0]):
             v = momentum * velocity[i] + grads[i]
             velocity[i] = v
             params[i] -= scale * v
+            if zero_grads:
+                grads[i] = zero
 
 
 class SGD:
@@ -46,9 +55,15 @@ class SGD:
         self.velocity = np.zeros(self.n_params, np.float32)
         self._shape = (self.n_params,)
 
-    def step(self, params: np.ndarray, grads: np.ndarray, n_samples: int, lr: float | None = None) -> None:
-        """One update of params (in place) from grads holding the step's n_samples gradients summed."""
+    def step(self, params: np.ndarray, grads: np.ndarray, n_samples: int, lr: float | None = None,
+             zero_grads: bool = False) -> None:
+        """One update of params (in place) from grads holding the step's n_samples gradients summed.
+
+        zero_grads=True also clears grads, in the same pass, ready for the next step's accumulation
+        (cheaper than a separate grads.fill(0); with n_samples == 0 they are cleared alone)."""
         if n_samples <= 0:
+            if zero_grads:
+                grads.fill(0)
             return
         scale = self.lr if lr is None else lr
         if self.reduce == "mean":
@@ -58,4 +73,4 @@ class SGD:
         if params.dtype != self.velocity.dtype:   # a float64 run (tests): keep the state in its dtype
             self.velocity = self.velocity.astype(params.dtype)
         as_dtype = params.dtype.type   # float32 scalars keep the update in float32
-        sgd_step_kernel(params, grads, self.velocity, as_dtype(scale), as_dtype(self.momentum))
+        sgd_step_kernel(params, grads, self.velocity, as_dtype(scale), as_dtype(self.momentum), zero_grads)

@@ -73,11 +73,17 @@ def bench_numba(arch: str, k: int, calls: int, rounds: int) -> dict:
         network.forward_backward(params, grads, images, labels)
         optimizer.step(params, grads, k)
 
+    def step_fused_zero():   # the same step with the zeroing folded into the SGD pass
+        network.forward_backward(params, grads, images, labels)
+        optimizer.step(params, grads, k, zero_grads=True)
+
     fb_us = _median_us(forward_backward, calls, rounds) / k
     step_us = _median_us(step, calls, rounds)
+    step_fused_us = _median_us(step_fused_zero, calls, rounds)
     flops = network.flops_per_sample()
     return {"arch": arch, "grammar": network.grammar, "n_params": network.n_params, "k": k,
             "fwd_bwd_us_per_sample": fb_us, "step_us": step_us, "step_us_per_sample": step_us / k,
+            "step_us_zero_in_sgd": step_fused_us,
             "samples_per_s": k / (step_us / 1e6), "flops_per_sample": flops["total"],
             "gflops": flops["total"] / (fb_us * 1e3)}
 
@@ -146,6 +152,8 @@ def main(argv=None) -> int:
     print(f"  full step (zero, fwd+bwd, SGD){result['step_us']:8.1f} us   {result['samples_per_s']:.0f} samples/s")
     print(f"  {result['gflops']:.1f} GFLOP/s nominal = {100 * result['fraction_of_peak']:.0f}% of the "
           f"{peak:.0f} GFLOP/s peak ({result['peak_method']})")
+    print(f"  full step, grads zeroed inside the SGD pass (SGD.step(..., zero_grads=True)) "
+          f"{result['step_us_zero_in_sgd']:.1f} us")
     if args.k != 1:
         print(f"  k={args.k}: {result[f'step_us_per_sample_k{args.k}']:.1f} us per sample")
     if args.vs_torch:
@@ -157,6 +165,7 @@ def main(argv=None) -> int:
         result.update({"torch_version": torch.__version__, "torch_b1_step_us": b1, "torch_b64_step_us": b64,
                        "torch_b64_step_us_per_sample": b64 / 64,
                        "speedup_vs_torch_b1": b1 / result["step_us"],
+                       "speedup_vs_torch_b1_zero_in_sgd": b1 / result["step_us_zero_in_sgd"],
                        "speedup_vs_torch_b64_per_sample": (b64 / 64) / result["step_us"]})
         print(f"  PyTorch {torch.__version__} eager, 1 thread: batch 1 {b1:.1f} us/step (numba "
               f"{result['speedup_vs_torch_b1']:.1f}x faster), batch 64 {b64 / 64:.1f} us/sample (numba "

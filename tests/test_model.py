@@ -249,6 +249,9 @@ def test_sgd_sum_and_mean():
     untouched = params.copy()
     SGD(3, lr=0.1).step(untouched, grads, 0)
     assert np.array_equal(untouched, params)
+    cleared, used = params.copy(), grads.copy()
+    SGD(3, lr=0.1, reduce="sum").step(cleared, used, 4, zero_grads=True)
+    assert np.array_equal(cleared, plain) and np.all(used == 0)
 
 
 def test_sgd_momentum_against_a_hand_computation():
@@ -259,9 +262,10 @@ def test_sgd_momentum_against_a_hand_computation():
     opt.step(params, g1, 2)   # v = g1 = [2, 4];           p -= 0.5/2 * v -> [0.5, -2.0]
     np.testing.assert_allclose(opt.velocity, [2.0, 4.0])
     np.testing.assert_allclose(params, [0.5, -2.0])
-    opt.step(params, g2, 2)   # v = 0.9 v + g2 = [-0.2, 3.6]; p -= 0.25 v -> [0.55, -2.9]
+    opt.step(params, g2, 2, zero_grads=True)   # v = 0.9 v + g2 = [-0.2, 3.6]; p -= 0.25 v -> [0.55, -2.9]
     np.testing.assert_allclose(opt.velocity, [-0.2, 3.6], rtol=1e-6)
     np.testing.assert_allclose(params, [0.55, -2.9], rtol=1e-6)
+    assert np.all(g2 == 0)
     assert opt.velocity.dtype == np.float32
 
 
