@@ -60,7 +60,7 @@ def test_log_holds_every_field_and_matches_what_was_printed(tmp_path):
     assert done.returncode == 0, done.stderr
     printed = [float(x) / 100 for x in re.findall(r"test loss [\d.]+ acc ([\d.]+)%", done.stderr)]
     summary = done.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"test accuracy [\d.]+% \| 4000 samples in [\d.]+ s \(\d+ samples/s, training only\) "
+    assert re.fullmatch(r"test accuracy [\d.]+% \| 8000 samples in [\d.]+ s \(\d+ samples/s, training only\) "
                         r"\| log .*run\.h5", summary), summary
     with open_log(path) as log:
         assert log.complete and log.ranks == 2
