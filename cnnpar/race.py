@@ -492,6 +492,7 @@ class HogwildExchange(Exchange):
     """--mode hogwild: params in a node-shared window, updated by every rank without lock or barrier."""
 
     name = "hogwild"
+    window = "shared"
     lossless = False
     deterministic = False
     # There is one copy of the params, so replicas cannot disagree; but ranks reach the trainer's checksum

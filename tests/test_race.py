@@ -216,7 +216,7 @@ def test_trainer_race_with_one_rank_equals_sync_bitwise(tmp_path):
     from cnnpar.runlog import open_log
     from mpi_util import run_train
 
-    flags = ["--dataset", "mnist-5k", "--steps", "60", "--seed", "2", "--quiet"]
+    flags = ["--dataset", "mnist-5k", "--steps", "30", "--seed", "2", "--quiet"]
     finals = {}
     for mode in ("sync", "race", "atomic"):
         done = run_train(1, *flags, "--mode", mode, "--log", tmp_path / f"{mode}.h5")
@@ -228,17 +228,32 @@ def test_trainer_race_with_one_rank_equals_sync_bitwise(tmp_path):
 
 
 @needs_trainer
-def test_trainer_race_audit_logs_every_step(tmp_path):
+@pytest.mark.parametrize("mode,n", [("race", 3), ("hogwild", 2)])
+def test_trainer_audit_logs_every_step(tmp_path, mode, n):
     from cnnpar.runlog import open_log
     from mpi_util import run_train
 
-    path = tmp_path / "race.h5"
-    done = run_train(3, "--dataset", "mnist-5k", "--steps", "40", "--mode", "race", "--race-audit", "--quiet",
-                     "--log", path, "--log-window", "16")
+    path = tmp_path / f"{mode}.h5"
+    steps = 40
+    done = run_train(n, "--dataset", "mnist-5k", "--steps", str(steps), "--mode", mode, "--race-audit",
+                     "--quiet", "--log", path, "--log-window", "16")
     assert done.returncode == 0, done.stderr
     with open_log(path) as log:
+        assert log.complete
         audit = log.audit
-        assert audit is not None and list(audit["step"]) == list(range(40))
+        audited = steps if mode == "race" else steps - 1   # hogwild: the last update is never audited
+        assert audit is not None and list(audit["step"]) == list(range(audited))
         lost, frac = np.asarray(audit["lost_contributions"]), np.asarray(audit["frac_elements_differ"])
         assert np.all(lost >= 0) and np.array_equal(lost == 0, frac == 0)
         assert np.all(np.isfinite(np.asarray(audit["rel_l2_error"])))
+
+
+@needs_trainer
+@pytest.mark.parametrize("mode,fault_rank", [("race", 0), ("hogwild", 1)])
+def test_a_failing_rank_ends_every_rank_without_hanging(tmp_path, mode, fault_rank):
+    # close() must not block in the collective Win.Free while the job is being aborted
+    done = run_mpi(3, [REPO / "tests" / "mpi_fault_driver.py", "--mode", mode, "--steps", "50", "--quiet",
+                       "--log", tmp_path / "fault.h5"], timeout=60,
+                   env={"FAULT_RANK": str(fault_rank), "FAULT_CALL": "5"})
+    assert done.returncode != 0
+    assert "injected fault" in done.stderr
