@@ -147,6 +147,8 @@ def train(argv) -> int:
             log.close("complete")
     finally:
         exchange.close()
+    if not is_writer:
+        return 0
     accuracy = f"test accuracy {100 * result['test_acc']:.1f}%"
     if config.folds > 1:
         accuracy = (f"cross-validation accuracy {100 * np.mean(result['fold_acc']):.1f}% +- "

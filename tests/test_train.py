@@ -136,3 +136,18 @@ def test_help_is_printed_once_and_names_every_flag():
     assert done.stdout.count("usage:") == 1
     for f in fields(Config):
         assert "--" + f.name.replace("_", "-") in done.stdout
+
+
+def test_folds_train_in_rank_groups_and_report_mean_and_sd(tmp_path):
+    path = tmp_path / "folds.h5"
+    done = run_train(4, "--dataset", "mnist-5k", "--folds", "2", "--epochs", "1", "--log", path, "--quiet")
+    assert done.returncode == 0, done.stderr
+    match = re.search(r"cross-validation accuracy ([\d.]+)% \+- ([\d.]+)% over 2 folds", done.stdout)
+    assert match, done.stdout
+    with open_log(path) as log:
+        folds = log.folds
+        assert list(folds["fold"]) == [0, 1]
+        assert log.ranks == 2  # each fold's group has 2 of the 4 ranks; the log records fold 0's steps
+        assert all(0.8 < acc <= 1.0 for acc in folds["test_acc"])  # held-out halves of the training set
+        assert abs(float(match.group(1)) / 100 - np.mean(folds["test_acc"])) < 0.0006
+        assert abs(float(match.group(2)) / 100 - np.std(folds["test_acc"], ddof=1)) < 0.0006
