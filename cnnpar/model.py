@@ -24,6 +24,9 @@ same layout: layer by layer, weight then bias, each C-contiguous. `Network.layou
 (name, shape, offset, size); `Network.views(flat)` gives named views. Allreduce, one-sided windows,
 the optimizer and checkpoints all work on the flat arrays with no packing.
 
+The kernels run 'relu,pool' as 'pool,relu' (same values, same gradients, a quarter of the relu
+work); Network.layers keeps the order as written.
+
 Weights: conv weight (F, C, K, K), dense weight (N_out, N_in) (PyTorch's layouts). Init from
 np.random.default_rng(seed), so every rank given the same seed holds the same replica: He normal
 (std sqrt(2/fan_in)) for conv and for dense layers followed by relu, Glorot uniform for the output
