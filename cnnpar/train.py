@@ -273,12 +273,11 @@ def _loop(config, dist, dataset, network, params, grads, exchange, optimizer, lo
         t0 = time.perf_counter()
         np.take(images, order[start:stop], axis=0, out=batch_images[:count], mode="clip")
         np.take(labels, order[start:stop], out=batch_labels[:count], mode="clip")
-        grads.fill(0.0)
         loss_sum, correct = network.forward_backward(params, grads, batch_images[:count], batch_labels[:count])
         t1 = time.perf_counter()
         measured_wait_s = exchange.reduce(grads)
         t2 = time.perf_counter()
-        optimizer.step(params, grads, step_count, lr)
+        optimizer.step(params, grads, step_count, lr, zero_grads=True)  # zeroing rides in the update's pass
 
         epoch_sums += (loss_sum, correct, count)
         window.record(step, epoch, loss_sum, count, step_count, t1 - t0,
