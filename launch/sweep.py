@@ -312,7 +312,7 @@ EXPLAIN_RANKS = [1, 2, 4, 8, 12]
 EXPLAIN_SEEDS = [1, 2]
 EXPLAIN_EPOCHS = "1"
 EXPLAIN_STEPS = "4000"      # the step budget at every rank count = one epoch of mnist-5k at 1 rank
-EXPLAIN_WARMUP = "50"       # warm-up steps of the linear lr scaling (15% of the 12-rank run's 334 steps)
+EXPLAIN_WARMUP = "20"       # warm-up steps of the linear lr scaling: 6% of the 12-rank run's 334 steps
 EXPLAIN_SMALL_LR = "0.001"  # the low and high base learning rates of the `lr` group (default 0.01)
 EXPLAIN_LARGE_LR = "0.05"
 PAPER_EPOCHS = "10"         # sized to ~20 min quiet / ~40 min shared on 2 cores (launch/README.md)
@@ -678,9 +678,11 @@ class Runner:
         path = self.out / point.name
         cmd = self.command(point)
         start = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=self.env(), start_new_session=True)
         with self.lock:
+            if self.stopping:
+                return Outcome(point, False, 0.0, -1, "", "interrupted")
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env=self.env(), start_new_session=True)
             self.procs.add(proc)
         try:
             output, _ = proc.communicate(timeout=self.timeout)
@@ -733,8 +735,8 @@ class Runner:
                 continue
 
     def stop_all(self) -> None:
-        self.stopping = True
         with self.lock:
+            self.stopping = True
             procs = list(self.procs)
         for proc in procs:
             self.kill(proc)
@@ -793,7 +795,7 @@ def preset_help() -> str:
     lines = ["Presets:"]
     for p in presets().values():
         points = expand(p.groups)
-        lines.append(f"  {p.name} ({len(points)} runs, about {hms(prior_seconds(points))} on a 2-core machine): "
+        lines.append(f"  {p.name} ({len(points)} runs, about {hms(prior_seconds(points))} on a shared 2-core machine): "
                      f"{p.doc}")
         for g in p.groups:
             if g.doc:
@@ -802,10 +804,12 @@ def preset_help() -> str:
     return "\n".join(lines)
 
 
-# Wall seconds of one run on the 2-core reference machine (measured, see launch/README.md):
-# start-up + samples x per-sample time, both growing with the rank count.
-PRIOR_STARTUP_S = {1: 3.0, 2: 4.0, 4: 5.0, 8: 7.0, 12: 9.0}
-PRIOR_PER_SAMPLE_S = {1: 1.0e-4, 2: 1.5e-4, 4: 2.0e-4, 8: 2.0e-4, 12: 1.5e-4}
+# Wall seconds of one run on the 2-core reference machine, shared with other work (load ~10; measured, see
+# launch/README.md): start-up + samples x per-sample time (sync), race/atomic slower by a factor that grows
+# with the ranks (their per-step synchronisation when ranks outnumber cores).
+PRIOR_STARTUP_S = {1: 5.0, 2: 6.0, 4: 8.0, 8: 8.0, 12: 10.0}
+PRIOR_PER_SAMPLE_S = {1: 1.5e-4, 2: 2.0e-4, 4: 2.5e-4, 8: 1.5e-4, 12: 1.5e-4}
+PRIOR_ONE_SIDED_FACTOR = {1: 1.0, 2: 2.0, 4: 3.0, 8: 7.0, 12: 7.0}
 
 
 def prior_seconds(points) -> float:
@@ -814,7 +818,8 @@ def prior_seconds(points) -> float:
     for p in points:
         startup = Estimator._interpolate(PRIOR_STARTUP_S, p.ranks)
         per_sample = Estimator._interpolate(PRIOR_PER_SAMPLE_S, p.ranks)
-        factor = 2.0 if p.mode in ("race", "atomic", "hogwild") else 1.0
+        factor = Estimator._interpolate(PRIOR_ONE_SIDED_FACTOR, p.ranks) \
+            if p.mode in ("race", "atomic", "hogwild") else 1.0
         audit = 1.5 if dict(p.base).get("race_audit") == "true" else 1.0
         total += startup + expected_samples(p) * per_sample * factor * audit
     return total
@@ -935,6 +940,7 @@ def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, tim
     if unknown:
         left = prior_seconds(todo) if not estimator.done else left + prior_seconds(
             [p for p in todo if estimator.predict(p) is None])
+    left /= min(jobs, max(len(todo), 1))
     flavour = launcher.flavour + (f" {launcher.version}" if launcher.version else "")
     say(f"sweep{' ' + preset if preset else ''}: {len(points)} runs into {out}: {len(done)} already complete, "
         f"{len(todo)} to run{f' ({len(stale)} over incomplete leftovers)' if stale else ''}; "
@@ -990,6 +996,7 @@ def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, tim
             left, unknown = estimator.remaining(pending)
             if unknown:
                 left += prior_seconds([q for q in pending if estimator.predict(q) is None])
+            left /= min(jobs, max(len(pending), 1))
             say(f"[{i}/{len(points)}] {p.name}: {result} | elapsed {hms(time.monotonic() - started)}, "
                 f"left ~{hms(left) if pending else '0s'}")
             if not outcome.ok and not outcome.diverged and outcome.message != "interrupted":
@@ -997,17 +1004,21 @@ def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, tim
                 if outcome.output.strip():
                     say(tail(outcome.output))
 
+    pool = None
     try:
         if jobs == 1:
             for p in todo:
                 report(runner.run(p))
         else:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-                futures = [pool.submit(runner.run, p) for p in todo]
-                for future in concurrent.futures.as_completed(futures):
-                    report(future.result())
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
+            futures = [pool.submit(runner.run, p) for p in todo]
+            for future in concurrent.futures.as_completed(futures):
+                report(future.result())
+            pool.shutdown()
     except KeyboardInterrupt:
         runner.stop_all()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         say(f"sweep: interrupted; {len(todo) - len(pending)} of {len(todo)} runs finished. Run the same "
             "command again to resume (complete logs are kept, the interrupted one is rerun).")
         return 130

@@ -415,21 +415,14 @@ def test_smoke_preset_end_to_end_then_table_and_plots(tmp_path):
     assert table.returncode == 0, table.stderr
     assert md_path.stat().st_size > 0
     rows = list(csv.DictReader(csv_path.open()))
-    found = {}
+    assert len(rows) == len(truth), rows  # one row per (mode, ranks): one seed each
     for row in rows:
-        keys = {k.lower().strip(): v for k, v in row.items() if k}
-        ranks = next((keys[k] for k in ("ranks", "n", "threads", "num_ranks") if keys.get(k)), None)
-        mode = next((keys[k] for k in ("mode",) if keys.get(k)), "sync")
-        acc = next((keys[k] for k in keys if "acc" in k and keys[k] not in ("", None)), None)
-        if ranks is None or acc is None or not str(ranks).strip().isdigit():
-            continue  # e.g. the paper's rows
-        if "source" in keys and "paper" in keys["source"].lower():
-            continue
-        value = float(acc)
-        found.setdefault((int(ranks), mode), []).append(value / 100 if value > 1 else value)
+        acc = truth[(int(row["ranks"]), row["mode"])]
+        assert int(row["seeds"]) == 1
+        assert abs(float(row["acc_mean_pct"]) - 100 * acc) < 1e-6, (row, acc)
+    md = md_path.read_text()
     for (n, mode), acc in truth.items():
-        assert (n, mode) in found, (n, mode, rows)
-        assert min(abs(v - acc) for v in found[(n, mode)]) < 0.0011, (n, mode, acc, found[(n, mode)])
+        assert f"| {mode} | {n} | 1 | {100 * acc:.1f} |" in md, md
 
     figures = tmp_path / "figures"
     plots = subprocess.run([sys.executable, str(REPO / "analysis" / "plots.py"), *map(str, logs), "--out",
