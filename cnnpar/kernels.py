@@ -480,9 +480,14 @@ def _layer_backward(params, grads, work, iwork, row, image):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def network_forward_backward(params, grads, work, iwork, table, images, labels):
+def network_forward_backward(params, grads, sample_grads, work, iwork, table, images, labels):
     """For each sample: forward through the table's layers, softmax cross-entropy, backward in exact
     reverse order, gradients ADDED into `grads`. Returns (sum of the samples' losses, number correct).
+
+    With more than one sample, each sample's gradient is first computed on its own in `sample_grads`
+    (n_params scratch) and then added to `grads` in sample order. So k samples on one rank sum exactly
+    as k ranks' single-sample gradients do when an exchange adds them in rank order: the same
+    bits, not merely the same sum up to rounding. One sample goes straight into `grads`.
 
     work holds activations and deltas (offsets in the table; the last layer's logits at
     table[-1, T_OUT], then probs, then dlogits = table[-1, T_DOUT]); iwork the pool argmaxes."""
@@ -492,6 +497,8 @@ def network_forward_backward(params, grads, work, iwork, table, images, labels):
     logits = work[last[T_OUT]:last[T_OUT] + n_classes]
     probs = work[last[T_OUT] + n_classes:last[T_OUT] + 2 * n_classes]
     dlogits = work[last[T_DOUT]:last[T_DOUT] + n_classes]
+    separate = images.shape[0] > 1
+    target = sample_grads if separate else grads
     loss_sum = 0.0
     n_correct = 0
     for s in range(images.shape[0]):
@@ -505,8 +512,13 @@ def network_forward_backward(params, grads, work, iwork, table, images, labels):
         if _argmax(logits) == label:
             n_correct += 1
         softmax_xent_backward(dlogits, probs, label)
+        if separate:
+            target[:] = 0.0
         for layer in range(n_layers - 1, -1, -1):
-            _layer_backward(params, grads, work, iwork, table[layer], image)
+            _layer_backward(params, target, work, iwork, table[layer], image)
+        if separate:
+            for i in range(grads.shape[0]):
+                grads[i] += target[i]
     return loss_sum, n_correct
 
 

@@ -169,6 +169,7 @@ class Network:
         self.table, n_work, n_iwork = self._build_table()
         self._work = np.zeros(n_work, self.dtype)
         self._iwork = np.zeros(n_iwork, np.int32)
+        self._sample_grads = np.zeros(self.n_params, self.dtype)  # one sample's gradient when k > 1
         self._no_predictions = np.empty(0, np.int32)
 
     def __repr__(self) -> str:
@@ -319,8 +320,8 @@ class Network:
         images (k, C, H, W) of any k >= 0, labels (k,) int32. One numba call; nothing allocated
         when images/labels already have the network's dtype/int32 and are C-contiguous."""
         images, labels = self._as_batch(images, labels)
-        loss_sum, n_correct = K.network_forward_backward(params, grads, self._work, self._iwork, self.table,
-                                                         images, labels)
+        loss_sum, n_correct = K.network_forward_backward(params, grads, self._sample_grads, self._work,
+                                                         self._iwork, self.table, images, labels)
         return float(loss_sum), int(n_correct)
 
     def evaluate(self, params: np.ndarray, images: np.ndarray, labels: np.ndarray,
