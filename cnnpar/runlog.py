@@ -26,7 +26,7 @@ import datetime
 import json
 import math
 import os
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -388,6 +388,16 @@ class RunLogWriter:
         group["params"][...] = params
         self._final_written = True
 
+    def rows(self, table: str) -> int:
+        """Rows appended so far to /steps, /audit, /epochs, /consistency or /folds (0 for a table the
+        log does not have); "final": 1 once write_final was called. Checkpoints record these so that
+        `reopen(path, rows("steps"), rows("epochs"))` resumes exactly where the checkpoint was taken."""
+        if table == "final":
+            return int(self._final_written)
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}, final")
+        return int(self._rows.get(table, 0))
+
     # -- status, flush, close ---------------------------------------------------------------------
     @property
     def status(self) -> str:
@@ -639,6 +649,11 @@ def _open_h5(path: str):
         return h5py.File(path, "r", locking=False)
     except Exception as err:  # noqa: BLE001
         reason = _h5_reason(err)
+    if "locking flag" in reason:  # this very process has the log open for writing: share that handle
+        try:
+            return h5py.File(path, "r")
+        except Exception as err:  # noqa: BLE001
+            reason = _h5_reason(err)
     if "already open for write" not in reason:
         raise UserError(path, f"corrupt or truncated HDF5 file ({reason})")
     try:

@@ -1,0 +1,375 @@
+"""The HDF5 run log: round trip, crash safety, live reading, resume, and every bad file as a one-line error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cnnpar.errors import UserError
+from cnnpar.runlog import (FORMAT, FORMAT_VERSION, RunLogWriter, is_complete_log, open_log)
+
+REPO = Path(__file__).resolve().parents[1]
+LAYOUT = [("conv1.w", (8, 1, 5, 5), 0, 200), ("conv1.b", (8,), 200, 8), ("dense.w", (10, 8), 208, 80),
+          ("temperature", (), 288, 1)]
+N_PARAMS = 289
+
+
+def _config(**over):
+    config = {"mode": "race", "lr": 0.01, "seed": 3, "race_audit": True, "folds": 2, "log": "", "quiet": False,
+              "epochs": 2, "data_dir": ""}
+    config.update(over)
+    return config
+
+
+ENV = {"cnnpar": "0.1.0", "python": "3.11.7", "numpy": "2.0", "numba": "0.60", "mpi4py": "4.0",
+       "mpi_library": "MPICH Version: 4.2", "hostnames": ["node-a", "node-b", "node-b"], "ranks": 3, "cores": 12,
+       "physical_cores": 6, "oversubscribed": False, "threads_per_rank": "", "nested": {"k": [1, 2]},
+       "nothing": None}
+
+
+def _step_window(rng, start, n, ranks, epoch):
+    return dict(step=np.arange(start, start + n), epoch=np.full(n, epoch, np.int32),
+                loss=rng.random(n, dtype=np.float32), rank_loss=rng.random((n, ranks), dtype=np.float32),
+                samples=np.full(n, ranks, np.int32), compute_s=rng.random((n, ranks), dtype=np.float32),
+                exchange_s=rng.random((n, ranks), dtype=np.float32),
+                wait_s=rng.random((n, ranks), dtype=np.float32), lr=np.full(n, 0.01, np.float32))
+
+
+def _write_full_log(path, ranks=3, steps_per_epoch=40, epochs=2, seed=0):
+    """A complete log with every group filled; returns what was written, for comparison."""
+    rng = np.random.default_rng(seed)
+    config = _config()
+    written = {"steps": [], "audit": [], "epochs": [], "consistency": []}
+    with RunLogWriter(path, json.dumps(config, sort_keys=True), config, ENV, LAYOUT, ranks) as log:
+        for epoch in range(epochs):
+            start = epoch * steps_per_epoch
+            for lo in range(0, steps_per_epoch, 16):  # windows of 16 steps
+                n = min(16, steps_per_epoch - lo)
+                window = _step_window(rng, start + lo, n, ranks, epoch)
+                window["rank_loss"][0, -1] = np.nan
+                log.append_steps(**window)
+                written["steps"].append(window)
+                audit = dict(step=window["step"], rel_l2_error=rng.random(n),
+                             frac_elements_differ=rng.random(n), lost_contributions=rng.random(n) * ranks)
+                log.append_audit(**audit)
+                written["audit"].append(audit)
+            row = dict(epoch=epoch, step=start + steps_per_epoch, train_loss=1.0 / (epoch + 1),
+                       train_acc=0.5 + 0.1 * epoch, test_loss=1.1 / (epoch + 1), test_acc=0.55 + 0.1 * epoch,
+                       train_time_s=3.5 * (epoch + 1), samples=ranks * steps_per_epoch * (epoch + 1))
+            log.append_epoch(**row)
+            written["epochs"].append(row)
+            log.append_consistency(start + steps_per_epoch - 1, 0xFFFFFFFF - epoch, True)
+            written["consistency"].append((start + steps_per_epoch - 1, 0xFFFFFFFF - epoch, True))
+            log.flush()
+        params = rng.standard_normal(N_PARAMS).astype(np.float32)
+        confusion = rng.integers(0, 50, (10, 10))
+        log.write_folds([0.9, 0.8], [0.3, 0.4])
+        log.write_final(params, confusion, test_acc=0.65, test_loss=0.55, train_time_s=7.0, samples=240,
+                        samples_per_s=240 / 7.0, steps=80, note="extra")
+        log.close("complete")
+    written.update(params=params, confusion=confusion, config=config)
+    return written
+
+
+def test_every_field_round_trips(tmp_path):
+    path = tmp_path / "run.h5"
+    w = _write_full_log(path)
+    with open_log(path) as log:
+        assert log.path == str(path) and log.format_version == FORMAT_VERSION
+        assert log.status == "complete" and log.complete and log.status_message == ""
+        assert log.ranks == 3 and log.n_classes == 10 and log.resume_count == 0
+        assert log.created.endswith("Z") and "T" in log.created
+        assert log.config == w["config"] and log.config_json == json.dumps(w["config"], sort_keys=True)
+        assert log.env == {k: v for k, v in ENV.items()}  # None and nested values survive via JSON
+        assert log.layout == LAYOUT
+        for key in w["steps"][0]:
+            np.testing.assert_array_equal(log.steps[key], np.concatenate([s[key] for s in w["steps"]]), key)
+        assert log.steps["rank_loss"].shape == (80, 3) and np.isnan(log.steps["rank_loss"][0, -1])
+        assert log.steps["step"].dtype == np.int64 and log.steps["epoch"].dtype == np.int32
+        assert log.steps["loss"].dtype == np.float32 and log.steps["samples"].dtype == np.int32
+        for key in w["audit"][0]:
+            np.testing.assert_array_equal(log.audit[key], np.concatenate([a[key] for a in w["audit"]]), key)
+        for key in w["epochs"][0]:
+            np.testing.assert_array_equal(log.epochs[key], [row[key] for row in w["epochs"]], key)
+        assert log.epochs["samples"].dtype == np.int64 and log.epochs["test_acc"].dtype == np.float64
+        assert [tuple(r) for r in zip(*(log.consistency[k].tolist() for k in ("step", "checksum", "ok")))] == \
+            w["consistency"]
+        assert log.consistency["checksum"].dtype == np.uint64
+        np.testing.assert_array_equal(log.folds["test_acc"], [0.9, 0.8])
+        np.testing.assert_array_equal(log.folds["fold"], [0, 1])
+        assert log.folds["mean_acc"] == pytest.approx(0.85) and log.folds["sd_acc"] == pytest.approx(np.std([0.9, 0.8], ddof=1))
+        np.testing.assert_array_equal(log.final["params"], w["params"])
+        np.testing.assert_array_equal(log.final["confusion"], w["confusion"])
+        assert log.final["attrs"] == {"test_acc": 0.65, "test_loss": 0.55, "train_time_s": 7.0, "samples": 240,
+                                      "samples_per_s": 240 / 7.0, "steps": 80, "note": "extra"}
+        views = log.param_views()
+        assert views["conv1.w"].shape == (8, 1, 5, 5) and views["temperature"].shape == ()
+        np.testing.assert_array_equal(views["dense.w"].ravel(), w["params"][208:288])
+    assert is_complete_log(path)
+    # h5ls-friendly copies of the config and env, and the root attributes, as plain HDF5
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format"] == FORMAT.encode() and f.attrs["format_version"] == 1
+        assert f["config"].attrs["lr"] == 0.01 and f["config"].attrs["mode"] == b"race"
+        assert bool(f["config"].attrs["race_audit"]) is True
+        assert list(f["env"].attrs["hostnames"]) == [b"node-a", b"node-b", b"node-b"]
+        assert "nothing" not in f["env"].attrs
+        assert list(f["layout/shapes"]) == [b"8x1x5x5", b"8", b"10x8", b""]
+        assert f["steps/compute_s"].maxshape == (None, 3) and f["steps/compute_s"].chunks is not None
+
+
+def test_optional_groups_lr_and_scalars(tmp_path):
+    path = tmp_path / "sync.h5"
+    config = _config(mode="sync", race_audit=False, folds=1)
+    with RunLogWriter(path, json.dumps(config), config, {}, [], 1, n_classes=3) as log:
+        log.append_steps(0, 0, 2.3, [[2.3]], 1, [[0.01]], [[0.0]], [[0.0]])  # one row of scalars, no lr
+        with pytest.raises(RuntimeError, match="audit"):
+            log.append_audit([0], [0.0], [0.0], [0.0])
+        with pytest.raises(RuntimeError, match="folds"):
+            log.write_folds([0.5], [1.0])
+        with pytest.raises(ValueError, match=r"\(n, 1\)"):
+            log.append_steps([1, 2], [0, 0], [1, 1], [[1, 1]], [1, 1], [[1], [1]], [[1], [1]], [[1], [1]])
+        assert log.rows("steps") == 1 and log.rows("audit") == 0 and log.rows("final") == 0
+    with open_log(path) as log:
+        assert log.audit is None and log.folds is None and log.final is None
+        assert log.status == "interrupted"  # closed without saying how the run ended
+        assert np.isnan(log.steps["lr"]).all() and log.steps["loss"].tolist() == [pytest.approx(2.3)]
+        with pytest.raises(ValueError):
+            log.param_views()
+
+
+def test_exception_inside_the_writer_marks_the_log_failed(tmp_path):
+    path = tmp_path / "failed.h5"
+    with pytest.raises(ZeroDivisionError):
+        with RunLogWriter(path, "{}", {}, {}, [], 2) as log:
+            log.append_epoch(0, 10, 1.0, 0.5, 1.0, 0.5, 1.0, 20)
+            1 / 0
+    with open_log(path) as log:
+        assert log.status == "failed" and log.status_message == "ZeroDivisionError: division by zero"
+        assert list(log.epochs["epoch"]) == [0]
+    assert not is_complete_log(path)
+
+
+def test_long_status_messages_are_cut_not_refused(tmp_path):
+    path = tmp_path / "msg.h5"
+    log = RunLogWriter(path, "{}", {}, {}, [], 1)
+    log.close("diverged", "é" * 2000)
+    message = open_log(path).status_message
+    assert message.endswith("...") and len(message.encode()) <= 1024 and message.startswith("éé")
+    with pytest.raises(ValueError):
+        RunLogWriter(tmp_path / "x.h5", "{}", {}, {}, [], 1).set_status("done")
+
+
+def test_writer_refuses_existing_files_and_missing_folders(tmp_path):
+    path = tmp_path / "taken.h5"
+    path.write_text("precious")
+    with pytest.raises(UserError) as err:
+        RunLogWriter(path, "{}", {}, {}, [], 1)
+    assert err.value.culprit == str(path) and path.read_text() == "precious"
+    missing = tmp_path / "no" / "such" / "dir" / "run.h5"
+    with pytest.raises(UserError) as err:
+        RunLogWriter(missing, "{}", {}, {}, [], 1)
+    assert err.value.culprit == str(missing) and "\n" not in err.value.message
+
+
+KILLED_WRITER = r"""
+import json, sys, time
+import numpy as np
+from cnnpar.runlog import RunLogWriter
+path, ranks = sys.argv[1], 2
+log = RunLogWriter(path, json.dumps({"mode": "sync"}), {"mode": "sync"}, {"ranks": ranks}, [("w", (4,), 0, 4)], ranks)
+def window(start, n, epoch):
+    z = np.zeros((n, ranks), np.float32)
+    return dict(step=np.arange(start, start + n), epoch=np.full(n, epoch), loss=np.ones(n), rank_loss=z + 1,
+                samples=np.full(n, ranks), compute_s=z + 0.5, exchange_s=z, wait_s=z)
+for epoch in range(3):
+    log.append_steps(**window(epoch * 100, 100, epoch))
+    log.append_epoch(epoch, (epoch + 1) * 100, 1.0, 0.5, 1.0, 0.4 + 0.1 * epoch, 1.0 + epoch, 200 * (epoch + 1))
+    log.flush()
+print("flushed", flush=True)
+step = 300
+while True:  # keeps appending without flushing until killed
+    log.append_steps(**window(step, 50, 3))
+    log.append_epoch(3, step + 50, 1.0, 0.5, 1.0, 0.9, 9.0, 999)
+    step += 50
+    time.sleep(0.01)
+"""
+
+
+def test_killed_writer_leaves_a_readable_log_with_every_flushed_epoch(tmp_path):
+    path = tmp_path / "killed.h5"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        assert proc.stdout.readline().strip() == "flushed", proc.stderr.read()
+        time.sleep(0.2)
+        with open_log(path) as live:  # the run is still writing: read it as an SWMR reader
+            assert live.status == "running" and list(live.epochs["epoch"]) == [0, 1, 2]
+            assert np.array_equal(live.steps["step"], np.arange(300))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    with open_log(path) as log:
+        assert log.status == "running" and not log.complete and log.final is None
+        assert list(log.epochs["epoch"]) == [0, 1, 2]
+        np.testing.assert_allclose(log.epochs["test_acc"], [0.4, 0.5, 0.6])
+        assert np.array_equal(log.steps["step"], np.arange(300))
+        assert log.steps["compute_s"].shape == (300, 2)
+    assert not is_complete_log(path)
+
+    # resume from a checkpoint taken at step 200 / 2 epochs: rows after it are dropped, writing goes on
+    log = RunLogWriter.reopen(path, 200, 2)
+    assert log.rows("steps") == 200 and log.rows("epochs") == 2
+    log.append_epoch(2, 300, 0.8, 0.6, 0.8, 0.65, 3.0, 600)
+    log.close("complete")
+    with open_log(path) as log:
+        assert log.complete and log.resume_count == 1
+        assert np.array_equal(log.steps["step"], np.arange(200))
+        np.testing.assert_allclose(log.epochs["test_acc"], [0.4, 0.5, 0.65])
+    assert not os.path.exists(f"{path}.rewrite-tmp")
+
+
+def test_reopen_and_truncate_to(tmp_path):
+    path = tmp_path / "resume.h5"
+    _write_full_log(path, steps_per_epoch=40, epochs=2)
+    before = open_log(path)
+    log = RunLogWriter.reopen(path, step_count=30)
+    assert log.rows("steps") == 30 and log.rows("audit") == 30 and log.rows("epochs") == 0
+    assert log.rows("consistency") == 0 and log.rows("final") == 0 and log.rows("folds") == 0
+    log.append_steps(**_step_window(np.random.default_rng(1), 30, 50, 3, 0))
+    log.flush()
+    mid = open_log(path)
+    assert mid.status == "running" and np.array_equal(mid.steps["step"], np.arange(80))
+    log.truncate_to(45, epoch_count=0)
+    assert log.rows("steps") == 45
+    log.close("interrupted", "SIGTERM")
+    with open_log(path) as after:
+        assert after.status == "interrupted" and after.status_message == "SIGTERM"
+        assert after.resume_count == 2 and after.created == before.created
+        assert np.array_equal(after.steps["step"], np.arange(45))
+        np.testing.assert_array_equal(after.steps["loss"][:30], before.steps["loss"][:30])
+        np.testing.assert_array_equal(after.audit["rel_l2_error"], before.audit["rel_l2_error"][:30])
+        assert after.final is None and after.folds is None and len(after.epochs["epoch"]) == 0
+        assert after.config == before.config and after.env == before.env and after.layout == before.layout
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad files
+
+
+def _assert_user_error(path, *words):
+    with pytest.raises(UserError) as err:
+        open_log(path)
+    assert err.value.culprit == str(path), err.value
+    assert "\n" not in err.value.message and err.value.message
+    for word in words:
+        assert word in err.value.message, err.value.message
+    assert not is_complete_log(path)
+    return err.value.message
+
+
+@pytest.fixture(scope="module")
+def good_log(tmp_path_factory):
+    path = tmp_path_factory.mktemp("good") / "good.h5"
+    _write_full_log(path, steps_per_epoch=20, epochs=2)
+    return path
+
+
+def test_missing_file_and_directory(tmp_path):
+    _assert_user_error(tmp_path / "absent.h5", "no such file")
+    _assert_user_error(tmp_path, "directory")
+
+
+def test_text_and_empty_files(tmp_path):
+    text = tmp_path / "notes.h5"
+    text.write_text("this is not HDF5\n" * 100)
+    _assert_user_error(text, "not an HDF5 file")
+    empty = tmp_path / "empty.h5"
+    empty.write_bytes(b"")
+    _assert_user_error(empty, "not an HDF5 file")
+
+
+def test_hdf5_that_is_not_a_run_log(tmp_path):
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        f["data"] = np.arange(10)
+    _assert_user_error(path, "not a cnnpar run log")
+
+
+def test_newer_format_version_asks_for_an_upgrade(tmp_path, good_log):
+    path = tmp_path / "future.h5"
+    path.write_bytes(good_log.read_bytes())
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = np.int64(FORMAT_VERSION + 1)
+    _assert_user_error(path, "newer", "upgrade")
+
+
+def test_log_with_a_group_missing_is_corrupt(tmp_path, good_log):
+    path = tmp_path / "hollow.h5"
+    path.write_bytes(good_log.read_bytes())
+    with h5py.File(path, "r+") as f:
+        del f["epochs"]
+    _assert_user_error(path, "corrupt")
+
+
+@pytest.mark.parametrize("fraction", [0.0005, 0.1, 0.5, 0.9, 0.999])
+def test_truncated_file(tmp_path, good_log, fraction):
+    data = good_log.read_bytes()
+    path = tmp_path / "cut.h5"
+    path.write_bytes(data[: max(9, int(len(data) * fraction))])
+    _assert_user_error(path)
+
+
+def test_the_user_error_is_printed_as_one_line_by_a_cli(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    code = "import sys; from cnnpar.errors import exit_on_user_error; from cnnpar.runlog import open_log; " \
+           "exit_on_user_error(lambda: open_log(sys.argv[1]))()"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"cnnpar: error: {path}: not an HDF5 file, so not a cnnpar run log"]
+
+
+def _meaningful_offsets(data: bytes) -> list:
+    """Offsets worth corrupting: the non-zero bytes (metadata and written values), not chunk padding."""
+    arr = np.frombuffer(data, np.uint8)
+    return np.flatnonzero(arr).tolist()
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_bytes_give_a_user_error_or_a_log_never_another_exception(good_log, tmp_path, data):
+    original = good_log.read_bytes()
+    offsets = _meaningful_offsets(original)
+    damaged = bytearray(original)
+    edits = data.draw(st.lists(st.tuples(st.one_of(st.sampled_from(offsets), st.integers(0, len(original) - 1)),
+                                         st.integers(0, 255)), min_size=1, max_size=6))
+    for offset, value in edits:
+        damaged[offset] = value
+    if data.draw(st.integers(0, 3), label="truncate if 0") == 0:
+        damaged = damaged[: data.draw(st.integers(0, len(damaged)), label="length")]
+    path = tmp_path / "fuzzed.h5"
+    path.write_bytes(bytes(damaged))
+    try:
+        log = open_log(path)
+    except UserError as err:
+        assert err.culprit == str(path) and "\n" not in err.message
+    else:
+        assert log.status in ("running", "complete", "failed", "diverged", "interrupted")
+    assert is_complete_log(path) in (True, False)
