@@ -3,9 +3,8 @@
 
     python analysis/explain.py runs/explain --out runs/explain/report
 
-(a folder stands for its *.h5 and diverged/*.h5, where launch/sweep.py keeps runs whose loss became NaN)
-
-writes OUT/explain.md (a short Markdown report) and one PNG figure per experiment. Made for the logs of
+writes OUT/explain.md (a short Markdown report) and one PNG figure per experiment. A folder stands for its
+*.h5 and diverged/*.h5 (where launch/sweep.py keeps runs whose loss became NaN). Made for the logs of
 `python launch/sweep.py --preset explain`, but it works on any set of run logs: every log is sorted into
 a *setting* by what it computed (mode, sum or mean, epoch or step budget, learning rate and its scaling,
 ...), seeds are pooled, and each experiment compares the settings that differ from the reference
@@ -19,7 +18,8 @@ a *setting* by what it computed (mode, sum or mean, epoch or step budget, learni
 
 For each setting: test accuracy against ranks (mean and sd over seeds), the gain from the fewest to the
 most ranks, the slope per doubling of ranks (least squares over all runs, with its standard error), and a
-verdict: `rises` / `falls` when the slope is more than two standard errors from zero, else `flat`.
+verdict: `rises` / `falls` when the slope is more than two standard errors from zero and the gain is
+more than 1 percentage point, else `flat` (with one seed per rank count: the gain alone, more than 2 pp).
 Experiments whose logs are missing are named as missing; the conclusion uses only what was measured.
 """
 

@@ -764,12 +764,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python launch/sweep.py", formatter_class=argparse.RawDescriptionHelpFormatter,
                     description="Run a grid of cnnpar training runs (one HDF5 log each) through mpiexec, "
                                 "skipping runs whose complete log exists, so an interrupted sweep resumes.",
-                    epilog="Arguments after `--` go to every training run unchanged (not into file names).\n"
+                    epilog="Arguments after `--` go to every training run unchanged and override the preset's value of the same "
+                           "flag (they are not in the file names).\n"
                            "Example: python launch/sweep.py --ranks 1-4 --set reduce=sum,mean --out runs/r "
                            "-- --epochs 1\n\n" + preset_help())
     parser.add_argument("--preset", help="a named grid: " + ", ".join(presets()) + " (default: paper, unless "
                         "--ranks/--modes/--seeds/--set define a grid)")
-    parser.add_argument("--group", help="explain preset: only these groups (comma-separated)")
+    parser.add_argument("--group", help="only these groups of the preset (comma-separated; the explain preset "
+                        "has reduce, budget, lr-scaling, exchange, lr)")
     parser.add_argument("--ranks", help="rank counts, e.g. 1-12 or 1,2,4,8,12 (overrides the preset's)")
     parser.add_argument("--modes", help="exchange modes, e.g. sync,race (overrides the preset's)")
     parser.add_argument("--seeds", help="seeds, e.g. 1-3 (overrides the preset's)")

@@ -204,6 +204,10 @@ if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in config.log:
     w = RunLogWriter(config.log, config.to_json(), dataclasses.asdict(config), {{}}, [("w", (2,), 0, 2)], n)
     w.close("failed", "boom")
     print("line one\\nTraceback: something broke", file=sys.stderr); sys.exit(3)
+if os.environ.get("FAKE_DIVERGE") and os.environ["FAKE_DIVERGE"] in config.log:
+    w = RunLogWriter(config.log, config.to_json(), dataclasses.asdict(config), {{}}, [("w", (2,), 0, 2)], n)
+    w.close("diverged", "the loss became NaN or infinite at step 3")
+    print("cnnpar: error: --lr: the loss became NaN", file=sys.stderr); sys.exit(2)
 w = RunLogWriter(config.log, config.to_json(), dataclasses.asdict(config), {{}}, [("w", (2,), 0, 2)], n)
 w.write_final(np.zeros(2), np.zeros((10, 10), np.int64), test_acc=0.5 + 0.01 * n, test_loss=1.0,
               train_time_s=0.1, samples=100, samples_per_s=1000.0, steps=10)
@@ -287,6 +291,21 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, fake_mpi, monk
     assert any(p.suffix == ".txt" for p in (out / "incomplete").iterdir())
 
 
+def test_a_diverged_run_is_a_result_kept_apart_and_not_rerun(tmp_path, fake_mpi, monkeypatch):
+    fake, called = fake_mpi
+    monkeypatch.setenv("FAKE_DIVERGE", "n02-sync-seed1")
+    out = tmp_path / "out"
+    rc, text = _run_sweep(fake, out, *GRID)
+    assert rc == 0, text
+    assert "n02-sync-seed1.h5: diverged (the loss became NaN or infinite at step 3)" in text
+    assert "1 diverged" in text
+    assert (out / "diverged" / "n02-sync-seed1.h5").exists() and not (out / "n02-sync-seed1.h5").exists()
+    rc, text = _run_sweep(fake, out, *GRID)
+    assert rc == 0 and "nothing to run" in text and len(called()) == 4
+    runs, skipped = explain.load_runs([out / "diverged" / "n02-sync-seed1.h5"])
+    assert not skipped and runs[0].diverged and runs[0].ranks == 2
+
+
 def test_dry_run_prints_commands_and_marks_complete_logs(tmp_path, fake_mpi):
     fake, called = fake_mpi
     out = tmp_path / "out"
@@ -357,6 +376,11 @@ def test_explain_reports_rises_and_missing_groups(tmp_path):
             _write_log(tmp_path / f"s{seed}n{n}mean.h5", n, 0.9 - 0.04 * np.log2(n) + noise, seed=seed,
                        reduce="mean")
     (tmp_path / "junk.h5").write_bytes(b"junk")
+    from cnnpar.config import Config
+    from cnnpar.runlog import RunLogWriter
+    c = dataclasses.replace(Config(dataset="mnist-5k", epochs=1), seed=3, reduce="sum")
+    RunLogWriter(tmp_path / "div.h5", c.to_json(), dataclasses.asdict(c), {}, [("w", (2,), 0, 2)], 12).close(
+        "diverged", "NaN")
     report = tmp_path / "report"
     assert explain.main([str(p) for p in sorted(tmp_path.glob("*.h5"))] + ["--out", str(report)]) == 0
     text = (report / "explain.md").read_text()
@@ -367,6 +391,7 @@ def test_explain_reports_rises_and_missing_groups(tmp_path):
     assert "**Missing**" in text and "--group budget" in text  # budget, lr-scaling, exchange, lr not run
     assert "Skipped 1 file(s)" in text
     assert "reproduces a rising curve" in text
+    assert "diverged (NaN loss)" in text and "n=12 seed 3" in text
 
 
 # ----------------------------------------------------------------------------------------------------
