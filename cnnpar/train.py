@@ -282,6 +282,7 @@ def _loop(config, dist, dataset, network, params, grads, exchange, optimizer, lo
         epoch_sums += (loss_sum, correct, count)
         window.record(step, epoch, loss_sum, count, step_count, t1 - t0,
                       t2 - t1 - exchange.excluded_s, measured_wait_s, lr)
+        loop_start += exchange.excluded_s  # the race audit is diagnostics: not counted as training time
         samples_done += step_count
         steps_done = step + 1
         last_of_epoch = step_in_epoch == steps_per_epoch - 1 or steps_done == total_steps
