@@ -26,8 +26,10 @@ class Exchange:
     name = "base"
     lossless = True        # False where updates may be lost by design (race, hogwild)
     deterministic = True   # same inputs -> bit-identical result
-    replicas_agree = True  # False only for 'local', whose replicas diverge by design
+    replicas_agree = True  # False where a params checksum cannot be compared: 'local' (replicas diverge by
+                           # design) and 'hogwild' (one shared copy, still being written when ranks check)
     excluded_s = 0.0       # seconds of the last reduce() spent on diagnostics (the race audit), not exchange
+    first_step = 0         # global step of the first reduce() (a resumed run starts later)
 
     def bind(self, params: np.ndarray) -> np.ndarray:
         return params

@@ -107,6 +107,7 @@ def train(argv) -> int:
     exchange = make_exchange(config, dist, network.n_params)
     try:
         params = exchange.bind(params)
+        exchange.first_step = 0 if state is None else int(state["step"])  # audits number steps from here
         optimizer = optim.SGD(network.n_params, config.lr, config.momentum, config.reduce)
         if state is not None:
             optimizer.velocity[:] = state["velocity"]
