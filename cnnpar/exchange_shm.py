@@ -57,6 +57,7 @@ The window is used purely as a shared allocation (MPI_WIN_UNIFIED model, checked
 from __future__ import annotations
 
 import math
+import os
 import platform
 import sys
 import time
@@ -190,9 +191,11 @@ F_ARRIVE, F_DONE, F_RESULT, F_SLEEP_ARRIVE, F_SLEEP_DONE, F_SLEEP_RESULT, F_REDU
 N_FIELDS = 8
 _SLEEPERS = {F_ARRIVE: F_SLEEP_ARRIVE, F_DONE: F_SLEEP_DONE, F_RESULT: F_SLEEP_RESULT}
 
+# wait policy -> sched_yield calls before sleeping on the futex (-1: yield forever, never sleep)
+WAIT_POLICIES = {"spin": 0, "block": 0, "yield": -1, "yield-block": 16}
 WAIT_SLICE_NS = 200_000_000   # a wait returns to Python this often (signals, Ctrl-C), then resumes
 FUTEX_TIMEOUT_NS = 20_000_000  # safety net only: a sleeper re-checks its counter at least this often
-SPIN_NS_DEFAULT = 100_000      # ranks <= cores: spin this long before sleeping (covers normal rank skew)
+SPIN_NS_DEFAULT = 50_000       # ranks <= cores: spin this long, then sleep (covers normal skew; caps the waste under load)
 
 # kernel return: phase reached in the low 3 bits, wait ns above them
 _PHASE_BITS = 3
@@ -212,8 +215,9 @@ def _arrive(ctrl, field, target):
 
 
 @njit(cache=True, nogil=True)
-def _wait(ctrl, field, target, spin_ns, use_futex, start_ns, slice_ns):
-    """Wait until ctrl[field] >= target: spin up to spin_ns, then sleep on the futex (or yield).
+def _wait(ctrl, field, target, spin_ns, yields, start_ns, slice_ns):
+    """Wait until ctrl[field] >= target: spin up to spin_ns, then sched_yield up to `yields` times, then sleep
+    on the futex (yields < 0: keep yielding, never sleep).
 
     Returns (done, ns waited). Gives up after slice_ns since start_ns (done False) so the caller can
     return to Python and come back."""
@@ -232,13 +236,15 @@ def _wait(ctrl, field, target, spin_ns, use_futex, start_ns, slice_ns):
             if now_ns() - t0 >= spin_ns:
                 break
     sleepers = (field + 3) * LINE
+    yielded = 0
     while True:
-        if use_futex:
+        if yields < 0 or yielded < yields:
+            sched_yield()
+            yielded += 1
+        else:
             fetch_add(ctrl, sleepers, 1)  # full barrier before FUTEX_WAIT re-checks the counter
             futex(ctrl, word, _FUTEX_WAIT, value, min(FUTEX_TIMEOUT_NS, max(1000, slice_ns - (now_ns() - start_ns))))
             fetch_add(ctrl, sleepers, -1)
-        else:
-            sched_yield()
         value = load_acquire(ctrl, word)
         t1 = now_ns()
         if value >= target:
@@ -285,7 +291,7 @@ PROTOCOLS = {"slices": P_SLICES, "single": P_SINGLE, "all": P_ALL}
 
 
 @njit(cache=True, nogil=True)
-def _shm_step(ctrl, slots, result, grads, rank, n, lo, hi, seq, phase, spin_ns, use_futex, protocol, node_only,
+def _shm_step(ctrl, slots, result, grads, rank, n, lo, hi, seq, phase, spin_ns, yields, protocol, node_only,
               slice_ns, pre_lo, pre_hi):
     """One exchange step, resumable at `phase`. Returns the phase reached | (ns waited << 3).
 
@@ -308,7 +314,7 @@ def _shm_step(ctrl, slots, result, grads, rank, n, lo, hi, seq, phase, spin_ns, 
         if phase == PH_START:
             _copy_except(slots[base + rank], grads, m, pre_lo, pre_hi)
             _arrive(ctrl, F_ARRIVE, target)
-        done, ns = _wait(ctrl, F_ARRIVE, target, spin_ns, use_futex, start, slice_ns)
+        done, ns = _wait(ctrl, F_ARRIVE, target, spin_ns, yields, start, slice_ns)
         if not done:
             return PH_WAIT_ARRIVE | (ns << _PHASE_BITS)
         _sum_rows(slots, base, n, grads, 0, m)
@@ -330,7 +336,7 @@ def _shm_step(ctrl, slots, result, grads, rank, n, lo, hi, seq, phase, spin_ns, 
         else:
             phase = PH_WAIT_ARRIVE
     if phase == PH_WAIT_ARRIVE:
-        done, ns = _wait(ctrl, F_ARRIVE, target, spin_ns, use_futex, start, slice_ns)
+        done, ns = _wait(ctrl, F_ARRIVE, target, spin_ns, yields, start, slice_ns)
         waited += ns
         if not done:
             return PH_WAIT_ARRIVE | (waited << _PHASE_BITS)
@@ -340,12 +346,12 @@ def _shm_step(ctrl, slots, result, grads, rank, n, lo, hi, seq, phase, spin_ns, 
             return PH_WAIT_DONE | (waited << _PHASE_BITS)
         phase = PH_WAIT_DONE
     if phase == PH_WAIT_DONE:
-        done, ns = _wait(ctrl, F_DONE, target, spin_ns, use_futex, start, slice_ns)
+        done, ns = _wait(ctrl, F_DONE, target, spin_ns, yields, start, slice_ns)
         waited += ns
         if not done:
             return PH_WAIT_DONE | (waited << _PHASE_BITS)
     elif phase == PH_WAIT_RESULT:
-        done, ns = _wait(ctrl, F_RESULT, seq, spin_ns, use_futex, start, slice_ns)
+        done, ns = _wait(ctrl, F_RESULT, seq, spin_ns, yields, start, slice_ns)
         if done and protocol == P_SINGLE:  # the reducer's summing is exchange work, not waiting for a rank
             ns = max(0, ns - ctrl[F_REDUCE_NS * LINE])
         waited += ns
@@ -356,9 +362,9 @@ def _shm_step(ctrl, slots, result, grads, rank, n, lo, hi, seq, phase, spin_ns, 
 
 
 @njit(cache=True, nogil=True)
-def _wait_field(ctrl, field, target, spin_ns, use_futex, slice_ns):
+def _wait_field(ctrl, field, target, spin_ns, yields, slice_ns):
     """Standalone wait (hier leader on D). Returns phase-style code: PH_FINISHED or 0, plus ns << 3."""
-    done, ns = _wait(ctrl, field, target, spin_ns, use_futex, now_ns(), slice_ns)
+    done, ns = _wait(ctrl, field, target, spin_ns, yields, now_ns(), slice_ns)
     return (PH_FINISHED if done else 0) | (ns << _PHASE_BITS)
 
 
@@ -416,14 +422,12 @@ class ShmAllreduce(Exchange):
         self._rank, self._n = self._comm.Get_rank(), self._comm.Get_size()
         self._m = int(n_params)
         if wait is None:
-            wait = "block" if dist.yield_when_waiting else "spin"
-        if wait == "block" and not HAVE_FUTEX:
-            wait = "yield"
-        if wait not in ("spin", "block", "yield"):
+            wait = os.environ.get("CNNPAR_SHM_WAIT") or ("block" if dist.yield_when_waiting else "spin")
+        if wait not in WAIT_POLICIES:
             raise ValueError(f"unknown wait policy {wait!r}")
         self.wait_policy = wait
         self._spin_ns = int(spin_ns) if wait == "spin" else 0
-        self._use_futex = wait != "yield" and HAVE_FUTEX
+        self._yields = WAIT_POLICIES[wait] if HAVE_FUTEX else -1
         if protocol is None:
             protocol = "single" if wait != "spin" else "slices"
         if protocol not in PROTOCOLS:
@@ -479,7 +483,7 @@ class ShmAllreduce(Exchange):
         waited = 0
         while True:
             code = _shm_step(self._ctrl, self._slots, self._result, grads, self._rank, self._n, self._lo,
-                             self._hi, self._seq, phase, self._spin_ns, self._use_futex, self._protocol,
+                             self._hi, self._seq, phase, self._spin_ns, self._yields, self._protocol,
                              self._node_only, self.wait_slice_ns, self._pre[0], self._pre[1])
             phase = code & 7
             waited += code >> _PHASE_BITS
@@ -553,7 +557,7 @@ class HierAllreduce(Exchange):
         node._run(grads, PH_START, PH_WAIT_DONE)  # my slice of the node sum is in the result buffer
         if self._leaders is not None:
             target = node._n * node._seq
-            while not _wait_field(node._ctrl, F_DONE, target, node._spin_ns, node._use_futex, node.wait_slice_ns) & 7:
+            while not _wait_field(node._ctrl, F_DONE, target, node._spin_ns, node._yields, node.wait_slice_ns) & 7:
                 node.resumed += 1  # slice expired: signals handled, keep waiting
             result = node._result[: self._m]
             if self._dist.yield_when_waiting:
@@ -632,10 +636,10 @@ def warm_kernels() -> None:
     slots = np.zeros((2, 16), np.float32)
     for protocol in PROTOCOLS.values():
         ctrl[:] = 0
-        _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_START, 0, HAVE_FUTEX, protocol, False, WAIT_SLICE_NS, 0, 0)
+        _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_START, 0, 0, protocol, False, WAIT_SLICE_NS, 0, 0)
     ctrl[:] = 0
-    _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_START, 0, HAVE_FUTEX, P_SLICES, True, WAIT_SLICE_NS, 0, 0)
-    _wait_field(ctrl, F_DONE, 1, 0, HAVE_FUTEX, WAIT_SLICE_NS)
+    _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_START, 0, 0, P_SLICES, True, WAIT_SLICE_NS, 0, 0)
+    _wait_field(ctrl, F_DONE, 1, 0, 0, WAIT_SLICE_NS)
     _publish_result(ctrl)
-    _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_WAIT_RESULT, 0, HAVE_FUTEX, P_SLICES, True, WAIT_SLICE_NS, 0, 0)
+    _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_WAIT_RESULT, 0, 0, P_SLICES, True, WAIT_SLICE_NS, 0, 0)
     _copy_in(slots, 0, grads, 0, 16)

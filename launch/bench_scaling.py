@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import socket
 import statistics
@@ -59,6 +60,9 @@ def exchange_flags(exchange: str) -> list:
     if exchange in ("local", "race", "atomic", "hogwild"):
         return ["--mode", exchange]
     raise SystemExit(f"bench_scaling: unknown exchange {exchange!r}")
+
+
+LAUNCH_FLAGS: list = []  # extra mpiexec flags (--launch-flags), e.g. "-bind-to core"
 
 
 def mpiexec() -> str:
@@ -90,7 +94,7 @@ def load_average() -> float:
 
 def trainer_point(n: int, k: int, exchange: str, steps: int, workdir: Path, extra: list, timeout: float) -> dict:
     log = workdir / f"n{n:02d}-k{k:02d}-{exchange}-{time.monotonic_ns()}.h5"
-    command = [mpiexec(), "-n", str(n), sys.executable, "-m", "cnnpar.train", "--steps", str(steps),
+    command = [mpiexec(), *LAUNCH_FLAGS, "-n", str(n), sys.executable, "-m", "cnnpar.train", "--steps", str(steps),
                "--samples-per-rank", str(k), "--log", str(log), "--quiet", "--eval-every", "0",
                *exchange_flags(exchange), *extra]
     load_before = load_average()
@@ -201,7 +205,7 @@ def ddp_point(n: int, k: int, steps: int, timeout: float) -> dict:
         fh.write(DDP_WORKER)
         script = fh.name
     try:
-        command = [mpiexec(), "-n", str(n), sys.executable, script, str(free_port()), str(k), str(steps),
+        command = [mpiexec(), *LAUNCH_FLAGS, "-n", str(n), sys.executable, script, str(free_port()), str(k), str(steps),
                    str(max(20, steps // 10)), str(REPO)]
         proc = run_command(command, timeout, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     finally:
@@ -332,7 +336,7 @@ def write_h5(path: Path, points: list, ddp: list, meta: dict) -> None:
 # ------------------------------------------------------------------------------------------------------
 # exchange microbenchmark: fake compute + reduce, every exchange variant, interleaved rounds
 
-def micro_worker(passes: int, steps: int, rounds: int, split: float) -> None:
+def micro_worker(passes: int, steps: int, rounds: int, split: float, only: str = "") -> None:
     """Runs under mpiexec. Rank 0 prints one JSON line per variant."""
     from cnnpar import dist as dist_lib
 
@@ -351,11 +355,17 @@ def micro_worker(passes: int, steps: int, rounds: int, split: float) -> None:
 
     variants = {"local": lambda: LocalExchange(), "mpi": lambda: MpiAllreduce(d)}
     if d.size > 1:
-        waits = ("block", "yield", "spin") if d.yield_when_waiting else ("spin", "block")
+        waits = ("block", "yield-block", "yield", "spin") if d.yield_when_waiting else ("spin", "block")
         for protocol in ("slices", "single", "all"):
             for wait in waits:
                 variants[f"shm-{protocol}-{wait}"] = (
                     lambda p=protocol, w=wait: X.ShmAllreduce(d, m, comm=d.comm, wait=w, protocol=p))
+        if d.yield_when_waiting:  # how many sched_yield calls before sleeping on the futex
+            for protocol in ("single", "slices"):
+                for y in (1, 16, 64):
+                    variants[f"shm-{protocol}-yield{y}-block"] = (
+                        lambda p=protocol, y=y: _with_yields(X.ShmAllreduce(d, m, comm=d.comm, wait="block",
+                                                                            protocol=p), y))
         variants["auto"] = lambda: X.make_sync_exchange("auto", d, m)
         pretend = dist_lib.setup(pretend_nodes=2)
         variants["hier(2 pretend nodes)"] = lambda: X.HierAllreduce(pretend, m)
@@ -365,6 +375,9 @@ def micro_worker(passes: int, steps: int, rounds: int, split: float) -> None:
         variants["mpi wait=yield+sleep"] = "mpi-sleepy"
         variants["mpi wait=Wait()"] = "mpi-wait"
 
+    prefixes = [p for p in only.split(",") if p]
+    if prefixes:
+        variants = {k: v for k, v in variants.items() if any(k.startswith(p) for p in prefixes)}
     work = np.ones(m, np.float32)
     grads = np.ones(m, np.float32)
     first = max(1, int(passes * split))
@@ -391,6 +404,7 @@ def micro_worker(passes: int, steps: int, rounds: int, split: float) -> None:
             for phase in ("warm", "timed"):
                 count = min(100, steps) if phase == "warm" else steps
                 d.comm.Barrier()
+                usage0 = resource.getrusage(resource.RUSAGE_SELF)
                 t0 = time.perf_counter()
                 for i in range(count):
                     grads[:] = 1.0
@@ -419,8 +433,14 @@ def micro_worker(passes: int, steps: int, rounds: int, split: float) -> None:
                         wt[i] = w
                 if phase == "timed":
                     total = d.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+                    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+                    # CPU time and context switches per step, summed over ranks: independent of other load
+                    cpu = d.comm.allreduce((usage1.ru_utime + usage1.ru_stime - usage0.ru_utime - usage0.ru_stime)
+                                           / steps)
+                    vcsw = d.comm.allreduce((usage1.ru_nvcsw - usage0.ru_nvcsw) / steps)
+                    ivcsw = d.comm.allreduce((usage1.ru_nivcsw - usage0.ru_nivcsw) / steps)
             ex.close()
-            reduce_all = np.asarray(d.comm.gather(red, root=0)) if True else None
+            reduce_all = np.asarray(d.comm.gather(red, root=0))
             wait_all = np.asarray(d.comm.gather(wt, root=0))
             if d.rank == 0:
                 finite = wait_all[np.isfinite(wait_all)]
@@ -431,6 +451,9 @@ def micro_worker(passes: int, steps: int, rounds: int, split: float) -> None:
                     "wait_us": float(np.median(finite) * 1e6) if finite.size else None,
                     "exchange_us": float(np.median(reduce_all - np.where(np.isfinite(wait_all), wait_all, 0)) * 1e6)
                     if finite.size else None,
+                    "cpu_us_per_step": cpu * 1e6, "voluntary_switches_per_step": vcsw,
+                    "involuntary_switches_per_step": ivcsw,
+                    "cpu_bound_samples_per_s": d.size / (cpu / min(d.size, len(os.sched_getaffinity(0)))),
                     "policy": getattr(ex, "wait_policy", None), "protocol": getattr(ex, "protocol", None),
                     "class": type(ex).__name__})
     if d.rank == 0:
@@ -448,6 +471,12 @@ def _fake_compute(work, passes):
     for _ in range(passes):
         for i in range(work.shape[0]):
             work[i] = work[i] * 0.999 + 0.001
+
+
+def _with_yields(exchange, yields: int):
+    exchange._yields = yields
+    exchange.wait_policy = f"yield{yields}-block"
+    return exchange
 
 
 class _WaitWith:
@@ -488,8 +517,10 @@ def micro(args) -> dict:
     passes = calibrate_passes(args.compute_us)
     rows = []
     for n in args.micro_ranks:
-        command = [mpiexec(), "-n", str(n), sys.executable, str(Path(__file__).resolve()), "--micro-worker",
-                   "--passes", str(passes), "--micro-steps", str(args.micro_steps), "--repeats", str(args.repeats)]
+        command = [mpiexec(), *LAUNCH_FLAGS, "-n", str(n), sys.executable, str(Path(__file__).resolve()),
+                   "--micro-worker",
+                   "--passes", str(passes), "--micro-steps", str(args.micro_steps), "--repeats", str(args.repeats),
+                   "--micro-variants", args.micro_variants]
         proc = run_command(command, timeout=args.timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"micro worker failed at n={n}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
@@ -498,7 +529,9 @@ def micro(args) -> dict:
                 rows.append(json.loads(line))
                 r = rows[-1]
                 print(f"n={n:2d} {r['variant']:24s} {r['samples_per_s']:9.0f} samples/s  reduce median "
-                      f"{r['reduce_us']:7.1f} us  wait {fmt(r['wait_us'], 1)}", file=sys.stderr, flush=True)
+                      f"{r['reduce_us']:7.1f} us  wait {fmt(r['wait_us'], 1)}  cpu/step {r['cpu_us_per_step']:7.1f} "
+                      f"us  cpu-bound {r['cpu_bound_samples_per_s']:8.0f}  csw {r['voluntary_switches_per_step']:.1f}"
+                      f"/{r['involuntary_switches_per_step']:.1f}", file=sys.stderr, flush=True)
     meta = {"compute_us": args.compute_us, "passes": passes, "steps": args.micro_steps, "rounds": args.repeats,
             "machine": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
             "load_end": load_average(), "command": " ".join(sys.argv)}
@@ -510,11 +543,18 @@ def micro(args) -> dict:
              f"rounds, median round shown. reduce = time in reduce() (median over steps and ranks), wait = the "
              f"part the exchange measured as waiting for other ranks. Load average at the end: "
              f"{fmt(meta['load_end'], 2)}.", "",
-             "| ranks | variant | samples/s | step us | reduce us (median) | of which wait | exchange us |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+             "CPU us/step is the CPU time all ranks together spent per step (getrusage), and `CPU bound` the "
+             "samples/s the cores could sustain at that cost (ranks / (CPU per step / min(ranks, cores))): "
+             "unlike wall-clock figures it hardly depends on what else runs on a shared machine. Switches: "
+             "voluntary / involuntary context switches per step, all ranks together.", "",
+             "| ranks | variant | samples/s | step us | reduce us (median) | of which wait | CPU us/step | "
+             "CPU bound samples/s | switches v/i |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['ranks']} | {r['variant']} | {fmt(r['samples_per_s'])} | {fmt(r['step_us'], 1)} | "
-                     f"{fmt(r['reduce_us'], 1)} | {fmt(r['wait_us'], 1)} | {fmt(r['exchange_us'], 1)} |")
+                     f"{fmt(r['reduce_us'], 1)} | {fmt(r['wait_us'], 1)} | {fmt(r['cpu_us_per_step'], 1)} | "
+                     f"{fmt(r['cpu_bound_samples_per_s'])} | {fmt(r['voluntary_switches_per_step'], 1)} / "
+                     f"{fmt(r['involuntary_switches_per_step'], 1)} |")
     (out / "exchange_micro.md").write_text("\n".join(lines) + "\n")
     figures = {"micro": True, "meta": meta, "rows": rows}
     (out / "exchange_micro.json").write_text(json.dumps(figures, indent=1))
@@ -535,20 +575,24 @@ def main(argv=None) -> int:
                         "for k=1, 60k for k=16, at least 300 steps)")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repetitions; the median is reported")
     parser.add_argument("--vs-ddp", action="store_true", help="also run PyTorch DDP (gloo) on the same net")
-    parser.add_argument("--quick", action="store_true", help="CI: ranks 1,2, k=1, 150 steps, no DDP")
+    parser.add_argument("--quick", action="store_true", help="CI: ranks 1,2, k=1, auto/mpi/local, 150 steps, no DDP")
     parser.add_argument("--micro", action="store_true", help="exchange microbenchmark instead of the trainer")
     parser.add_argument("--micro-ranks", default="2,4,12")
     parser.add_argument("--micro-steps", type=int, default=2000)
     parser.add_argument("--compute-us", type=float, default=40.0, help="--micro: fake compute per step")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mpiexec run")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--launch-flags", default="", help="extra mpiexec flags, e.g. '-bind-to core'")
+    parser.add_argument("--micro-variants", default="", help="--micro: only variants starting with these "
+                        "comma-separated prefixes")
     parser.add_argument("--micro-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--passes", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--overlap-split", type=float, default=0.6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    LAUNCH_FLAGS[:] = args.launch_flags.split()
     if args.micro_worker:
-        micro_worker(args.passes, args.micro_steps, args.repeats, args.overlap_split)
+        micro_worker(args.passes, args.micro_steps, args.repeats, args.overlap_split, args.micro_variants)
         return 0
     if args.out is None:
         args.out = str(REPO / "analysis" / "results" / ("quick" if args.quick else ""))
@@ -562,6 +606,8 @@ def main(argv=None) -> int:
     ks = [int(x) for x in (args.samples_per_rank or ("1" if args.quick else "1,16")).split(",")]
     if args.exchanges:
         exchanges = args.exchanges.split(",")
+    elif args.quick:
+        exchanges = ["auto", "mpi", "local"]
     else:
         exchanges = list(BASE_EXCHANGES)
         if not args.quick and importlib.util.find_spec("cnnpar.race") is not None:

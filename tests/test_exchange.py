@@ -38,7 +38,8 @@ def test_every_exchange_sums_like_mpi_allreduce(n):
     assert summary["ranks"] == n
     expected = {"mpi", "shm", "auto"}
     if n > 1:
-        expected |= {f"shm-{p}-{w}" for p in ("slices", "single", "all") for w in ("spin", "block", "yield")}
+        waits = ("spin", "block", "yield", "yield-block") if n <= 3 else (None,)
+        expected |= {f"shm-{p}-{w}" for p in ("slices", "single", "all") for w in waits}
         expected |= {"shm-short-slices", "hier", "hier-spin", "hier-block", "auto-pretend", "shm-pretend"}
         expected |= {f"shm-overlap-{p}" for p in ("slices", "single", "all")}
     assert expected <= set(results), sorted(expected - set(results))
@@ -96,11 +97,11 @@ def test_atomic_primitives():
 
 
 @pytest.mark.parametrize("protocol", ["slices", "single", "all"])
-@pytest.mark.parametrize("use_futex", [True, False])
-def test_kernels_synchronise_threads(protocol, use_futex):
+@pytest.mark.parametrize("yields", [0, 4, -1])  # sleep at once; yield 4 times then sleep; only yield
+def test_kernels_synchronise_threads(protocol, yields):
     """n threads play n ranks on one control block and slot array, for many steps, with random delays:
     the nogil kernels run truly in parallel, like processes on a shared window."""
-    if use_futex and not X.HAVE_FUTEX:
+    if yields >= 0 and not X.HAVE_FUTEX:
         pytest.skip("no futex on this platform")
     n, m, steps = 3, 1000, 300
     rows = 2 * n if protocol == "all" else n
@@ -125,7 +126,7 @@ def test_kernels_synchronise_threads(protocol, use_futex):
                 phase = X.PH_START
                 while phase != X.PH_FINISHED:
                     code = X._shm_step(ctrl, slots, result, g, r, n, lo, hi, s + 1, phase, 2000 if r == 0 else 0,
-                                       use_futex, X.PROTOCOLS[protocol], False, 5_000_000, 0, 0)
+                                       yields, X.PROTOCOLS[protocol], False, 5_000_000, 0, 0)
                     phase = code & 7
                 outputs[s, r] = g
         except BaseException as exc:  # pragma: no cover - reported below
@@ -155,8 +156,7 @@ def test_quick_benchmark_runs(tmp_path):
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert figures["quick"] is True
     runs = figures["runs"]
-    assert {(r["ranks"], r["exchange"]) for r in runs} >= {(1, "auto"), (2, "auto"), (2, "shm"), (2, "mpi"),
-                                                            (2, "local")}
+    assert {(r["ranks"], r["exchange"]) for r in runs} >= {(1, "auto"), (2, "auto"), (2, "mpi"), (2, "local")}
     for run in runs:
         assert run["samples_per_s"] > 0, run
     assert (tmp_path / "scaling.md").exists() and (tmp_path / "scaling.h5").exists()
