@@ -1,21 +1,24 @@
 """Shared-memory gradient exchanges: `--allreduce shm`, `--allreduce hier`, and what `auto` picks.
 
+Design, measurements and the targets they meet or miss: docs/performance.md.
+
 shm (one node)
     One MPI-3 shared-memory window on the node communicator holds a control block, one gradient slot per
-    rank and a result buffer. A step is two flag phases:
+    rank and a result buffer. Default step when ranks <= cores ("slices", two flag phases):
 
         1. every rank copies its gradient into its slot and arrives (atomic fetch-add on counter A);
         2. once A says all ranks arrived, rank r sums its own slice of the parameters over the slots in rank
            order 0..n-1 into the result, and arrives on counter D;
         3. once D says all slices are summed, every rank copies the result back into its gradient.
 
-    The sum is formed in a fixed order (slot 0 + slot 1 + ... + slot n-1, float32, element by element), so
-    the result is bitwise identical to `functools.reduce(np.add, grads_of_rank_0..n-1)` and does not depend
-    on timing; MPI_Allreduce agrees with it within float32 summation-order tolerance.
+    When ranks outnumber cores a second round of sleeping and waking costs more than it saves, so there the
+    default is one phase ("single"): the rank that arrives last sums every slot (same order, same bits),
+    bumps counter R and wakes the others. A third protocol ("all") double-buffers the slots and lets every
+    rank sum all of them itself after one phase (small n only).
 
-    When ranks outnumber cores the parallel slices cost a second round of wake-ups, so there the exchange
-    uses one phase instead ("single" protocol): the rank that arrives last sums every slot (same order, same
-    bits) and wakes the others.
+    The sum is formed in a fixed order (slot 0 + slot 1 + ... + slot n-1, float32, element by element) by
+    every protocol, so the result is bitwise identical to `functools.reduce(np.add, grads_of_rank_0..n-1)` and
+    does not depend on timing; MPI_Allreduce agrees with it within float32 summation-order tolerance.
 
 hier (several nodes)
     The shm steps 1-2 on each node, then the node leaders (node_rank 0) MPI_Allreduce the node sums while the
@@ -38,15 +41,17 @@ Synchronisation and memory ordering
     compiles to the same instructions a hand-written C version would use, and on AArch64 to ldar/ldaddal.
 
 Waiting
-    A waiter first spins on the flag with the `pause` hint (when ranks <= cores: wake-up in ~100 ns), then
-    blocks in the kernel with FUTEX_WAIT on the low 32 bits of the counter (a shared, not private, futex: the
-    window is a shared mapping, so processes can wait on it). The last rank to arrive issues FUTEX_WAKE only
-    when a sleepers count says someone may be asleep; the count is incremented with a full barrier before the
-    sleeper's FUTEX_WAIT re-checks the counter, and the waker reads it after its own full-barrier increment,
-    so (Dekker) either the waker sees the sleeper or the sleeper's FUTEX_WAIT sees the new counter value and
-    returns at once: no lost wake-up. When ranks outnumber cores (dist.yield_when_waiting) a waiter blocks
-    immediately, so the core goes to a rank that still computes. A wait never lasts longer than one slice of
-    ~0.2 s inside the kernel: then control returns to Python (Ctrl-C works) and the wait resumes.
+    A waiter spins on the flag with the `pause` hint for up to spin_ns (ranks <= cores: 50 us, enough for the
+    usual skew, and a cap on the waste when other jobs load the machine), then calls sched_yield up to
+    `yields` times, then blocks in the kernel with FUTEX_WAIT on the low 32 bits of the counter (a shared, not
+    private, futex: the window is a shared mapping, so processes can wait on it). The rank that completes a
+    count issues FUTEX_WAKE only when a sleepers count says someone may be asleep; the count is incremented with
+    a full barrier before the sleeper's FUTEX_WAIT re-checks the counter, and the waker reads it after its own
+    full-barrier increment, so (Dekker) either the waker sees the sleeper or the sleeper's FUTEX_WAIT sees the
+    new counter value and returns at once: no lost wake-up. When ranks outnumber cores
+    (dist.yield_when_waiting) a waiter sleeps at once, so the core goes to a rank that still computes. A wait
+    never lasts longer than one slice of ~0.2 s inside the kernel: then control returns to Python (Ctrl-C
+    works) and the wait resumes.
 
 The time a rank spent in these waits is measured inside the kernel (clock_gettime, vDSO, ~20 ns) and
 returned by `reduce` as the step's wait seconds.
@@ -407,9 +412,13 @@ def _closing_collectively() -> bool:
 class ShmAllreduce(Exchange):
     """Sum of the gradients of the ranks of `comm` (all on one node) through a shared-memory window.
 
-    wait: 'spin' (spin up to spin_ns, then sleep), 'block' (sleep at once), 'yield' (sched_yield loop);
-    None = 'block' when dist.yield_when_waiting else 'spin'. protocol: 'slices' (two phases, parallel
-    sums), 'single' (one phase, the last arrival sums); None = 'single' when blocking, else 'slices'."""
+    wait: 'spin' (spin up to spin_ns, then sleep), 'block' (sleep at once), 'yield-block' (sched_yield 16
+    times, then sleep), 'yield' (sched_yield only); None = $CNNPAR_SHM_WAIT if set (experiments), else 'block'
+    when dist.yield_when_waiting else 'spin'. protocol: 'slices' (two phases, parallel sums), 'single' (one
+    phase, the last arrival sums), 'all' (one phase, every rank sums everything); None = 'single' unless
+    spinning, else 'slices'. Every protocol gives bitwise the same, rank-ordered sum.
+
+    Overlap: reduce_begin(grads, lo, hi) hands over a slice early, reduce_end(grads) completes the step."""
 
     name = "shm"
 
