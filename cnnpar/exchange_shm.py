@@ -187,13 +187,53 @@ def futex(typingctx, arr, idx, op, val, timeout_ns):
     return types.int64(arr, idx, op, val, timeout_ns), codegen
 
 
+@intrinsic
+def _stream_store_chunks(typingctx, dst, src, chunks):
+    """dst[:16*chunks] = src[:16*chunks] with non-temporal (streaming) stores of 64 bytes, then sfence.
+
+    dst must be 64-byte aligned (a slot row is). The lines go to memory without first being fetched and
+    without invalidating other cores' copies one by one: when the other core is far (another die or socket,
+    ~0.5 us per cache-line round trip) this is several times cheaper than ordinary stores into lines the
+    other core has read; the reader then fetches them from memory. x86 only (sfence orders them before the
+    release RMW that publishes the slot)."""
+
+    def codegen(context, builder, sig, args):
+        dty, sty, cty = sig.args
+        dst_ary = context.make_array(dty)(context, builder, args[0])
+        src_ary = context.make_array(sty)(context, builder, args[1])
+        count = context.cast(builder, args[2], cty, types.intp)
+        vec = ir.VectorType(ir.FloatType(), 16)
+        dptr = builder.bitcast(dst_ary.data, vec.as_pointer())
+        sptr = builder.bitcast(src_ary.data, vec.as_pointer())
+        hint = builder.module.add_metadata([ir.Constant(_I32, 1)])
+        aligned = builder.icmp_unsigned("==", builder.and_(builder.ptrtoint(dst_ary.data, _I64),
+                                                           ir.Constant(_I64, 63)), ir.Constant(_I64, 0))
+        with builder.if_else(aligned) as (then, otherwise):
+            with then:
+                with cgutils.for_range(builder, count) as loop:
+                    value = builder.load(builder.gep(sptr, [loop.index]), align=4)
+                    store = builder.store(value, builder.gep(dptr, [loop.index]), align=64)
+                    store.set_metadata("nontemporal", hint)
+            with otherwise:  # not 64-byte aligned (never for a slot row): ordinary stores
+                with cgutils.for_range(builder, count) as loop:
+                    value = builder.load(builder.gep(sptr, [loop.index]), align=4)
+                    builder.store(value, builder.gep(dptr, [loop.index]), align=4)
+        sfence = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                "llvm.x86.sse.sfence")
+        builder.call(sfence, [])
+        return context.get_dummy_value()
+
+    return types.void(dst, src, chunks), codegen
+
+
 # ----------------------------------------------------------------------------------------------------
 # Control block: int64 fields, one 64-byte cache line each (CTRL[field * 8])
 # ----------------------------------------------------------------------------------------------------
 
 LINE = 8  # int64 per cache line
 F_ARRIVE, F_DONE, F_RESULT, F_SLEEP_ARRIVE, F_SLEEP_DONE, F_SLEEP_RESULT, F_REDUCE_NS, F_EARLY = range(8)
-N_FIELDS = 8
+F_PROBE_A, F_PROBE_B = 8, 9
+N_FIELDS = 10
 _SLEEPERS = {F_ARRIVE: F_SLEEP_ARRIVE, F_DONE: F_SLEEP_DONE, F_RESULT: F_SLEEP_RESULT}
 
 # wait policy -> sched_yield calls before sleeping on the futex (-1: yield forever, never sleep)
@@ -201,6 +241,10 @@ WAIT_POLICIES = {"spin": 0, "block": 0, "yield": -1, "yield-block": 16}
 WAIT_SLICE_NS = 200_000_000   # a wait returns to Python this often (signals, Ctrl-C), then resumes
 FUTEX_TIMEOUT_NS = 20_000_000  # safety net only: a sleeper re-checks its counter at least this often
 SPIN_NS_DEFAULT = 50_000       # ranks <= cores: spin this long, then sleep (covers normal skew; caps the waste under load)
+
+ALL_UP_TO = 4              # spinning: protocol 'all' up to this many ranks, 'slices' above
+FAR_ROUND_TRIP_NS = 250    # cache-line round trip above which slots are written with streaming stores
+PROBE_ROUNDS = 500
 
 # kernel return: phase reached in the low 3 bits, wait ns above them
 _PHASE_BITS = 3
@@ -232,13 +276,14 @@ def _wait(ctrl, field, target, spin_ns, yields, start_ns, slice_ns):
         return True, 0
     t0 = now_ns()
     if spin_ns > 0:
+        spins = 0
         while True:
-            for _ in range(32):
-                cpu_relax()
+            cpu_relax()
             value = load_acquire(ctrl, word)
             if value >= target:
                 return True, now_ns() - t0
-            if now_ns() - t0 >= spin_ns:
+            spins += 1
+            if (spins & 63) == 0 and now_ns() - t0 >= spin_ns:
                 break
     sleepers = (field + 3) * LINE
     yielded = 0
@@ -280,10 +325,17 @@ def _copy(dst, src, m):
 
 
 @njit(cache=True, nogil=True)
-def _copy_except(dst, src, m, skip_lo, skip_hi):
-    """dst[:m] = src[:m] except [skip_lo, skip_hi), which reduce_begin already copied."""
+def _copy_except(dst, src, m, skip_lo, skip_hi, nontemporal):
+    """dst[:m] = src[:m] except [skip_lo, skip_hi), which reduce_begin already copied; streaming stores
+    when `nontemporal` (and nothing was pre-copied)."""
     if skip_lo >= skip_hi:
-        _copy(dst, src, m)
+        if nontemporal:
+            chunks = m // 16
+            _stream_store_chunks(dst, src, chunks)
+            for i in range(chunks * 16, m):
+                dst[i] = src[i]
+        else:
+            _copy(dst, src, m)
         return
     for i in range(skip_lo):
         dst[i] = src[i]
@@ -297,7 +349,7 @@ PROTOCOLS = {"slices": P_SLICES, "single": P_SINGLE, "all": P_ALL}
 
 @njit(cache=True, nogil=True)
 def _shm_step(ctrl, slots, result, grads, rank, n, lo, hi, seq, phase, spin_ns, yields, protocol, node_only,
-              slice_ns, pre_lo, pre_hi):
+              slice_ns, pre_lo, pre_hi, nontemporal):
     """One exchange step, resumable at `phase`. Returns the phase reached | (ns waited << 3).
 
     P_SLICES: copy in, arrive A, wait A, sum my slice into result, arrive D, wait D, copy out.
@@ -309,6 +361,7 @@ def _shm_step(ctrl, slots, result, grads, rank, n, lo, hi, seq, phase, spin_ns, 
               half h at step s.
     node_only (hier, P_SLICES): stop after this rank's slice is summed and counted on D (PH_WAIT_DONE).
     [pre_lo, pre_hi): already copied into the slot by reduce_begin (empty when pre_lo >= pre_hi).
+    nontemporal: copy into the slot with streaming stores (see _stream_store_chunks).
     Every variant forms the same rank-order float32 sum, so all give bitwise the same result."""
     m = grads.shape[0]
     target = n * seq
@@ -317,7 +370,7 @@ def _shm_step(ctrl, slots, result, grads, rank, n, lo, hi, seq, phase, spin_ns, 
     if protocol == P_ALL:
         base = (seq & 1) * n
         if phase == PH_START:
-            _copy_except(slots[base + rank], grads, m, pre_lo, pre_hi)
+            _copy_except(slots[base + rank], grads, m, pre_lo, pre_hi, nontemporal)
             _arrive(ctrl, F_ARRIVE, target)
         done, ns = _wait(ctrl, F_ARRIVE, target, spin_ns, yields, start, slice_ns)
         if not done:
@@ -325,7 +378,7 @@ def _shm_step(ctrl, slots, result, grads, rank, n, lo, hi, seq, phase, spin_ns, 
         _sum_rows(slots, base, n, grads, 0, m)
         return PH_FINISHED | (ns << _PHASE_BITS)
     if phase == PH_START:
-        _copy_except(slots[rank], grads, m, pre_lo, pre_hi)
+        _copy_except(slots[rank], grads, m, pre_lo, pre_hi, nontemporal)
         last = _arrive(ctrl, F_ARRIVE, target)
         if protocol == P_SINGLE:
             if last:
@@ -364,6 +417,26 @@ def _shm_step(ctrl, slots, result, grads, rank, n, lo, hi, seq, phase, spin_ns, 
             return PH_WAIT_RESULT | (waited << _PHASE_BITS)
     _copy(grads, result, m)
     return PH_FINISHED | (waited << _PHASE_BITS)
+
+
+@njit(cache=True, nogil=True)
+def _probe_round_trip(ctrl, rank, rounds):
+    """Ranks 0 and 1 bounce a counter `rounds` times; returns the mean round trip in ns (rank 0). Only run
+    when ranks <= cores (both spin at once); a descheduled partner only makes it slow, not stuck."""
+    a, b = F_PROBE_A * LINE, F_PROBE_B * LINE
+    t0 = now_ns()
+    for k in range(1, 2 * rounds + 1):
+        if k == rounds + 1:  # the first half lines the two ranks up; time the second
+            t0 = now_ns()
+        if rank == 0:
+            fetch_add(ctrl, a, 1)
+            while load_acquire(ctrl, b) < k:
+                cpu_relax()
+        else:
+            while load_acquire(ctrl, a) < k:
+                cpu_relax()
+            fetch_add(ctrl, b, 1)
+    return (now_ns() - t0) // rounds
 
 
 @njit(cache=True, nogil=True)
@@ -423,7 +496,8 @@ class ShmAllreduce(Exchange):
     name = "shm"
 
     def __init__(self, dist, n_params: int, comm=None, wait: str | None = None, protocol: str | None = None,
-                 spin_ns: int = SPIN_NS_DEFAULT, node_only: bool = False, own_comm: bool = False):
+                 spin_ns: int = SPIN_NS_DEFAULT, node_only: bool = False, own_comm: bool = False,
+                 nontemporal: bool | None = None):
         from mpi4py import MPI
 
         self._comm = comm if comm is not None else dist.node
@@ -438,7 +512,7 @@ class ShmAllreduce(Exchange):
         self._spin_ns = int(spin_ns) if wait == "spin" else 0
         self._yields = WAIT_POLICIES[wait] if HAVE_FUTEX else -1
         if protocol is None:
-            protocol = "single" if wait != "spin" else "slices"
+            protocol = "single" if wait != "spin" else ("all" if self._n <= ALL_UP_TO else "slices")
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}")
         if node_only:
@@ -485,6 +559,17 @@ class ShmAllreduce(Exchange):
         self.wait_slice_ns = WAIT_SLICE_NS  # tests shorten it to exercise the resume path
         self.resumed = 0  # times a wait slice expired and the step resumed from Python
         self._pre = (0, 0)  # range reduce_begin already put in the slot
+        if nontemporal is None:  # streaming stores pay off only when the other core is far; measure it
+            self.round_trip_ns = self._probe() if wait == "spin" and self._n > 1 and _IS_X86 else 0
+            nontemporal = self.round_trip_ns > FAR_ROUND_TRIP_NS
+        self.nontemporal = bool(nontemporal) and _IS_X86
+
+    def _probe(self) -> int:
+        """Cache-line round trip between node ranks 0 and 1 in ns (collective; ~0.1 ms). On the development VM
+        it is ~70 ns when the two vCPUs share a die and ~450 ns when the host has put them on different dies,
+        and the cost of handing a slot over follows it (copy-in 3-5 vs ~20 us)."""
+        rt = _probe_round_trip(self._ctrl, self._rank, PROBE_ROUNDS) if self._rank < 2 else 0
+        return int(self._comm.bcast(rt, root=0))
 
     # -- the step --
     def _run(self, grads, phase: int, stop: int) -> tuple:
@@ -493,7 +578,8 @@ class ShmAllreduce(Exchange):
         while True:
             code = _shm_step(self._ctrl, self._slots, self._result, grads, self._rank, self._n, self._lo,
                              self._hi, self._seq, phase, self._spin_ns, self._yields, self._protocol,
-                             self._node_only, self.wait_slice_ns, self._pre[0], self._pre[1])
+                             self._node_only, self.wait_slice_ns, self._pre[0], self._pre[1],
+                             self.nontemporal)
             phase = code & 7
             waited += code >> _PHASE_BITS
             if phase == stop:
@@ -645,10 +731,15 @@ def warm_kernels() -> None:
     slots = np.zeros((2, 16), np.float32)
     for protocol in PROTOCOLS.values():
         ctrl[:] = 0
-        _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_START, 0, 0, protocol, False, WAIT_SLICE_NS, 0, 0)
+        _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_START, 0, 0, protocol, False, WAIT_SLICE_NS, 0, 0, False)
     ctrl[:] = 0
-    _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_START, 0, 0, P_SLICES, True, WAIT_SLICE_NS, 0, 0)
+    _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_START, 0, 0, P_SLICES, True, WAIT_SLICE_NS, 0, 0, False)
     _wait_field(ctrl, F_DONE, 1, 0, 0, WAIT_SLICE_NS)
     _publish_result(ctrl)
-    _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_WAIT_RESULT, 0, 0, P_SLICES, True, WAIT_SLICE_NS, 0, 0)
+    _shm_step(ctrl, slots, result, grads, 0, 1, 0, 16, 1, PH_WAIT_RESULT, 0, 0, P_SLICES, True, WAIT_SLICE_NS, 0, 0, False)
     _copy_in(slots, 0, grads, 0, 16)
+    probe = np.zeros(N_FIELDS * LINE, np.int64)
+    probe[F_PROBE_B * LINE] = 2  # rank 0 (1 round + 1 line-up round) finds its answers already there
+    _probe_round_trip(probe, 0, 1)
+    if _IS_X86:
+        _copy_except(slots[0], grads, 16, 0, 0, True)

@@ -190,7 +190,9 @@ elapsed = torch.tensor([elapsed], dtype=torch.float64)
 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
 if rank == 0:
     print(json.dumps({"samples_per_s": size * k * steps / float(elapsed[0]), "steps": steps}), flush=True)
-dist.destroy_process_group()
+dist.barrier()
+sys.stdout.flush()
+os._exit(0)  # gloo's teardown at 12 ranks sometimes aborts ("terminate called ..."); the figure is out already
 '''
 
 
@@ -210,9 +212,10 @@ def ddp_point(n: int, k: int, steps: int, timeout: float) -> dict:
         proc = run_command(command, timeout, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     finally:
         os.unlink(script)
-    if proc.returncode != 0:
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if not lines:
         raise RuntimeError(f"DDP run failed (n={n}, k={k}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    line = [x for x in proc.stdout.splitlines() if x.startswith("{")][-1]
+    line = lines[-1]
     result = json.loads(line)
     result.update(ranks=n, samples_per_rank=k, exchange="ddp-gloo")
     return result
@@ -306,6 +309,9 @@ def markdown(points: list, ddp: list, goals: list, meta: dict) -> str:
                              f"{p['other_us']:.0f} / {p['step_us']:.0f}")
             lines.append(f"| {ex} | " + " | ".join(cells) + " |")
         lines.append("")
+    if meta.get("failures"):
+        lines += ["## Failed points", ""] + [f"* {f['point']}: {f['error'][-300:]!r}" for f in meta["failures"]]
+        lines.append("")
     if goals:
         lines += ["## Targets (issue 7)", "", "| target | value | threshold | met |", "|---|---:|---:|---|"]
         for g in goals:
@@ -360,6 +366,12 @@ def micro_worker(passes: int, steps: int, rounds: int, split: float, only: str =
             for wait in waits:
                 variants[f"shm-{protocol}-{wait}"] = (
                     lambda p=protocol, w=wait: X.ShmAllreduce(d, m, comm=d.comm, wait=w, protocol=p))
+        if not d.yield_when_waiting:  # slot copies with ordinary vs streaming stores (auto probes the distance)
+            for protocol in ("all", "slices"):
+                for nt in (False, True):
+                    variants[f"shm-{protocol}-spin-{'streaming' if nt else 'plain'}"] = (
+                        lambda p=protocol, nt=nt: X.ShmAllreduce(d, m, comm=d.comm, wait="spin", protocol=p,
+                                                                 nontemporal=nt))
         if d.yield_when_waiting:  # how many sched_yield calls before sleeping on the futex
             for protocol in ("single", "slices"):
                 for y in (1, 16, 64):
@@ -454,6 +466,7 @@ def micro_worker(passes: int, steps: int, rounds: int, split: float, only: str =
                     "cpu_us_per_step": cpu * 1e6, "voluntary_switches_per_step": vcsw,
                     "involuntary_switches_per_step": ivcsw,
                     "cpu_bound_samples_per_s": d.size / (cpu / min(d.size, len(os.sched_getaffinity(0)))),
+                    "nontemporal": getattr(ex, "nontemporal", None),
                     "policy": getattr(ex, "wait_policy", None), "protocol": getattr(ex, "protocol", None),
                     "class": type(ex).__name__})
     if d.rank == 0:
@@ -625,7 +638,19 @@ def main(argv=None) -> int:
     except Exception:  # pragma: no cover
         pass
 
-    runs, ddp_runs = [], []
+    runs, ddp_runs, failures = [], [], []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    journal = (out / "scaling_runs.jsonl").open("w")  # every run as it completes, in case the grid is cut short
+
+    def attempt(what: str, fn):
+        try:
+            return fn()
+        except (RuntimeError, subprocess.TimeoutExpired) as err:  # one failed point must not lose the grid
+            failures.append({"point": what, "error": str(err)[-1500:]})
+            print(f"bench_scaling: {what} failed: {str(err)[-400:]}", file=sys.stderr, flush=True)
+            return None
+
     with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
         workdir = Path(tmp)
         for repeat in range(args.repeats):
@@ -633,29 +658,40 @@ def main(argv=None) -> int:
                 for n in ranks:
                     for ex in exchanges:
                         steps = args.steps or steps_for(n, k, args.quick)
-                        point = trainer_point(n, k, ex, steps, workdir, [], args.timeout)
+                        point = attempt(f"k={k} n={n} {ex}",
+                                        lambda: trainer_point(n, k, ex, steps, workdir, [], args.timeout))
+                        if point is None:
+                            continue
                         point["repeat"] = repeat
                         runs.append(point)
+                        journal.write(json.dumps(point) + "\n")
+                        journal.flush()
                         print(f"k={k:2d} n={n:2d} {ex:7s} {point['samples_per_s']:9.0f} samples/s  step "
                               f"{point['step_us']:7.1f} us = compute {point['compute_us']:.1f} + exchange "
                               f"{point['exchange_us']:.1f} + wait {point['wait_us']:.1f} + other "
                               f"{point['other_us']:.1f}", file=sys.stderr, flush=True)
                     if args.vs_ddp:
-                        d = ddp_point(n, k, ddp_steps(n, k, args.quick), args.timeout)
+                        d = attempt(f"k={k} n={n} ddp",
+                                    lambda: ddp_point(n, k, ddp_steps(n, k, args.quick), args.timeout))
+                        if d is None:
+                            continue
                         d["repeat"] = repeat
                         ddp_runs.append(d)
+                        journal.write(json.dumps(d) + "\n")
+                        journal.flush()
                         print(f"k={k:2d} n={n:2d} ddp-gloo {d['samples_per_s']:9.0f} samples/s", file=sys.stderr,
                               flush=True)
+    journal.close()
     meta["load_end"] = load_average()
     points, ddp = median_points(runs), median_points(ddp_runs)
     goals = targets(points, ddp, ranks)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    meta["failures"] = failures
     (out / "scaling.md").write_text(markdown(points, ddp, goals, meta))
     write_h5(out / "scaling.h5", points, ddp, meta)
     figures = {"quick": args.quick, "meta": meta, "runs": points, "ddp": ddp, "targets": goals}
+    (out / "scaling.json").write_text(json.dumps(figures, indent=1))
     print(json.dumps(figures))
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

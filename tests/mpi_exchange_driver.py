@@ -144,7 +144,8 @@ def check_exchange(label: str, exchange, dist, steps: int, seed: int, reference:
             "wait_measured": len(finite) == len(waits), "mean_wait_s": float(np.mean(finite)) if finite else None,
             "resumed": int(getattr(exchange, "resumed", 0) or getattr(getattr(exchange, "_node", None),
                                                                        "resumed", 0) or 0),
-            "policy": getattr(exchange, "wait_policy", None), "protocol": getattr(exchange, "protocol", None)}
+            "policy": getattr(exchange, "wait_policy", None), "protocol": getattr(exchange, "protocol", None),
+            "nontemporal": getattr(inner, "nontemporal", None), "round_trip_ns": getattr(inner, "round_trip_ns", None)}
 
 
 def main() -> int:
@@ -178,6 +179,10 @@ def main() -> int:
                 run(f"shm-{protocol}-{wait}",
                     lambda: exchange_shm.ShmAllreduce(dist, N_PARAMS, comm=dist.comm, wait=wait, protocol=protocol),
                     reference="rank_order")
+        for protocol in ("slices", "all"):  # slots written with streaming (non-temporal) stores
+            run(f"shm-{protocol}-streaming",
+                lambda: exchange_shm.ShmAllreduce(dist, N_PARAMS, comm=dist.comm, protocol=protocol,
+                                                  nontemporal=True), reference="rank_order")
         # the resume path: a wait slice of 1 ms and ranks that are up to 20 ms late
         def short_slices():
             ex = exchange_shm.ShmAllreduce(dist, N_PARAMS, comm=dist.comm, wait="block")
