@@ -49,7 +49,8 @@ Waiting
     a full barrier before the sleeper's FUTEX_WAIT re-checks the counter, and the waker reads it after its own
     full-barrier increment, so (Dekker) either the waker sees the sleeper or the sleeper's FUTEX_WAIT sees the
     new counter value and returns at once: no lost wake-up. When ranks outnumber cores
-    (dist.yield_when_waiting) a waiter sleeps at once, so the core goes to a rank that still computes. A wait
+    (dist.yield_when_waiting) a waiter does not spin: it yields the core 16 times (cheap hand-overs to the
+    ranks that still compute on it, no wake-up of an idle vCPU needed) and then sleeps. A wait
     never lasts longer than one slice of ~0.2 s inside the kernel: then control returns to Python (Ctrl-C
     works) and the wait resumes.
 
@@ -486,8 +487,8 @@ class ShmAllreduce(Exchange):
     """Sum of the gradients of the ranks of `comm` (all on one node) through a shared-memory window.
 
     wait: 'spin' (spin up to spin_ns, then sleep), 'block' (sleep at once), 'yield-block' (sched_yield 16
-    times, then sleep), 'yield' (sched_yield only); None = $CNNPAR_SHM_WAIT if set (experiments), else 'block'
-    when dist.yield_when_waiting else 'spin'. protocol: 'slices' (two phases, parallel sums), 'single' (one
+    times, then sleep), 'yield' (sched_yield only); None = $CNNPAR_SHM_WAIT if set (experiments), else
+    'yield-block' when dist.yield_when_waiting else 'spin'. protocol: 'slices' (two phases, parallel sums), 'single' (one
     phase, the last arrival sums), 'all' (one phase, every rank sums everything); None = 'single' unless
     spinning, else 'slices'. Every protocol gives bitwise the same, rank-ordered sum.
 
@@ -505,7 +506,7 @@ class ShmAllreduce(Exchange):
         self._rank, self._n = self._comm.Get_rank(), self._comm.Get_size()
         self._m = int(n_params)
         if wait is None:
-            wait = os.environ.get("CNNPAR_SHM_WAIT") or ("block" if dist.yield_when_waiting else "spin")
+            wait = os.environ.get("CNNPAR_SHM_WAIT") or ("yield-block" if dist.yield_when_waiting else "spin")
         if wait not in WAIT_POLICIES:
             raise ValueError(f"unknown wait policy {wait!r}")
         self.wait_policy = wait

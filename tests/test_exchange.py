@@ -62,7 +62,7 @@ def test_every_exchange_sums_like_mpi_allreduce(n):
             assert results[label]["wait_measured"], f"{label} must measure its own wait"
         assert results["shm-short-slices"]["resumed"] >= 1, "a late rank must make a 1 ms wait slice resume"
         oversubscribed = summary["oversubscribed"]
-        assert results["auto"]["policy"] == ("block" if oversubscribed else "spin")
+        assert results["auto"]["policy"] == ("yield-block" if oversubscribed else "spin")
 
 
 def test_slices_partition_the_parameters():
