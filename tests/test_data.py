@@ -621,3 +621,27 @@ def test_cli_fetch_with_a_wrong_checksum_leaves_nothing(tmp_path, served):
     line = _assert_one_error_line(done, str(tmp_path / "root" / "mnist" / "train-images-idx3-ubyte.gz"))
     assert "MD5" in line and mirror.url in line
     assert not (tmp_path / "root").exists(), "nothing left, not even the folders it made"
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(labels=st.booleans(), gz=st.booleans(), cut=st.integers(0, 200),
+       flips=st.lists(st.tuples(st.integers(0, 199), st.integers(0, 255)), max_size=6))
+def test_fuzzed_idx_files_give_a_user_error_or_a_valid_array(labels, gz, cut, flips):
+    """Corrupted or truncated IDX bytes: the reader either returns a consistent uint8 array or raises the
+    documented one-line UserError naming the file, never any other exception."""
+    array = np.arange(40, dtype=np.uint8) % 10 if labels else (np.arange(3 * 7 * 8) % 256).astype(np.uint8).reshape(3, 7, 8)
+    with tempfile.TemporaryDirectory() as folder:
+        name = ("labels-idx1-ubyte" if labels else "images-idx3-ubyte") + (".gz" if gz else "")
+        path = Path(folder) / name
+        write_idx(path, array)
+        raw = bytearray(path.read_bytes())
+        for position, value in flips:
+            if position < len(raw):
+                raw[position] = value
+        path.write_bytes(bytes(raw[: max(len(raw) - cut, 0)] if cut else raw))
+        try:
+            result = read_idx(path)
+        except UserError as err:
+            assert str(path) in err.line() and "\n" not in err.line()
+        else:
+            assert result.dtype == np.uint8 and result.ndim in (1, 3)
