@@ -30,11 +30,16 @@ def pin_threads() -> None:
         os.environ.setdefault(name, "1")
 
 
-def usable_cores() -> int:
+def _affinity() -> set:
+    """The CPUs this process may run on."""
     try:
-        return len(os.sched_getaffinity(0))
+        return set(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    return len(_affinity())
 
 
 @dataclass
@@ -49,7 +54,7 @@ class Dist:
     n_nodes: int
     leaders: object        # one rank per node (node_rank 0), MPI.COMM_NULL elsewhere
     hostnames: list        # hostname of every rank of comm
-    cores: int             # usable cores on this rank's host
+    cores: int             # cores usable by this host's ranks together
     oversubscribed: bool   # more ranks on this node than cores
     yield_when_waiting: bool
     pretend_nodes: bool = False
@@ -92,10 +97,11 @@ def setup(comm=None, pretend_nodes: int = 0, wait: str = "auto", folds: int = 1)
     node_rank, node_size = node.Get_rank(), node.Get_size()
     leaders = comm.Split(0 if node_rank == 0 else MPI.UNDEFINED, rank)
     n_nodes = comm.allreduce(1 if node_rank == 0 else 0)
-    cores = usable_cores()
-    # Pretend nodes still share the real machine's cores: count every rank on this host.
+    # Pretend nodes still share the real machine's cores: count every rank on this host, and the cores
+    # of all of them together (a launcher that binds each rank to one core leaves each seeing only its own).
     host_comm = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
     ranks_on_host = host_comm.Get_size()
+    cores = len(set().union(*host_comm.allgather(_affinity())))
     host_comm.Free()
     oversubscribed = comm.allreduce(int(ranks_on_host > cores), op=MPI.MAX) == 1
     yield_core = {"spin": False, "yield": True, "auto": oversubscribed}[wait]
