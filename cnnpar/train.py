@@ -258,7 +258,7 @@ def _loop(config, dist, dataset, network, params, grads, exchange, optimizer, lo
             epoch_sums[:] = state["epoch_sums"]
     samples_at_start = samples_done
     result = {}
-    progress = say.progress(total_steps, global_batch, first_step)
+    progress = say.progress(total_steps, first_step)
     order = None
     loop_start = time.perf_counter()
 
@@ -509,7 +509,7 @@ class _Speaker:
         if self.is_root:
             print(text, flush=True)
 
-    def progress(self, total_steps: int, global_batch: int, first_step: int = 0):
+    def progress(self, total_steps: int, first_step: int = 0):
         if not self.active:
             return None
         return _Progress(total_steps, first_step, sys.stderr.isatty())

@@ -25,8 +25,8 @@ sys.path.insert(0, str(REPO))
 from cnnpar.runlog import open_log  # noqa: E402
 
 
-def rank_pids(tag: str) -> dict:
-    """rank -> pid of the training processes carrying our tag in their environment."""
+def rank_pids(tag: str, variable: str = "CNNPAR_SOAK_TAG") -> dict:
+    """rank -> pid of the MPI processes whose environment has `variable` set to `tag` (from their PMI_RANK)."""
     found = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -37,7 +37,7 @@ def rank_pids(tag: str) -> dict:
         except OSError:
             continue
         env = dict(item.split(b"=", 1) for item in items if b"=" in item)
-        if env.get(b"CNNPAR_SOAK_TAG") == tag.encode() and b"PMI_RANK" in env:
+        if env.get(variable.encode()) == tag.encode() and b"PMI_RANK" in env:
             found[int(env[b"PMI_RANK"])] = int(pid)
     return found
 

@@ -14,6 +14,9 @@ import pytest
 from cnnpar.runlog import open_log
 from mpi_util import REPO, mpiexec, run_mpi, run_train
 
+sys.path.insert(0, str(REPO / "launch"))
+from soak import rank_pids  # noqa: E402  (finds an MPI job's rank processes; the soak check uses it too)
+
 BASE = ["--dataset", "mnist-5k", "--seed", "5", "--quiet", "--momentum", "0.5"]
 
 
@@ -67,7 +70,7 @@ def test_killed_rank_ends_the_job_promptly_and_resume_finishes(tmp_path):
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=dict(env, CNNPAR_TEST_TAG="pending"))
     try:
-        pids = _rank_pids_by_tag(job, "pending")
+        pids = _rank_pids_by_tag("pending")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # wait for the first completed epoch, reading the live log
             if os.path.exists(path):
@@ -100,21 +103,11 @@ def test_killed_rank_ends_the_job_promptly_and_resume_finishes(tmp_path):
         assert list(log.epochs["epoch"]) == list(range(8))
 
 
-def _rank_pids_by_tag(job, tag, ranks=3):
+def _rank_pids_by_tag(tag, ranks=3):
     deadline = time.monotonic() + 60
     found = {}
     while time.monotonic() < deadline and len(found) < ranks:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    items = f.read().split(b"\0")
-            except OSError:
-                continue
-            env = dict(item.split(b"=", 1) for item in items if b"=" in item)
-            if env.get(b"CNNPAR_TEST_TAG") == tag.encode() and b"PMI_RANK" in env:
-                found[int(env[b"PMI_RANK"])] = int(pid)
+        found = rank_pids(tag, "CNNPAR_TEST_TAG")
         time.sleep(0.05)
     assert len(found) == ranks, found
     return found
