@@ -487,6 +487,20 @@ def step_slice(n_samples: int, ranks: int, samples_per_rank: int, step: int, ran
     return start, start + base + (1 if rank < extra else 0)
 
 
+def rank_slices(n_samples: int, ranks: int, samples_per_rank: int, rank: int) -> tuple:
+    """step_slice for every step of an epoch at once: (starts, stops, global batch sizes), int64 arrays of
+    steps_per_epoch entries. The trainer computes them once instead of on every step."""
+    if not 0 <= rank < ranks:
+        raise ValueError(f"rank {rank} out of range for {ranks} ranks")
+    n_steps = steps_per_epoch(n_samples, ranks, samples_per_rank)
+    batch = ranks * samples_per_rank
+    steps = np.arange(n_steps, dtype=np.int64)
+    sizes = np.minimum(batch, n_samples - steps * batch)
+    base, extra = np.divmod(sizes, ranks)
+    starts = steps * batch + rank * base + np.minimum(rank, extra)
+    return starts, starts + base + (rank < extra), sizes
+
+
 # ----------------------------------------------------------------------------------------------------
 # fetching
 

@@ -481,6 +481,23 @@ def _layer_backward(params, grads, work, iwork, row, image):
 
 @njit(cache=True, fastmath=FASTMATH)
 def network_forward_backward(params, grads, sample_grads, work, iwork, table, images, labels):
+    """For each sample of images (k, C, H, W) / labels (k,): see _forward_backward_samples."""
+    return _forward_backward_samples(params, grads, sample_grads, work, iwork, table, images, labels, None,
+                                     0, images.shape[0])
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def network_forward_backward_at(params, grads, sample_grads, work, iwork, table, images, labels, order, start,
+                                stop):
+    """The same for samples order[start:stop] of a whole dataset (images (N, C, H, W), labels (N,)):
+    the trainer's step with its sampling inside the one call, so no batch is copied out in Python."""
+    return _forward_backward_samples(params, grads, sample_grads, work, iwork, table, images, labels, order,
+                                     start, stop)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _forward_backward_samples(params, grads, sample_grads, work, iwork, table, images, labels, order, start,
+                              stop):
     """For each sample: forward through the table's layers, softmax cross-entropy, backward in exact
     reverse order, gradients ADDED into `grads`. Returns (sum of the samples' losses, number correct).
 
@@ -497,15 +514,20 @@ def network_forward_backward(params, grads, sample_grads, work, iwork, table, im
     logits = work[last[T_OUT]:last[T_OUT] + n_classes]
     probs = work[last[T_OUT] + n_classes:last[T_OUT] + 2 * n_classes]
     dlogits = work[last[T_DOUT]:last[T_DOUT] + n_classes]
-    separate = images.shape[0] > 1
+    separate = stop - start > 1
     target = sample_grads if separate else grads
     loss_sum = 0.0
     n_correct = 0
-    for s in range(images.shape[0]):
-        image = images[s]
+    for s in range(start, stop):
+        i = s
+        if order is not None:  # resolved when numba compiles: None and an array get separate machine code
+            i = order[s]
+            if i < 0 or i >= images.shape[0]:
+                raise ValueError("a sample index is outside the dataset")
+        image = images[i]
         for layer in range(n_layers):
             _layer_forward(params, work, iwork, table[layer], image)
-        label = labels[s]
+        label = labels[i]
         if label < 0 or label >= n_classes:
             raise ValueError("a label is outside 0..n_classes-1")
         loss_sum += softmax_xent_forward(probs, logits, label)

@@ -10,6 +10,8 @@ n_samples == 0 changes nothing. One njit call per step, nothing allocated.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -54,6 +56,7 @@ class SGD:
         self.reduce = reduce
         self.velocity = np.zeros(self.n_params, np.float32)
         self._shape = (self.n_params,)
+        self._retype(self.velocity.dtype)
 
     def step(self, params: np.ndarray, grads: np.ndarray, n_samples: int, lr: float | None = None,
              zero_grads: bool = False) -> None:
@@ -65,12 +68,20 @@ class SGD:
             if zero_grads:
                 grads.fill(0)
             return
+        if params.shape != self._shape or grads.shape != self._shape:
+            raise ValueError(f"params {params.shape} and grads {grads.shape} must both be ({self.n_params},)")
         scale = self.lr if lr is None else lr
         if self.reduce == "mean":
             scale /= n_samples
-        if params.shape != self._shape or grads.shape != self._shape:
-            raise ValueError(f"params {params.shape} and grads {grads.shape} must both be ({self.n_params},)")
-        if params.dtype != self.velocity.dtype:   # a float64 run (tests): keep the state in its dtype
-            self.velocity = self.velocity.astype(params.dtype)
-        as_dtype = params.dtype.type   # float32 scalars keep the update in float32
-        sgd_step_kernel(params, grads, self.velocity, as_dtype(scale), as_dtype(self.momentum), zero_grads)
+        dtype = params.dtype
+        if dtype is not self._dtype:  # a float64 run (tests): keep the state and the update in its dtype
+            self._retype(dtype)
+        if scale != self._scale:  # converting to a numpy scalar costs as much as a small step: reuse it
+            self._scale, self._scale_typed = scale, self._dtype.type(scale)
+        sgd_step_kernel(params, grads, self.velocity, self._scale_typed, self._momentum_typed, zero_grads)
+
+    def _retype(self, dtype) -> None:
+        self._dtype = dtype
+        self.velocity = self.velocity.astype(dtype)
+        self._momentum_typed = dtype.type(self.momentum)  # float32 scalars keep the update in float32
+        self._scale = math.nan

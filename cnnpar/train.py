@@ -238,68 +238,78 @@ class _Diverged(Exception):
 
 def _loop(config, dist, dataset, network, params, grads, exchange, optimizer, log, say,
           steps_per_epoch, total_steps, split_wait, state, saver):
-    """The training loop: sample, forward+backward, exchange, SGD step; statistics in windows."""
-    from .data import epoch_permutation, step_slice
+    """The training loop: sample + forward + backward (one numba call), exchange, SGD step.
+
+    At one sample per rank a step is a few tens of microseconds, so the loop body is kept to a handful
+    of calls: the per-step arithmetic that does not change between epochs (each rank's slice of every
+    step) is computed once, statistics go to plain Python accumulators, and everything else (logging,
+    checks, progress) happens once per window of steps."""
+    from .data import epoch_permutation, rank_slices
 
     comm, rank, ranks = dist.comm, dist.rank, dist.size
     k = config.samples_per_rank
     n_train = len(dataset.train_labels)
-    images, labels = dataset.train_images, dataset.train_labels
-    batch_images = np.empty((k,) + images.shape[1:], np.float32)
-    batch_labels = np.empty(k, np.int32)
+    forward_backward_at = network.sampled_forward_backward(dataset.train_images, dataset.train_labels)
+    starts, stops, step_counts = (a.tolist() for a in rank_slices(n_train, ranks, k, rank))
     global_batch = ranks * k
+    lr_constant_from = _learning_rate_constant_from(config)
+    lr = _learning_rate(config, lr_constant_from, global_batch)
     window = _StepWindow(config.log_window)
-    epoch_sums = np.zeros(3)  # loss sum, correct, samples over this rank's samples of the epoch
+    check_every = config.check_every
+    # this rank's loss sum, correct and samples over the epoch (rank 0: over all ranks when resumed)
+    epoch_loss, epoch_correct, epoch_count = 0.0, 0, 0
     first_step, train_time_s, samples_done = 0, 0.0, 0
     if state is not None:
         first_step, train_time_s = int(state["step"]), float(state["train_time_s"])
         samples_done = int(state["samples_done"])
         if rank == 0:  # the saved sums are over all ranks already; the others restart theirs from zero
-            epoch_sums[:] = state["epoch_sums"]
+            epoch_loss, epoch_correct, epoch_count = (float(v) for v in state["epoch_sums"])
     samples_at_start = samples_done
     result = {}
     progress = say.progress(total_steps, first_step)
-    order = None
+    epoch, step_in_epoch = divmod(first_step, steps_per_epoch)
+    order = epoch_permutation(config.seed, epoch, n_train)
     loop_start = time.perf_counter()
 
     for step in range(first_step, total_steps):
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        if order is None or step_in_epoch == 0:
+        if step_in_epoch == steps_per_epoch:
+            epoch, step_in_epoch = epoch + 1, 0
             order = epoch_permutation(config.seed, epoch, n_train)
-        lr = _learning_rate(config, step, global_batch)
-        start, stop = step_slice(n_train, ranks, k, step_in_epoch, rank)
-        count = stop - start
-        step_count = min(global_batch, n_train - step_in_epoch * global_batch)
+        if step < lr_constant_from:
+            lr = _learning_rate(config, step, global_batch)
+        start, stop, step_count = starts[step_in_epoch], stops[step_in_epoch], step_counts[step_in_epoch]
 
         t0 = time.perf_counter()
-        np.take(images, order[start:stop], axis=0, out=batch_images[:count], mode="clip")
-        np.take(labels, order[start:stop], out=batch_labels[:count], mode="clip")
-        loss_sum, correct = network.forward_backward(params, grads, batch_images[:count], batch_labels[:count])
+        loss_sum, correct = forward_backward_at(params, grads, order, start, stop)
         t1 = time.perf_counter()
         measured_wait_s = exchange.reduce(grads)
         t2 = time.perf_counter()
         optimizer.step(params, grads, step_count, lr, zero_grads=True)  # zeroing rides in the update's pass
 
-        epoch_sums += (loss_sum, correct, count)
-        window.record(step, epoch, loss_sum, count, step_count, t1 - t0,
-                      t2 - t1 - exchange.excluded_s, measured_wait_s, lr)
-        loop_start += exchange.excluded_s  # the race audit is diagnostics: not counted as training time
+        excluded_s = exchange.excluded_s  # the race audit is diagnostics: not counted as training time
+        window.rows.append((step, epoch, loss_sum, stop - start, step_count, t1 - t0, t2 - t1 - excluded_s,
+                            measured_wait_s, lr))
+        loop_start += excluded_s
+        epoch_loss += loss_sum
+        epoch_correct += correct
+        epoch_count += stop - start
         samples_done += step_count
+        step_in_epoch += 1
         steps_done = step + 1
-        last_of_epoch = step_in_epoch == steps_per_epoch - 1 or steps_done == total_steps
+        last_of_epoch = step_in_epoch == steps_per_epoch or steps_done == total_steps
         checkpoint_due = saver.due(steps_done) and steps_done < total_steps
-        if window.full or last_of_epoch or checkpoint_due:
+        if len(window.rows) == window.size or last_of_epoch or checkpoint_due:
+            if progress is not None:
+                progress.update(step, samples_done - samples_at_start, window.rows)
             _flush_window(window, comm, log, split_wait, exchange)
-        if config.check_every and steps_done % config.check_every == 0:
+        if check_every and steps_done % check_every == 0:
             _check_replicas(comm, params, step, log, exchange)
-        if progress is not None:
-            progress.update(step, samples_done - samples_at_start, loss_sum / max(count, 1))
 
         if last_of_epoch:
             train_time_s += time.perf_counter() - loop_start
-            sums = comm.allreduce(epoch_sums)
+            sums = comm.allreduce(np.array([epoch_loss, epoch_correct, epoch_count], np.float64))
             train_loss, train_acc = sums[0] / max(sums[2], 1), sums[1] / max(sums[2], 1)
-            epoch_sums[:] = 0
+            epoch_loss, epoch_correct, epoch_count = 0.0, 0, 0
             if steps_done == total_steps or (config.eval_every and (epoch + 1) % config.eval_every == 0):
                 test_loss, test_acc, confusion = _evaluate(network, params, dataset, dist)
                 if log is not None:
@@ -313,7 +323,7 @@ def _loop(config, dist, dataset, network, params, grads, exchange, optimizer, lo
         if checkpoint_due:
             train_time_s += time.perf_counter() - loop_start
             # Rank 0 saves the epoch's running sums over all ranks, so a resumed epoch reports the same figures.
-            summed = comm.reduce(epoch_sums, root=0)
+            summed = comm.reduce(np.array([epoch_loss, epoch_correct, epoch_count], np.float64), root=0)
             saver.save(log, params, steps_done, summed, train_time_s, samples_done)
             loop_start = time.perf_counter()
 
@@ -328,27 +338,21 @@ def _loop(config, dist, dataset, network, params, grads, exchange, optimizer, lo
 
 
 class _StepWindow:
-    """Per-step statistics of this rank, kept until they are gathered to rank 0 in one go."""
+    """Per-step statistics of this rank (one tuple of FIELDS per step), kept until they are gathered to
+    rank 0 in one go. A list of tuples: appending one costs a fraction of writing a row of an array."""
 
     FIELDS = ("step", "epoch", "loss_sum", "count", "step_count", "arrive_s", "reduce_s", "wait_s", "lr")
 
     def __init__(self, size: int):
-        self.rows = np.zeros((size, len(self.FIELDS)))
-        self.used = 0
-
-    @property
-    def full(self) -> bool:
-        return self.used == len(self.rows)
-
-    def record(self, *values) -> None:
-        self.rows[self.used] = values
-        self.used += 1
+        self.size = size
+        self.rows = []
 
 
 def _flush_window(window, comm, log, split_wait, exchange) -> None:
     """Gather the window's per-rank rows to rank 0, which derives the step figures and logs them.
     Rank 0 also decides, for everyone, whether the run has diverged."""
-    rows = window.rows[: window.used]
+    rows = np.array(window.rows, np.float64).reshape(len(window.rows), len(_StepWindow.FIELDS))
+    window.rows.clear()
     gathered = comm.gather(rows, root=0)
     audit = exchange.drain_audit()
     bad_step = -1
@@ -371,7 +375,6 @@ def _flush_window(window, comm, log, split_wait, exchange) -> None:
         nonfinite = ~np.isfinite(loss)
         if nonfinite.any():
             bad_step = int(steps[np.argmax(nonfinite)])
-    window.used = 0
     bad_step = comm.bcast(bad_step, root=0)
     if bad_step >= 0:
         raise _Diverged(f"the loss became NaN or infinite at step {bad_step}; try a smaller --lr "
@@ -417,10 +420,17 @@ def _learning_rate(config: Config, step: int, global_batch: int) -> float:
     return target
 
 
+def _learning_rate_constant_from(config: Config) -> int:
+    """The first step from which _learning_rate no longer changes (the loop stops asking it then)."""
+    return config.warmup_steps if config.lr_scaling != "none" else 0
+
+
 def _warm(network, dataset) -> None:
     params = network.init_params(0)
     grads = np.zeros_like(params)
     network.forward_backward(params, grads, dataset.train_images[:2], dataset.train_labels[:2])
+    order = np.arange(2, dtype=np.int64)
+    network.sampled_forward_backward(dataset.train_images, dataset.train_labels)(params, grads, order, 0, 2)
     network.evaluate(params, dataset.test_images[:2], dataset.test_labels[:2], np.empty(2, np.int32))
 
 
@@ -516,7 +526,8 @@ class _Speaker:
 
 
 class _Progress:
-    UPDATE_EVERY = 64  # steps; keeps rank 0 (whom everyone waits for) off the terminal in the hot loop
+    """Rank 0's progress bar (tqdm on a terminal) or a line every 5 s; updated once per window of steps,
+    so rank 0, whom everyone waits for, stays off the terminal in the hot loop."""
 
     def __init__(self, total_steps: int, first_step: int, bar: bool):
         self.total = total_steps
@@ -528,20 +539,20 @@ class _Progress:
 
             self.bar = tqdm(total=total_steps, initial=first_step, unit="step", file=sys.stderr,
                             dynamic_ncols=True)
-        self.loss = math.nan
         self.done = first_step
 
-    def update(self, step: int, samples: int, loss: float) -> None:
-        self.loss = loss if math.isnan(self.loss) else 0.98 * self.loss + 0.02 * loss
-        if (step + 1) % self.UPDATE_EVERY and step + 1 != self.total:
-            return
+    def update(self, step: int, samples: int, rows) -> None:
+        """rows: this rank's window of (step, epoch, loss_sum, count, ...) tuples ending at `step`."""
+        loss_sum = sum(row[2] for row in rows)
+        count = sum(row[3] for row in rows)
+        loss = loss_sum / count if count else math.nan
         elapsed = time.perf_counter() - self.start
         rate = samples / elapsed if elapsed > 0 else 0.0
         if self.bar is not None:
             self.bar.update(step + 1 - self.done)
-            self.bar.set_postfix_str(f"loss {self.loss:.3f} | {rate:.0f} samples/s", refresh=False)
+            self.bar.set_postfix_str(f"loss {loss:.3f} | {rate:.0f} samples/s", refresh=False)
         elif elapsed >= self.next_line or step + 1 == self.total:
-            print(f"step {step + 1}/{self.total} | loss {self.loss:.4f} | {rate:.0f} samples/s",
+            print(f"step {step + 1}/{self.total} | loss {loss:.4f} | {rate:.0f} samples/s",
                   file=sys.stderr, flush=True)
             self.next_line = elapsed + 5.0
         self.done = step + 1

@@ -32,6 +32,7 @@ def warm_up(archs=("small",)) -> float:
         images = np.zeros((2,) + network.input_shape, np.float32)
         labels = np.zeros(2, np.int32)
         network.forward_backward(params, grads, images, labels)
+        network.sampled_forward_backward(images, labels)(params, grads, np.arange(2, dtype=np.int64), 0, 2)
         network.evaluate(params, images, labels, np.empty(2, np.int32))
         SGD(network.n_params, lr=0.01).step(params, grads, 2)
     return time.perf_counter() - start

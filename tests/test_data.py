@@ -22,7 +22,7 @@ from hypothesis.extra import numpy as hnp
 
 from cnnpar import data
 from cnnpar.data import (Dataset, epoch_permutation, fetch, fold_split, global_batch_size, load_dataset, read_idx,
-                         resolve_dataset, step_slice, steps_per_epoch, write_idx)
+                         rank_slices, resolve_dataset, step_slice, steps_per_epoch, write_idx)
 from cnnpar.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -416,6 +416,12 @@ def test_every_sample_once_per_epoch_for_1_to_12_ranks(n_samples):
                 else:
                     assert max(counts) - min(counts) <= 1 and counts == sorted(counts, reverse=True)
                 seen.extend(perm[start:stop].tolist() for start, stop in slices)
+            for rank in range(ranks):  # the trainer's all-steps-at-once form agrees with step_slice
+                starts, stops, sizes = rank_slices(n_samples, ranks, k, rank)
+                assert len(starts) == steps
+                assert [(a, b) for a, b in zip(starts.tolist(), stops.tolist())] == \
+                    [step_slice(n_samples, ranks, k, step, rank) for step in range(steps)]
+                assert sizes.tolist() == [global_batch_size(n_samples, ranks, k, s) for s in range(steps)]
             flat = [i for part in seen for i in part]
             assert sorted(flat) == list(range(n_samples)), (ranks, k)
 
