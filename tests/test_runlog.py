@@ -267,6 +267,34 @@ def test_reopen_and_truncate_to(tmp_path):
         assert after.config == before.config and after.env == before.env and after.layout == before.layout
 
 
+def test_step_rows_wait_in_memory_until_flush_and_are_never_lost(tmp_path, monkeypatch):
+    from cnnpar import runlog
+
+    monkeypatch.setattr(runlog, "PENDING_ROWS", 100)  # so that the size limit is reached too
+    path = tmp_path / "buffered.h5"
+    rng = np.random.default_rng(5)
+    config = _config()
+    windows = [_step_window(rng, start, 30, 3, 0) for start in range(0, 150, 30)]
+    log = RunLogWriter(path, json.dumps(config, sort_keys=True), config, ENV, LAYOUT, 3)
+    for window in windows[:2]:
+        log.append_steps(**window)
+        log.append_consistency(window["step"][-1], 7, True)
+    assert log.rows("steps") == 60 and log.rows("consistency") == 2
+    assert log._f["steps/step"].shape[0] == 0  # not written yet: one write per flush, not per window
+    log.flush()
+    with open_log(path) as live:
+        assert np.array_equal(live.steps["step"], np.arange(60)) and list(live.consistency["step"]) == [29, 59]
+    for window in windows[2:]:  # 90 more rows: the 100-row limit writes them out before any flush
+        log.append_steps(**window)
+    assert log._f["steps/step"].shape[0] == 150
+    log.append_steps(**_step_window(rng, 150, 10, 3, 0))
+    log._close_file()  # closed without flush() (an error path): appended rows still reach the file
+    with h5py.File(path, "r") as raw:
+        assert np.array_equal(raw["steps/step"][:], np.arange(160))
+        expected = np.concatenate([w["loss"] for w in windows])
+        np.testing.assert_array_equal(raw["steps/loss"][:150], expected)
+
+
 # ----------------------------------------------------------------------------------------------------
 # bad files
 
