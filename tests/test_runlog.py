@@ -274,7 +274,7 @@ def test_step_rows_wait_in_memory_until_flush_and_are_never_lost(tmp_path, monke
     path = tmp_path / "buffered.h5"
     rng = np.random.default_rng(5)
     config = _config()
-    windows = [_step_window(rng, start, 30, 3, 0) for start in range(0, 150, 30)]
+    windows = [_step_window(rng, start, 30, 3, 0) for start in range(0, 180, 30)]
     log = RunLogWriter(path, json.dumps(config, sort_keys=True), config, ENV, LAYOUT, 3)
     for window in windows[:2]:
         log.append_steps(**window)
@@ -284,15 +284,17 @@ def test_step_rows_wait_in_memory_until_flush_and_are_never_lost(tmp_path, monke
     log.flush()
     with open_log(path) as live:
         assert np.array_equal(live.steps["step"], np.arange(60)) and list(live.consistency["step"]) == [29, 59]
-    for window in windows[2:]:  # 90 more rows: the 100-row limit writes them out before any flush
+    for window in windows[2:5]:
         log.append_steps(**window)
-    assert log._f["steps/step"].shape[0] == 150
-    log.append_steps(**_step_window(rng, 150, 10, 3, 0))
+    assert log._f["steps/step"].shape[0] == 60  # 90 rows wait ...
+    log.append_steps(**windows[5])
+    assert log._f["steps/step"].shape[0] == 180  # ... 120 reach the 100-row limit: written before any flush
+    log.append_steps(**_step_window(rng, 180, 10, 3, 0))
     log._close_file()  # closed without flush() (an error path): appended rows still reach the file
     with h5py.File(path, "r") as raw:
-        assert np.array_equal(raw["steps/step"][:], np.arange(160))
+        assert np.array_equal(raw["steps/step"][:], np.arange(190))
         expected = np.concatenate([w["loss"] for w in windows])
-        np.testing.assert_array_equal(raw["steps/loss"][:150], expected)
+        np.testing.assert_array_equal(raw["steps/loss"][:180], expected)
 
 
 # ----------------------------------------------------------------------------------------------------
