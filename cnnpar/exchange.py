@@ -97,8 +97,11 @@ def split_wait(arrive_s: np.ndarray, reduce_s: np.ndarray, measured_wait_s: np.n
     return reduce_s - wait_s, wait_s
 
 
-def make_exchange(config, dist: Dist, n_params: int) -> Exchange:
-    """The exchange a config asks for; modes that need shared memory fall back or refuse clearly."""
+def make_exchange(config, dist: Dist, n_params: int, network=None) -> Exchange:
+    """The exchange a config asks for; modes that need shared memory fall back or refuse clearly.
+
+    network: the model being trained; with it, 'auto' (and 'factored') can exchange its dense layers'
+    sufficient factors instead of their gradients (exchange_factored), at one sample per rank."""
     mode = config.mode
     if mode == "local":
         return LocalExchange()
@@ -106,6 +109,7 @@ def make_exchange(config, dist: Dist, n_params: int) -> Exchange:
         if config.allreduce == "mpi" or dist.size == 1:  # 'auto' is decided by exchange_shm
             return MpiAllreduce(dist)
         from . import exchange_shm
-        return exchange_shm.make_sync_exchange(config.allreduce, dist, n_params)
+        return exchange_shm.make_sync_exchange(config.allreduce, dist, n_params, network=network,
+                                               samples_per_rank=getattr(config, "samples_per_rank", 1))
     from . import race
     return race.make_race_exchange(config, dist, n_params)

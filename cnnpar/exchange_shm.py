@@ -483,6 +483,31 @@ def _closing_collectively() -> bool:
     return exc is None or isinstance(exc, SystemExit)
 
 
+def allocate_shared(comm, total: int) -> tuple:
+    """(window, bytes): `total` bytes of one MPI-3 shared-memory window allocated by rank 0 of `comm` (all on
+    one node), 64-byte aligned, the same memory on every rank. Collective; frees the window on failure."""
+    from mpi4py import MPI
+
+    # +64: a one-rank "node" may get plain (not page-aligned) memory; align by hand
+    win = MPI.Win.Allocate_shared(total + 64 if comm.Get_rank() == 0 else 0, 1, comm=comm)
+    try:
+        try:
+            model = win.model
+        except (AttributeError, NotImplementedError):
+            model = MPI.WIN_UNIFIED
+        if model != MPI.WIN_UNIFIED:
+            raise RuntimeError("the shared-memory window is not in the unified memory model")
+        buf, _ = win.Shared_query(0)
+        raw = np.frombuffer(buf, dtype=np.uint8, count=total + 64)
+        offset = -raw.ctypes.data % 64
+        if comm.allreduce(offset, op=MPI.MAX) != comm.allreduce(offset, op=MPI.MIN):
+            raise RuntimeError("the shared window is mapped at differently aligned addresses on the ranks")
+    except BaseException:
+        win.Free()
+        raise
+    return win, raw[offset:offset + total]
+
+
 class ShmAllreduce(Exchange):
     """Sum of the gradients of the ranks of `comm` (all on one node) through a shared-memory window.
 
@@ -499,8 +524,6 @@ class ShmAllreduce(Exchange):
     def __init__(self, dist, n_params: int, comm=None, wait: str | None = None, protocol: str | None = None,
                  spin_ns: int = SPIN_NS_DEFAULT, node_only: bool = False, own_comm: bool = False,
                  nontemporal: bool | None = None):
-        from mpi4py import MPI
-
         self._comm = comm if comm is not None else dist.node
         self._own_comm = own_comm  # free the communicator too on close (one made for this exchange)
         self._rank, self._n = self._comm.Get_rank(), self._comm.Get_size()
@@ -528,23 +551,8 @@ class ShmAllreduce(Exchange):
         ctrl_pad = 4096
         rows = 2 * self._n if protocol == "all" else self._n  # 'all' double-buffers the slots
         total = ctrl_pad + (rows + 1) * stride * 4
-        # +64: a one-rank "node" may get plain (not page-aligned) memory; align by hand
-        self._win = MPI.Win.Allocate_shared(total + 64 if self._rank == 0 else 0, 1, comm=self._comm)
+        self._win, raw = allocate_shared(self._comm, total)
         self._closed = False
-        try:
-            model = self._win.model
-        except (AttributeError, NotImplementedError):
-            model = MPI.WIN_UNIFIED
-        if model != MPI.WIN_UNIFIED:
-            self._free_window()
-            raise RuntimeError("the shared-memory window is not in the unified memory model")
-        buf, _ = self._win.Shared_query(0)
-        raw = np.frombuffer(buf, dtype=np.uint8, count=total + 64)
-        offset = -raw.ctypes.data % 64
-        if self._comm.allreduce(offset, op=MPI.MAX) != self._comm.allreduce(offset, op=MPI.MIN):
-            self._free_window()
-            raise RuntimeError("the shared window is mapped at differently aligned addresses on the ranks")
-        raw = raw[offset:offset + total]
         self._ctrl = raw[:ctrl_bytes].view(np.int64)
         self._slots = raw[ctrl_pad:ctrl_pad + rows * stride * 4].view(np.float32).reshape(rows, stride)
         self._result = raw[ctrl_pad + rows * stride * 4:].view(np.float32)
@@ -680,20 +688,23 @@ def shared_memory_comm(dist):
     return None
 
 
-def make_sync_exchange(choice: str, dist, n_params: int) -> Exchange:
-    """The 'sync' exchange for --allreduce shm|hier|auto (collective: every rank decides the same).
+def make_sync_exchange(choice: str, dist, n_params: int, network=None, samples_per_rank: int = 1) -> Exchange:
+    """The 'sync' exchange for --allreduce shm|factored|hier|auto (collective: every rank decides the same).
 
-    auto: mpi for one rank; shm when all ranks are on one node; hier across nodes (real ones, or
-    --pretend-nodes, which exist to run the multi-node path on one machine) when some node holds two or
-    more ranks; mpi when every node holds a single rank (hier would only add a copy). Explicit 'shm' works
-    whenever all ranks share memory, pretend nodes included; across real nodes it is a user error."""
+    auto: mpi for one rank; on one node 'factored' when exchange_factored.applies(network, samples_per_rank)
+    (one sample per rank: each rank publishes its dense layers' inputs instead of their weight gradients,
+    same bits, ~8x less to move) and shm otherwise; hier across nodes (real ones, or --pretend-nodes, which
+    exist to run the multi-node path on one machine) when some node holds two or more ranks; mpi when every
+    node holds a single rank (hier would only add a copy). Explicit 'shm' and 'factored' work whenever all
+    ranks share memory, pretend nodes included; across real nodes that is a user error, as is 'factored'
+    where it does not apply."""
     from .dist import collective_check
 
-    if dist.size == 1 and choice in ("auto", "shm"):
+    if dist.size == 1 and choice in ("auto", "shm", "factored"):
         return MpiAllreduce(dist)
     if choice == "auto":
         if dist.n_nodes == 1:
-            choice = "shm"
+            choice = "factored" if _factored_applies(dist, network, samples_per_rank) else "shm"
         else:
             choice = "hier" if dist.comm.allreduce(dist.node_size, op=_max_op()) > 1 else "mpi"
         if choice == "mpi":
@@ -704,10 +715,38 @@ def make_sync_exchange(choice: str, dist, n_params: int) -> Exchange:
     host = dist.node if dist.n_nodes == 1 else shared_memory_comm(dist)
     with collective_check(dist.comm):
         if host is None:
-            raise UserError("--allreduce", f"'shm' needs all ranks on one node, but the {dist.size} ranks "
+            raise UserError("--allreduce", f"'{choice}' needs all ranks on one node, but the {dist.size} ranks "
                                            f"span {dist.n_nodes} nodes; use 'hier' or 'auto'")
+    if choice == "factored":
+        with collective_check(dist.comm):
+            if not _factored_applies(dist, network, samples_per_rank):
+                raise UserError("--allreduce", "'factored' needs --samples-per-rank 1, float32 and a dense layer "
+                                               "after the first layer (its gradient must be one outer product); "
+                                               "use 'shm' or 'auto'")
+        from . import exchange_factored
+
+        return exchange_factored.FactoredShmAllreduce(dist, network, comm=host, own_comm=host is not dist.node)
     _warm_kernels(dist)
     return ShmAllreduce(dist, n_params, comm=host, own_comm=host is not dist.node)
+
+
+def _factored_applies(dist, network, samples_per_rank: int) -> bool:
+    """exchange_factored.applies, compiled once per node and agreed by all ranks (collective)."""
+    from . import exchange_factored
+    from .dist import compile_once
+
+    local = network is not None and samples_per_rank == 1 and np.dtype(network.dtype) == np.float32
+    if dist.comm.allreduce(int(local), op=_min_op()) == 0:
+        return False
+    compile_once(dist, exchange_factored.warm_kernels)  # also asks the dense kernel how it rounds
+    ok = exchange_factored.applies(network, samples_per_rank)
+    return dist.comm.allreduce(int(ok), op=_min_op()) == 1
+
+
+def _min_op():
+    from mpi4py import MPI
+
+    return MPI.MIN
 
 
 def _max_op():

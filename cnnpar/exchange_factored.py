@@ -1,0 +1,468 @@
+"""Sufficient-factor shared-memory exchange (Xie et al. 2015, "sufficient factor broadcasting").
+
+With one sample per rank, a dense layer's weight gradient is a rank-1 outer product, dW = outer(dout, x):
+N_out x N_in floats that are fully determined by N_out + N_in. For the `small` network that is 11,520 of
+the 11,738 gradient floats, so a rank that publishes its dense layers' inputs x instead of their dW moves
+~5.5 KB per step between cores instead of 46 KB, and every reader rebuilds the rows it needs from the
+factors in its own cache. The exchange is otherwise ShmAllreduce's (cnnpar/exchange_shm.py): one MPI-3
+shared window, never-reset atomic counters, the same wait policies, futex sleeping and close semantics.
+
+What each rank publishes per step (its "payload"):
+    * every gradient value that is not a factored dense weight, as is: conv weights and all biases;
+    * for each dense layer whose input is an activation (T_IN >= 0), that input x, read from the network's
+      workspace, where network_forward_backward leaves it (each layer has its own activation and delta
+      slot, and the backward only writes deltas, so nothing overwrites a dense layer's x after its forward).
+    dout is not published separately: the layer's bias gradient is 0 + dout, equal to dout except that -0
+    becomes +0, and the kernel skips a row exactly when dout == 0, which -0 and +0 both satisfy. Taking g
+    from the gradient buffer also makes a step without a sample (the epoch's short last step) safe: its
+    gradient is all zero, so g = 0 and every row is skipped, whatever stale x the workspace still holds.
+
+Bitwise equality with the flat exchange. The result must be ((dW0 + dW1) + dW2) + ... in float32, element
+by element, where dWr is exactly what the kernel wrote on rank r. kernels.dense_backward computes, on a
+zeroed gradient, `if g == 0: continue` else `dw[i] += g * x[i]` with fastmath 'contract', which LLVM turns
+into fma(g, x[i], +0.0) where the CPU has FMA: one rounding of the exact product, and +0 (not -0) when the
+exact product is zero. Without FMA it is (g * x[i]) + 0.0: the same value except where the product
+underflows to -0 (then +0). The two differ only for products below 2^-149, but they do differ, so
+`kernel_rounding()` asks the compiled kernel which one it does (a product that underflows to -0) and the
+reconstruction, compiled without fastmath so that nothing is re-associated, contracted or folded (nsz
+would fold the `+ 0.0`), forms that exact term and adds the ranks' terms in rank order. A row whose g is
+0 contributes +0.0 (the zeroed gradient), added like any other term, so a -0 from an earlier rank turns
+into +0 exactly as in the flat sum. NaN and inf propagate as in the flat sum (they are the same IEEE
+operations); only a NaN's payload bits may differ, which no comparison or update can observe.
+
+Protocols (the synchronisation is exchange_shm's; see its module docstring for the memory-ordering
+argument, which carries over slot for slot):
+    all     (ranks <= cores) payload slots double-buffered by step parity; each rank copies its payload in,
+            arrives on A, waits for A and rebuilds the whole sum into its own gradient. One flag phase.
+    single  (ranks > cores) the rank completing A rebuilds the sum once into the result buffer and bumps R;
+            the others wait for R and copy the result out.
+    slices  two phases: each rank rebuilds 1/n of the parameters into the result, arrives on D, all copy out.
+
+docs/performance.md ("Sufficient factors") has the measurements behind the defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from . import kernels as K
+from .exchange import Exchange
+from .exchange_shm import (F_ARRIVE, F_DONE, F_REDUCE_NS, F_RESULT, F_SLEEP_RESULT, HAVE_FUTEX, LINE, N_FIELDS,
+                           PH_FINISHED, PH_START, PH_WAIT_ARRIVE, PH_WAIT_DONE, PH_WAIT_RESULT, SPIN_NS_DEFAULT,
+                           WAIT_POLICIES, WAIT_SLICE_NS, _FUTEX_WAKE, _PHASE_BITS, _arrive, _closing_collectively,
+                           _copy, _round_up, _slices, _wait, allocate_shared, fetch_add, futex, load_acquire,
+                           now_ns)
+
+P_SLICES, P_SINGLE, P_ALL = 0, 1, 2
+PROTOCOLS = {"slices": P_SLICES, "single": P_SINGLE, "all": P_ALL}
+
+# Factoring is worth it only when the payload is clearly smaller than the gradient: it trades moving
+# floats between cores for multiplying them locally, and each rank rebuilds n ranks' terms.
+MAX_PAYLOAD_FRACTION = 0.5
+
+ROUND_FUSED, ROUND_TWICE = 1, 0  # how the kernel forms dW: fma(g, x, +0) or (g * x) + 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The factor layout of a network
+# ----------------------------------------------------------------------------------------------------
+
+class FactorLayout:
+    """Where each rank's payload comes from and where it goes.
+
+    segs (S, 3) int64: gradient ranges [lo, hi) published as is, and where each starts in the payload.
+    layers (L, 5) int64: per factored dense layer: weight offset w0, n_out, n_in, offset of x in the
+    network's workspace, offset of x in the payload; and (column 5) the payload offset of its bias, i.e. g.
+    """
+
+    def __init__(self, network):
+        table = np.asarray(network.table)
+        self.n_params = m = int(network.n_params)
+        factored = []
+        for row in table:
+            if row[K.T_OP] != K.OP_DENSE or row[K.T_IN] < 0 or row[K.T_WEIGHT] < 0:
+                continue  # a dense layer fed by the image itself has no x in the workspace: sent flat
+            n_in = int(row[K.T_C] * row[K.T_H] * row[K.T_W])
+            n_out = int(row[K.T_F] * row[K.T_OH] * row[K.T_OW])
+            factored.append((int(row[K.T_WEIGHT]), n_out, n_in, int(row[K.T_IN]), int(row[K.T_BIAS])))
+        factored.sort()
+        segs, at, lo = [], 0, 0
+        for w0, n_out, n_in, _, _ in factored:
+            if w0 > lo:
+                segs.append((lo, w0, at))
+                at += w0 - lo
+            lo = w0 + n_out * n_in
+        if lo < m:
+            segs.append((lo, m, at))
+            at += m - lo
+
+        def payload_of(index):
+            for s_lo, s_hi, s_at in segs:
+                if s_lo <= index < s_hi:
+                    return s_at + index - s_lo
+            raise AssertionError("a dense bias inside a factored weight range")
+
+        layers = []
+        for w0, n_out, n_in, x_at, b0 in factored:
+            layers.append((w0, n_out, n_in, x_at, at, payload_of(b0)))
+            at += n_in
+        self.segs = np.array(segs, np.int64).reshape(-1, 3)
+        self.layers = np.array(layers, np.int64).reshape(-1, 6)
+        self.payload = at
+        self.factored_floats = sum(n_out * n_in for _, n_out, n_in, _, _ in factored)
+
+
+def kernel_rounding() -> int | None:
+    """How the compiled kernels.dense_backward forms a dense weight gradient on a zeroed buffer:
+    ROUND_FUSED (fma(g, x, +0): one rounding, an underflowing negative product stays -0), ROUND_TWICE
+    ((g * x) + 0: it becomes +0), or None when it does neither consistently (then do not factor)."""
+    return _kernel_rounding()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_rounding():
+    tiny = np.float32(2.0 ** -60)
+    seen = set()
+    for n_in in (1, 7, 67, 1152):  # a scalar loop, a vector body and its remainder
+        x = np.full(n_in, tiny, np.float32)
+        dout = np.array([-2.0 ** -100, 2.0 ** -100, 3.0], np.float32)  # -2^-160 underflows to -0 if fused
+        weight = np.zeros((3, n_in), np.float32)
+        dweight = np.zeros_like(weight)
+        K.dense_backward(np.zeros(n_in, np.float32), dweight, np.zeros(3, np.float32), dout, x, weight, False)
+        if np.any(dweight[:2] != 0) or not np.all(dweight[2] == np.float32(3.0) * tiny):
+            return None
+        seen.update(np.signbit(dweight[0]).tolist())
+        if np.any(np.signbit(dweight[1])):
+            return None
+    if len(seen) != 1:
+        return None
+    return ROUND_FUSED if seen.pop() else ROUND_TWICE
+
+
+def applies(network, samples_per_rank: int) -> bool:
+    """Whether the factored exchange can reproduce this network's summed gradient bit for bit, and pays:
+    one sample per rank (with more, a rank's dW is a sum of outer products), float32, at least one dense
+    layer fed by an activation, a payload at most MAX_PAYLOAD_FRACTION of the gradient, and a kernel whose
+    rounding of g * x is known (kernel_rounding)."""
+    if samples_per_rank != 1 or network is None or np.dtype(network.dtype) != np.float32:
+        return False
+    layout = FactorLayout(network)
+    if layout.layers.shape[0] == 0 or layout.payload > MAX_PAYLOAD_FRACTION * layout.n_params:
+        return False
+    return kernel_rounding() is not None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels (no fastmath: every operation must round exactly as written)
+# ----------------------------------------------------------------------------------------------------
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c with one rounding (llvm.fma: the FMA instruction, or libm's fmaf without one)."""
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType()] * 3)
+        fn = builder.module.declare_intrinsic("llvm.fma", [ir.FloatType()], fnty)
+        return builder.call(fn, list(args))
+
+    if a == b == c == types.float32:
+        return types.float32(a, b, c), codegen
+    return None
+
+
+@njit(cache=True, nogil=True)
+def _pack(slot, grads, work, segs, layers):
+    """This rank's payload: the flat values, then each factored layer's input x."""
+    for s in range(segs.shape[0]):
+        lo, hi, at = segs[s, 0], segs[s, 1], segs[s, 2]
+        src = grads[lo:hi]
+        dst = slot[at:at + hi - lo]
+        for i in range(hi - lo):
+            dst[i] = src[i]
+    for j in range(layers.shape[0]):
+        n_in, x_at, at = layers[j, 2], layers[j, 3], layers[j, 4]
+        src = work[x_at:x_at + n_in]
+        dst = slot[at:at + n_in]
+        for i in range(n_in):
+            dst[i] = src[i]
+
+
+@njit(cache=True, nogil=True)
+def _add_term(dst, g, x, first, rounding):
+    """dst (+)= the kernel's dW row segment for gradient factor g and input x: 0 when g == 0 (the kernel
+    skips the row, the zeroed buffer stays +0), else fma(g, x, +0) or (g * x) + 0, as the kernel rounds."""
+    zero = np.float32(0.0)
+    m = dst.shape[0]
+    if g == 0:
+        if first:
+            for i in range(m):
+                dst[i] = zero
+        else:
+            for i in range(m):
+                dst[i] = dst[i] + zero  # not a no-op: -0 + 0 = +0, as in the flat sum
+    elif rounding == 1:
+        if first:
+            for i in range(m):
+                dst[i] = _fma(g, x[i], zero)
+        else:
+            for i in range(m):
+                dst[i] = dst[i] + _fma(g, x[i], zero)
+    else:
+        if first:
+            for i in range(m):
+                dst[i] = g * x[i] + zero
+        else:
+            for i in range(m):
+                dst[i] = dst[i] + (g * x[i] + zero)
+
+
+@njit(cache=True, nogil=True)
+def _rebuild(out, slots, first_row, n, segs, layers, lo, hi, rounding):
+    """out[lo:hi] = the rank-order float32 sum over slots[first_row .. first_row+n-1] of each rank's
+    gradient, rebuilt from its payload (out is indexed like the flat gradient)."""
+    for s in range(segs.shape[0]):
+        a, b = max(segs[s, 0], lo), min(segs[s, 1], hi)
+        if a >= b:
+            continue
+        at = segs[s, 2] + a - segs[s, 0]
+        dst = out[a:b]
+        head = slots[first_row, at:at + b - a]
+        for i in range(b - a):
+            dst[i] = head[i]
+        for r in range(first_row + 1, first_row + n):
+            row = slots[r, at:at + b - a]
+            for i in range(b - a):
+                dst[i] += row[i]
+    for j in range(layers.shape[0]):
+        w0, n_out, n_in, x_at, g_at = layers[j, 0], layers[j, 1], layers[j, 2], layers[j, 4], layers[j, 5]
+        a, b = max(w0, lo), min(w0 + n_out * n_in, hi)
+        if a >= b:
+            continue
+        # row by row, all ranks' terms of a row while it sits in L1 (a 1152-float row is 4.6 KB)
+        for o in range((a - w0) // n_in, (b - 1 - w0) // n_in + 1):
+            row_lo = w0 + o * n_in
+            i0, i1 = max(a, row_lo) - row_lo, min(b, row_lo + n_in) - row_lo
+            dst = out[row_lo + i0:row_lo + i1]
+            for r in range(n):
+                slot = slots[first_row + r]
+                _add_term(dst, slot[g_at + o], slot[x_at + i0:x_at + i1], r == 0, rounding)
+
+
+@njit(cache=True, nogil=True)
+def _factored_step(ctrl, slots, result, grads, work, segs, layers, rank, n, lo, hi, seq, phase, spin_ns, yields,
+                   protocol, slice_ns, rounding):
+    """One exchange step, resumable at `phase`; returns the phase reached | (ns waited << 3), as
+    exchange_shm._shm_step, whose protocols these are with the slot copy replaced by _pack and the sum by
+    _rebuild."""
+    m = grads.shape[0]
+    target = n * seq
+    start = now_ns()
+    waited = 0
+    if protocol == P_ALL:
+        base = (seq & 1) * n
+        if phase == PH_START:
+            _pack(slots[base + rank], grads, work, segs, layers)
+            _arrive(ctrl, F_ARRIVE, target)
+        done, ns = _wait(ctrl, F_ARRIVE, target, spin_ns, yields, start, slice_ns)
+        if not done:
+            return PH_WAIT_ARRIVE | (ns << _PHASE_BITS)
+        _rebuild(grads, slots, base, n, segs, layers, 0, m, rounding)
+        return PH_FINISHED | (ns << _PHASE_BITS)
+    if phase == PH_START:
+        _pack(slots[rank], grads, work, segs, layers)
+        last = _arrive(ctrl, F_ARRIVE, target)
+        if protocol == P_SINGLE:
+            if last:
+                t = now_ns()
+                _rebuild(result, slots, 0, n, segs, layers, 0, m, rounding)
+                ctrl[F_REDUCE_NS * LINE] = now_ns() - t  # read by the waiters after their acquire of R
+                fetch_add(ctrl, F_RESULT * LINE, 1)      # R: seq-1 -> seq; release + full barrier
+                if load_acquire(ctrl, F_SLEEP_RESULT * LINE) > 0:
+                    futex(ctrl, F_RESULT * LINE, _FUTEX_WAKE, 0x7FFFFFFF, 0)
+                _copy(grads, result, m)
+                return PH_FINISHED
+            phase = PH_WAIT_RESULT
+        else:
+            phase = PH_WAIT_ARRIVE
+    if phase == PH_WAIT_ARRIVE:
+        done, ns = _wait(ctrl, F_ARRIVE, target, spin_ns, yields, start, slice_ns)
+        waited += ns
+        if not done:
+            return PH_WAIT_ARRIVE | (waited << _PHASE_BITS)
+        _rebuild(result, slots, 0, n, segs, layers, lo, hi, rounding)
+        _arrive(ctrl, F_DONE, target)
+        phase = PH_WAIT_DONE
+    if phase == PH_WAIT_DONE:
+        done, ns = _wait(ctrl, F_DONE, target, spin_ns, yields, start, slice_ns)
+        waited += ns
+        if not done:
+            return PH_WAIT_DONE | (waited << _PHASE_BITS)
+    elif phase == PH_WAIT_RESULT:
+        done, ns = _wait(ctrl, F_RESULT, seq, spin_ns, yields, start, slice_ns)
+        if done:  # the reducer's rebuilding is exchange work, not waiting for a rank
+            ns = max(0, ns - ctrl[F_REDUCE_NS * LINE])
+        waited += ns
+        if not done:
+            return PH_WAIT_RESULT | (waited << _PHASE_BITS)
+    _copy(grads, result, m)
+    return PH_FINISHED | (waited << _PHASE_BITS)
+
+
+def rebuild_reference(payloads: np.ndarray, layout: FactorLayout, rounding: int) -> np.ndarray:
+    """_rebuild over every parameter of the payloads (n, >= layout.payload) of n ranks, rank order (tests)."""
+    payloads = np.ascontiguousarray(payloads, np.float32)
+    out = np.empty(layout.n_params, np.float32)
+    _rebuild(out, payloads, 0, payloads.shape[0], layout.segs, layout.layers, 0, layout.n_params, rounding)
+    return out
+
+
+def pack(grads: np.ndarray, work: np.ndarray, layout: FactorLayout) -> np.ndarray:
+    """A rank's payload for the gradient in `grads` and the factors in `work` (the network's workspace)."""
+    slot = np.zeros(layout.payload, np.float32)
+    _pack(slot, grads, work, layout.segs, layout.layers)
+    return slot
+
+
+# ----------------------------------------------------------------------------------------------------
+# The exchange
+# ----------------------------------------------------------------------------------------------------
+
+class FactoredShmAllreduce(Exchange):
+    """The summed gradient of the ranks of `comm` (one node, one sample per rank each step), bitwise equal to
+    ShmAllreduce's, from each rank's sufficient factors.
+
+    wait: as ShmAllreduce ('spin', 'block', 'yield-block', 'yield'; None = $CNNPAR_SHM_WAIT, else
+    'yield-block' when dist.yield_when_waiting else 'spin'). protocol: 'all', 'single', 'slices'; None =
+    'single' unless spinning, else 'all'. verify_steps: on that many first steps each rank checks, before
+    publishing, that its factors rebuild its own gradient bit for bit, and raises RuntimeError if not
+    (a trainer that touched the network's workspace between forward_backward and reduce, or several
+    samples per rank)."""
+
+    name = "factored"
+
+    def __init__(self, dist, network, comm=None, wait: str | None = None, protocol: str | None = None,
+                 spin_ns: int = SPIN_NS_DEFAULT, own_comm: bool = False, verify_steps: int = 1):
+        self._comm = comm if comm is not None else dist.node
+        self._own_comm = own_comm
+        self._rank, self._n = self._comm.Get_rank(), self._comm.Get_size()
+        self._closed = True
+        self._win = None
+        if np.dtype(network.dtype) != np.float32:
+            raise ValueError("the factored exchange sums float32 gradients")
+        layout = FactorLayout(network)
+        if layout.layers.shape[0] == 0:
+            raise ValueError(f"{network.grammar!r} has no dense layer fed by an activation: nothing to factor")
+        rounding = kernel_rounding()
+        roundings = self._comm.allgather(rounding)
+        if rounding is None or len(set(roundings)) != 1:
+            raise RuntimeError(f"the dense kernel's rounding of g * x is not known on every rank ({roundings})")
+        self.layout = layout
+        self.rounding = rounding
+        self._m = layout.n_params
+        self._work = network._work
+        self._segs, self._layers = layout.segs, layout.layers
+        if wait is None:
+            wait = os.environ.get("CNNPAR_SHM_WAIT") or ("yield-block" if dist.yield_when_waiting else "spin")
+        if wait not in WAIT_POLICIES:
+            raise ValueError(f"unknown wait policy {wait!r}")
+        self.wait_policy = wait
+        self._spin_ns = int(spin_ns) if wait == "spin" else 0
+        self._yields = WAIT_POLICIES[wait] if HAVE_FUTEX else -1
+        if protocol is None:
+            protocol = "all" if wait == "spin" else "single"
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}")
+        self.protocol = protocol
+        self._protocol = PROTOCOLS[protocol]
+
+        # Layout: [control block][payload slots, whole 4 KiB pages each][result, unless 'all']
+        stride = _round_up(max(layout.payload, 1), 1024)
+        rows = 2 * self._n if protocol == "all" else self._n
+        result_floats = 0 if protocol == "all" else _round_up(self._m, 1024)
+        ctrl_bytes, ctrl_pad = N_FIELDS * LINE * 8, 4096
+        total = ctrl_pad + (rows * stride + result_floats) * 4
+        self._win, raw = allocate_shared(self._comm, total)
+        self._closed = False
+        self._ctrl = raw[:ctrl_bytes].view(np.int64)
+        self._slots = raw[ctrl_pad:ctrl_pad + rows * stride * 4].view(np.float32).reshape(rows, stride)
+        self._result = raw[ctrl_pad + rows * stride * 4:].view(np.float32)
+        if result_floats == 0:
+            self._result = np.zeros(0, np.float32)
+        self._slots[self._rank::self._n].fill(0.0)  # first touch by the owner, as ShmAllreduce
+        if self._rank == 0:
+            self._ctrl.fill(0)
+            self._result.fill(0.0)
+        self._comm.Barrier()
+        self._lo, self._hi = _slices(self._m, self._n)[self._rank]
+        self._seq = 0
+        self._verify_left = int(verify_steps)
+        self.last_wait_s = 0.0
+        self.wait_slice_ns = WAIT_SLICE_NS
+        self.resumed = 0
+        self.bytes_per_rank = layout.payload * 4
+
+    def _verify(self, grads: np.ndarray) -> None:
+        own = rebuild_reference(pack(grads, self._work, self.layout)[None], self.layout, self.rounding)
+        bad = (own.view(np.uint32) != grads.view(np.uint32)) & ~(np.isnan(own) & np.isnan(grads))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise RuntimeError(f"factored exchange: this rank's factors do not rebuild its gradient (element {i}: "
+                               f"{own[i]!r} vs {grads[i]!r}); it needs exactly one sample per rank and the network's "
+                               f"workspace as forward_backward left it")
+
+    def reduce(self, grads: np.ndarray) -> float:
+        if self._verify_left > 0:
+            self._verify_left -= 1
+            self._verify(grads)
+        self._seq += 1
+        phase, waited = PH_START, 0
+        while True:
+            code = _factored_step(self._ctrl, self._slots, self._result, grads, self._work, self._segs, self._layers,
+                                  self._rank, self._n, self._lo, self._hi, self._seq, phase, self._spin_ns,
+                                  self._yields, self._protocol, self.wait_slice_ns, self.rounding)
+            phase = code & 7
+            waited += code >> _PHASE_BITS
+            if phase == PH_FINISHED:
+                break
+            self.resumed += 1  # a wait slice expired: back in Python (signals, Ctrl-C), then resume
+        self.last_wait_s = waited * 1e-9
+        return self.last_wait_s
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._ctrl = self._slots = self._result = self._work = None
+        if _closing_collectively():
+            if self._win is not None:
+                try:
+                    self._win.Free()
+                finally:
+                    self._win = None
+            if self._own_comm:
+                self._comm.Free()
+        self._win = None
+
+
+def warm_kernels() -> None:
+    """Compile the step kernel for every protocol (exchange_shm.make_sync_exchange runs this once per node)."""
+    from .model import build_network
+
+    network = build_network("small")
+    layout = FactorLayout(network)
+    rounding = kernel_rounding()
+    grads = np.zeros(layout.n_params, np.float32)
+    ctrl = np.zeros(N_FIELDS * LINE, np.int64)
+    slots = np.zeros((2, _round_up(layout.payload, 16)), np.float32)
+    result = np.zeros(layout.n_params, np.float32)
+    for protocol in PROTOCOLS.values():
+        ctrl[:] = 0
+        _factored_step(ctrl, slots, result, grads, network._work, layout.segs, layout.layers, 0, 1, 0,
+                       layout.n_params, 1, PH_START, 0, 0, protocol, WAIT_SLICE_NS,
+                       ROUND_FUSED if rounding is None else rounding)
