@@ -79,7 +79,7 @@ def conv2d_scratch_size(C, H, W, F, K, P):
     Hp, Wp = H + 2 * P, W + 2 * P
     OH, OW = Hp - K + 1, Wp - K + 1
     wide = (OH - 1) * Wp + OW
-    return 2 * (wide + 2 * (K - 1)) + C * Hp * Wp
+    return 4 * (wide + 2 * (K - 1)) + C * Hp * Wp
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -196,78 +196,113 @@ def conv2d_backward(dx, dweight, dbias, scratch, dout, xpad, weight, pad, need_d
     x_flat = xpad.reshape(xpad.size)
     L = (OH - 1) * Wp + OW
     M = K - 1
-    # dout of a filter (and of its twin) in the wide layout, junk entries 0, M zeros either side
-    margined = scratch[:L + 2 * M]
-    twin_margined = scratch[L + 2 * M:2 * (L + 2 * M)]
-    d = margined[M:M + L]
-    twin_d = twin_margined[M:M + L]
-    dxpad = scratch[2 * (L + 2 * M):2 * (L + 2 * M) + C * Hp * Wp]
-    for i in range(2 * (L + 2 * M)):
+    # dout of up to four filters in the wide layout, junk entries 0, M zeros either side
+    Lm = L + 2 * M
+    margined0 = scratch[:Lm]
+    margined1 = scratch[Lm:2 * Lm]
+    margined2 = scratch[2 * Lm:3 * Lm]
+    margined3 = scratch[3 * Lm:4 * Lm]
+    dxpad = scratch[4 * Lm:4 * Lm + C * Hp * Wp]
+    for i in range(4 * Lm):
         scratch[i] = zero
     if need_dx:
         for i in range(dxpad.shape[0]):
             dxpad[i] = zero
-    step = 2 if K == 5 else 1      # as in the forward: K=5 takes filters in pairs
+    # K=5 (both named archs) takes four filters per pass over a kernel row: the five shifted src
+    # loads, the costly part, then feed twenty accumulators (which still fit in registers) where a
+    # pair of filters fed ten. A last partial block repeats its last filter, reading that filter's
+    # plane again; the repeats' sums are dropped.
+    step = 4 if K == 5 else 1
+    last = F - 1
     for f in range(0, F, step):
-        twin = f + 1 if f + 1 < F else f
-        has_twin = K == 5 and twin != f
-        dbias[f] += _widen(margined, dout[f], Wp, M)
-        if has_twin:
-            dbias[twin] += _widen(twin_margined, dout[twin], Wp, M)
+        f1 = min(f + 1, last) if K == 5 else f
+        f2 = min(f + 2, last) if K == 5 else f
+        f3 = min(f + 3, last) if K == 5 else f
+        dbias[f] += _widen(margined0, dout[f], Wp, M)
+        d0 = margined0[M:M + L]
+        d1 = d0
+        d2 = d0
+        d3 = d0
+        if f1 != f:
+            dbias[f1] += _widen(margined1, dout[f1], Wp, M)
+            d1 = margined1[M:M + L]
+        if f2 != f1:
+            dbias[f2] += _widen(margined2, dout[f2], Wp, M)
+            d2 = margined2[M:M + L]
+        elif f2 != f:
+            d2 = d1
+        if f3 != f2:
+            dbias[f3] += _widen(margined3, dout[f3], Wp, M)
+            d3 = margined3[M:M + L]
+        elif f3 != f:
+            d3 = d2
         for c in range(C):
             for ky in range(K):
                 start = c * Hp * Wp + ky * Wp
                 src = x_flat[start:start + L + K - 1]
-                dw = dweight[f, c, ky]
                 if K == 5:
-                    # dweight[f, c, ky, kx] += sum_i d[i] * src[i + kx], both filters sharing the src loads
+                    # dweight[f, c, ky, kx] += sum_i d[i] * src[i + kx], for the four filters at once
                     a0 = a1 = a2 = a3 = a4 = zero
                     b0 = b1 = b2 = b3 = b4 = zero
+                    e0 = e1 = e2 = e3 = e4 = zero
+                    h0 = h1 = h2 = h3 = h4 = zero
                     for i in range(L):
                         s0, s1, s2, s3, s4 = src[i], src[i + 1], src[i + 2], src[i + 3], src[i + 4]
-                        g = d[i]
+                        g = d0[i]
                         a0 += g * s0
                         a1 += g * s1
                         a2 += g * s2
                         a3 += g * s3
                         a4 += g * s4
-                        h = twin_d[i]
-                        b0 += h * s0
-                        b1 += h * s1
-                        b2 += h * s2
-                        b3 += h * s3
-                        b4 += h * s4
-                    dw[0] += a0
-                    dw[1] += a1
-                    dw[2] += a2
-                    dw[3] += a3
-                    dw[4] += a4
-                    if has_twin:
-                        dv = dweight[twin, c, ky]
-                        dv[0] += b0
-                        dv[1] += b1
-                        dv[2] += b2
-                        dv[3] += b3
-                        dv[4] += b4
+                        g = d1[i]
+                        b0 += g * s0
+                        b1 += g * s1
+                        b2 += g * s2
+                        b3 += g * s3
+                        b4 += g * s4
+                        g = d2[i]
+                        e0 += g * s0
+                        e1 += g * s1
+                        e2 += g * s2
+                        e3 += g * s3
+                        e4 += g * s4
+                        g = d3[i]
+                        h0 += g * s0
+                        h1 += g * s1
+                        h2 += g * s2
+                        h3 += g * s3
+                        h4 += g * s4
+                    _add5(dweight[f, c, ky], a0, a1, a2, a3, a4)
+                    if f1 != f:
+                        _add5(dweight[f1, c, ky], b0, b1, b2, b3, b4)
+                    if f2 != f1:
+                        _add5(dweight[f2, c, ky], e0, e1, e2, e3, e4)
+                    if f3 != f2:
+                        _add5(dweight[f3, c, ky], h0, h1, h2, h3, h4)
                 else:
+                    dw = dweight[f, c, ky]
                     for kx in range(K):
                         shifted = src[kx:]
                         a = zero
                         for i in range(L):
-                            a += d[i] * shifted[i]
+                            a += d0[i] * shifted[i]
                         dw[kx] += a
                 if need_dx:
                     # dxpad[start + j] += sum_kx w[kx] * d[j - kx]  (= margined[j + M - kx])
                     dst = dxpad[start:start + L + M]
-                    w = weight[f, c, ky]
                     if K == 5:
-                        _dx_row_k5(dst, margined, w)
-                        if has_twin:
-                            _dx_row_k5(dst, twin_margined, weight[twin, c, ky])
+                        _dx_row_k5(dst, margined0, weight[f, c, ky])
+                        if f1 != f:
+                            _dx_row_k5(dst, margined1, weight[f1, c, ky])
+                        if f2 != f1:
+                            _dx_row_k5(dst, margined2, weight[f2, c, ky])
+                        if f3 != f2:
+                            _dx_row_k5(dst, margined3, weight[f3, c, ky])
                     else:
+                        w = weight[f, c, ky]
                         for kx in range(K):
                             wk = w[kx]
-                            shifted = margined[M - kx:]
+                            shifted = margined0[M - kx:]
                             for j in range(L + M):
                                 dst[j] += wk * shifted[j]
     if need_dx:
@@ -279,6 +314,15 @@ def conv2d_backward(dx, dweight, dbias, scratch, dout, xpad, weight, pad, need_d
                 dst_row = dx[c, y]
                 for i in range(W):
                     dst_row[i] = src_row[i]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _add5(dst, v0, v1, v2, v3, v4):
+    dst[0] += v0
+    dst[1] += v1
+    dst[2] += v2
+    dst[3] += v3
+    dst[4] += v4
 
 
 # --------------------------------------------------------------------------------------------- relu
@@ -319,21 +363,29 @@ def maxpool2_forward(out, argmax, x):
             top = x[c, 2 * py]
             bottom = x[c, 2 * py + 1]
             base = (c * H + 2 * py) * W
+            out_row = out[c, py]
+            argmax_row = argmax[c, py]
             for px in range(PW):
+                # selects, not branches: which of the four wins is data-dependent, so branches
+                # mispredicted about half the time, and selects let the loop vectorise.
+                # A NaN compares false, as in a chain of ifs: the same value and index.
                 i = 2 * px
                 best = top[i]
-                where = base + i
-                if top[i + 1] > best:
-                    best = top[i + 1]
-                    where = base + i + 1
-                if bottom[i] > best:
-                    best = bottom[i]
-                    where = base + W + i
-                if bottom[i + 1] > best:
-                    best = bottom[i + 1]
-                    where = base + W + i + 1
-                out[c, py, px] = best
-                argmax[c, py, px] = where
+                where = i
+                v = top[i + 1]
+                better = v > best
+                best = v if better else best
+                where = i + 1 if better else where
+                v = bottom[i]
+                better = v > best
+                best = v if better else best
+                where = W + i if better else where
+                v = bottom[i + 1]
+                better = v > best
+                best = v if better else best
+                where = W + i + 1 if better else where
+                out_row[px] = best
+                argmax_row[px] = base + where
 
 
 @njit(cache=True, fastmath=FASTMATH)
