@@ -36,7 +36,8 @@ argument, which carries over slot for slot):
             arrives on A, waits for A and rebuilds the whole sum into its own gradient. One flag phase.
     single  (ranks > cores) the rank completing A rebuilds the sum once into the result buffer and bumps R;
             the others wait for R and copy the result out.
-    slices  two phases: each rank rebuilds 1/n of the parameters into the result, arrives on D, all copy out.
+    A 'slices' variant (each rank rebuilds 1/n of the parameters, a second flag phase, copy out) was
+    measured at n = 2..12 and never won, so it is not kept.
 
 docs/performance.md ("Sufficient factors") has the measurements behind the defaults.
 """
@@ -53,14 +54,13 @@ from numba.extending import intrinsic
 
 from . import kernels as K
 from .exchange import Exchange
-from .exchange_shm import (F_ARRIVE, F_DONE, F_REDUCE_NS, F_RESULT, F_SLEEP_RESULT, HAVE_FUTEX, LINE, N_FIELDS,
-                           PH_FINISHED, PH_START, PH_WAIT_ARRIVE, PH_WAIT_DONE, PH_WAIT_RESULT, SPIN_NS_DEFAULT,
-                           WAIT_POLICIES, WAIT_SLICE_NS, _FUTEX_WAKE, _PHASE_BITS, _arrive, _closing_collectively,
-                           _copy, _round_up, _slices, _wait, allocate_shared, fetch_add, futex, load_acquire,
-                           now_ns)
+from .exchange_shm import (F_ARRIVE, F_REDUCE_NS, F_RESULT, F_SLEEP_RESULT, HAVE_FUTEX, LINE, N_FIELDS, PH_FINISHED,
+                           PH_START, PH_WAIT_ARRIVE, PH_WAIT_RESULT, SPIN_NS_DEFAULT, WAIT_POLICIES, WAIT_SLICE_NS,
+                           _FUTEX_WAKE, _PHASE_BITS, _arrive, _closing_collectively, _copy, _round_up, _wait,
+                           allocate_shared, fetch_add, futex, load_acquire, now_ns)
 
-P_SLICES, P_SINGLE, P_ALL = 0, 1, 2
-PROTOCOLS = {"slices": P_SLICES, "single": P_SINGLE, "all": P_ALL}
+P_SINGLE, P_ALL = 1, 2  # exchange_shm's numbering
+PROTOCOLS = {"single": P_SINGLE, "all": P_ALL}
 
 # Factoring is worth it only when the payload is clearly smaller than the gradient: it trades moving
 # floats between cores for multiplying them locally, and each rank rebuilds n ranks' terms.
@@ -194,43 +194,48 @@ def _pack(slot, grads, work, segs, layers):
 
 
 @njit(cache=True, nogil=True)
-def _add_term(dst, g, x, first, rounding):
-    """dst (+)= the kernel's dW row segment for gradient factor g and input x: 0 when g == 0 (the kernel
-    skips the row, the zeroed buffer stays +0), else fma(g, x, +0) or (g * x) + 0, as the kernel rounds."""
+def _add_terms(dst, first, g0, x0, g1, x1, pair, rounding):
+    """dst (+)= the kernel's dW row segment for factor g0 and input x0, then (pair) for g1 and x1, in that
+    order: dst = t0 [+ t1] when `first`, else (dst + t0) [+ t1]. t = fma(g, x, +0) or (g * x) + 0, as the
+    kernel rounds. The caller passes g = 0 with x = zeros for a row the kernel skipped (g == 0): that
+    term is then +0 whatever the real x holds (even NaN), like the untouched zeroed gradient. Two ranks
+    per pass halve the loads and stores of dst, which is what a rebuild spends its time on."""
     zero = np.float32(0.0)
     m = dst.shape[0]
-    if g == 0:
-        if first:
+    if rounding == 1:
+        if first and pair:
             for i in range(m):
-                dst[i] = zero
+                dst[i] = _fma(g0, x0[i], zero) + _fma(g1, x1[i], zero)
+        elif first:
+            for i in range(m):
+                dst[i] = _fma(g0, x0[i], zero)
+        elif pair:
+            for i in range(m):
+                dst[i] = (dst[i] + _fma(g0, x0[i], zero)) + _fma(g1, x1[i], zero)
         else:
             for i in range(m):
-                dst[i] = dst[i] + zero  # not a no-op: -0 + 0 = +0, as in the flat sum
-    elif rounding == 1:
-        if first:
-            for i in range(m):
-                dst[i] = _fma(g, x[i], zero)
-        else:
-            for i in range(m):
-                dst[i] = dst[i] + _fma(g, x[i], zero)
+                dst[i] = dst[i] + _fma(g0, x0[i], zero)
     else:
-        if first:
+        if first and pair:
             for i in range(m):
-                dst[i] = g * x[i] + zero
+                dst[i] = (g0 * x0[i] + zero) + (g1 * x1[i] + zero)
+        elif first:
+            for i in range(m):
+                dst[i] = g0 * x0[i] + zero
+        elif pair:
+            for i in range(m):
+                dst[i] = (dst[i] + (g0 * x0[i] + zero)) + (g1 * x1[i] + zero)
         else:
             for i in range(m):
-                dst[i] = dst[i] + (g * x[i] + zero)
+                dst[i] = dst[i] + (g0 * x0[i] + zero)
 
 
 @njit(cache=True, nogil=True)
-def _rebuild(out, slots, first_row, n, segs, layers, lo, hi, rounding):
-    """out[lo:hi] = the rank-order float32 sum over slots[first_row .. first_row+n-1] of each rank's
-    gradient, rebuilt from its payload (out is indexed like the flat gradient)."""
+def _rebuild(out, slots, first_row, n, segs, layers, rounding):
+    """out = the rank-order float32 sum over slots[first_row .. first_row+n-1] of each rank's gradient,
+    rebuilt from its payload (out is indexed like the flat gradient)."""
     for s in range(segs.shape[0]):
-        a, b = max(segs[s, 0], lo), min(segs[s, 1], hi)
-        if a >= b:
-            continue
-        at = segs[s, 2] + a - segs[s, 0]
+        a, b, at = segs[s, 0], segs[s, 1], segs[s, 2]
         dst = out[a:b]
         head = slots[first_row, at:at + b - a]
         for i in range(b - a):
@@ -239,31 +244,39 @@ def _rebuild(out, slots, first_row, n, segs, layers, lo, hi, rounding):
             row = slots[r, at:at + b - a]
             for i in range(b - a):
                 dst[i] += row[i]
+    widest = 1
+    for j in range(layers.shape[0]):
+        widest = max(widest, layers[j, 2])
+    zeros = np.zeros(widest, np.float32)
+    zero = np.float32(0.0)
     for j in range(layers.shape[0]):
         w0, n_out, n_in, x_at, g_at = layers[j, 0], layers[j, 1], layers[j, 2], layers[j, 4], layers[j, 5]
-        a, b = max(w0, lo), min(w0 + n_out * n_in, hi)
-        if a >= b:
-            continue
         # row by row, all ranks' terms of a row while it sits in L1 (a 1152-float row is 4.6 KB)
-        for o in range((a - w0) // n_in, (b - 1 - w0) // n_in + 1):
-            row_lo = w0 + o * n_in
-            i0, i1 = max(a, row_lo) - row_lo, min(b, row_lo + n_in) - row_lo
-            dst = out[row_lo + i0:row_lo + i1]
-            for r in range(n):
+        for o in range(n_out):
+            dst = out[w0 + o * n_in:w0 + (o + 1) * n_in]
+            for r in range(0, n, 2):
+                pair = r + 1 < n
                 slot = slots[first_row + r]
-                _add_term(dst, slot[g_at + o], slot[x_at + i0:x_at + i1], r == 0, rounding)
+                g0, x0 = slot[g_at + o], slot[x_at:x_at + n_in]
+                if g0 == 0:
+                    g0, x0 = zero, zeros[:n_in]
+                g1, x1 = zero, zeros[:n_in]
+                if pair:
+                    slot = slots[first_row + r + 1]
+                    if slot[g_at + o] != 0:
+                        g1, x1 = slot[g_at + o], slot[x_at:x_at + n_in]
+                _add_terms(dst, r == 0, g0, x0, g1, x1, pair, rounding)
 
 
 @njit(cache=True, nogil=True)
-def _factored_step(ctrl, slots, result, grads, work, segs, layers, rank, n, lo, hi, seq, phase, spin_ns, yields,
-                   protocol, slice_ns, rounding):
+def _factored_step(ctrl, slots, result, grads, work, segs, layers, rank, n, seq, phase, spin_ns, yields, protocol,
+                   slice_ns, rounding):
     """One exchange step, resumable at `phase`; returns the phase reached | (ns waited << 3), as
-    exchange_shm._shm_step, whose protocols these are with the slot copy replaced by _pack and the sum by
-    _rebuild."""
+    exchange_shm._shm_step, whose 'all' and 'single' protocols these are with the slot copy replaced by
+    _pack and the sum by _rebuild."""
     m = grads.shape[0]
     target = n * seq
     start = now_ns()
-    waited = 0
     if protocol == P_ALL:
         base = (seq & 1) * n
         if phase == PH_START:
@@ -272,53 +285,32 @@ def _factored_step(ctrl, slots, result, grads, work, segs, layers, rank, n, lo, 
         done, ns = _wait(ctrl, F_ARRIVE, target, spin_ns, yields, start, slice_ns)
         if not done:
             return PH_WAIT_ARRIVE | (ns << _PHASE_BITS)
-        _rebuild(grads, slots, base, n, segs, layers, 0, m, rounding)
+        _rebuild(grads, slots, base, n, segs, layers, rounding)
         return PH_FINISHED | (ns << _PHASE_BITS)
     if phase == PH_START:
         _pack(slots[rank], grads, work, segs, layers)
-        last = _arrive(ctrl, F_ARRIVE, target)
-        if protocol == P_SINGLE:
-            if last:
-                t = now_ns()
-                _rebuild(result, slots, 0, n, segs, layers, 0, m, rounding)
-                ctrl[F_REDUCE_NS * LINE] = now_ns() - t  # read by the waiters after their acquire of R
-                fetch_add(ctrl, F_RESULT * LINE, 1)      # R: seq-1 -> seq; release + full barrier
-                if load_acquire(ctrl, F_SLEEP_RESULT * LINE) > 0:
-                    futex(ctrl, F_RESULT * LINE, _FUTEX_WAKE, 0x7FFFFFFF, 0)
-                _copy(grads, result, m)
-                return PH_FINISHED
-            phase = PH_WAIT_RESULT
-        else:
-            phase = PH_WAIT_ARRIVE
-    if phase == PH_WAIT_ARRIVE:
-        done, ns = _wait(ctrl, F_ARRIVE, target, spin_ns, yields, start, slice_ns)
-        waited += ns
-        if not done:
-            return PH_WAIT_ARRIVE | (waited << _PHASE_BITS)
-        _rebuild(result, slots, 0, n, segs, layers, lo, hi, rounding)
-        _arrive(ctrl, F_DONE, target)
-        phase = PH_WAIT_DONE
-    if phase == PH_WAIT_DONE:
-        done, ns = _wait(ctrl, F_DONE, target, spin_ns, yields, start, slice_ns)
-        waited += ns
-        if not done:
-            return PH_WAIT_DONE | (waited << _PHASE_BITS)
-    elif phase == PH_WAIT_RESULT:
-        done, ns = _wait(ctrl, F_RESULT, seq, spin_ns, yields, start, slice_ns)
-        if done:  # the reducer's rebuilding is exchange work, not waiting for a rank
-            ns = max(0, ns - ctrl[F_REDUCE_NS * LINE])
-        waited += ns
-        if not done:
-            return PH_WAIT_RESULT | (waited << _PHASE_BITS)
+        if _arrive(ctrl, F_ARRIVE, target):
+            t = now_ns()
+            _rebuild(result, slots, 0, n, segs, layers, rounding)
+            ctrl[F_REDUCE_NS * LINE] = now_ns() - t  # read by the waiters after their acquire of R
+            fetch_add(ctrl, F_RESULT * LINE, 1)      # R: seq-1 -> seq; release + full barrier
+            if load_acquire(ctrl, F_SLEEP_RESULT * LINE) > 0:
+                futex(ctrl, F_RESULT * LINE, _FUTEX_WAKE, 0x7FFFFFFF, 0)
+            _copy(grads, result, m)
+            return PH_FINISHED
+    done, ns = _wait(ctrl, F_RESULT, seq, spin_ns, yields, start, slice_ns)
+    if not done:
+        return PH_WAIT_RESULT | (ns << _PHASE_BITS)
+    ns = max(0, ns - ctrl[F_REDUCE_NS * LINE])  # the reducer's rebuilding is exchange work, not waiting
     _copy(grads, result, m)
-    return PH_FINISHED | (waited << _PHASE_BITS)
+    return PH_FINISHED | (ns << _PHASE_BITS)
 
 
 def rebuild_reference(payloads: np.ndarray, layout: FactorLayout, rounding: int) -> np.ndarray:
     """_rebuild over every parameter of the payloads (n, >= layout.payload) of n ranks, rank order (tests)."""
     payloads = np.ascontiguousarray(payloads, np.float32)
     out = np.empty(layout.n_params, np.float32)
-    _rebuild(out, payloads, 0, payloads.shape[0], layout.segs, layout.layers, 0, layout.n_params, rounding)
+    _rebuild(out, payloads, 0, payloads.shape[0], layout.segs, layout.layers, rounding)
     return out
 
 
@@ -338,7 +330,7 @@ class FactoredShmAllreduce(Exchange):
     ShmAllreduce's, from each rank's sufficient factors.
 
     wait: as ShmAllreduce ('spin', 'block', 'yield-block', 'yield'; None = $CNNPAR_SHM_WAIT, else
-    'yield-block' when dist.yield_when_waiting else 'spin'). protocol: 'all', 'single', 'slices'; None =
+    'yield-block' when dist.yield_when_waiting else 'spin'). protocol: 'all', 'single'; None =
     'single' unless spinning, else 'all'. verify_steps: on that many first steps each rank checks, before
     publishing, that its factors rebuild its own gradient bit for bit, and raises RuntimeError if not
     (a trainer that touched the network's workspace between forward_backward and reduce, or several
@@ -399,7 +391,6 @@ class FactoredShmAllreduce(Exchange):
             self._ctrl.fill(0)
             self._result.fill(0.0)
         self._comm.Barrier()
-        self._lo, self._hi = _slices(self._m, self._n)[self._rank]
         self._seq = 0
         self._verify_left = int(verify_steps)
         self.last_wait_s = 0.0
@@ -424,8 +415,8 @@ class FactoredShmAllreduce(Exchange):
         phase, waited = PH_START, 0
         while True:
             code = _factored_step(self._ctrl, self._slots, self._result, grads, self._work, self._segs, self._layers,
-                                  self._rank, self._n, self._lo, self._hi, self._seq, phase, self._spin_ns,
-                                  self._yields, self._protocol, self.wait_slice_ns, self.rounding)
+                                  self._rank, self._n, self._seq, phase, self._spin_ns, self._yields,
+                                  self._protocol, self.wait_slice_ns, self.rounding)
             phase = code & 7
             waited += code >> _PHASE_BITS
             if phase == PH_FINISHED:
@@ -463,6 +454,5 @@ def warm_kernels() -> None:
     result = np.zeros(layout.n_params, np.float32)
     for protocol in PROTOCOLS.values():
         ctrl[:] = 0
-        _factored_step(ctrl, slots, result, grads, network._work, layout.segs, layout.layers, 0, 1, 0,
-                       layout.n_params, 1, PH_START, 0, 0, protocol, WAIT_SLICE_NS,
-                       ROUND_FUSED if rounding is None else rounding)
+        _factored_step(ctrl, slots, result, grads, network._work, layout.segs, layout.layers, 0, 1, 1, PH_START,
+                       0, 0, protocol, WAIT_SLICE_NS, ROUND_FUSED if rounding is None else rounding)

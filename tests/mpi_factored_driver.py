@@ -85,7 +85,7 @@ def variants(dist, network) -> dict:
     out = {}
     if dist.size > 1:
         waits = ("spin", "yield-block", "block") if dist.size <= 2 else ("spin", "yield-block")
-        for protocol in ("all", "single", "slices"):
+        for protocol in ("all", "single"):
             for wait in waits:
                 out[f"factored-{protocol}-{wait}"] = (
                     lambda p=protocol, w=wait: F.FactoredShmAllreduce(dist, network, comm=dist.comm, wait=w,
@@ -187,7 +187,6 @@ def bench(dist, steps: int, rounds: int, only: str) -> None:
         "shm-slices": lambda: X.ShmAllreduce(dist, m, comm=comm, wait=wait, protocol="slices"),
         "shm-single": lambda: X.ShmAllreduce(dist, m, comm=comm, wait=wait, protocol="single"),
         "factored-all": lambda: F.FactoredShmAllreduce(dist, network, comm=comm, wait=wait, protocol="all"),
-        "factored-slices": lambda: F.FactoredShmAllreduce(dist, network, comm=comm, wait=wait, protocol="slices"),
         "factored-single": lambda: F.FactoredShmAllreduce(dist, network, comm=comm, wait=wait, protocol="single"),
     }
     if only:

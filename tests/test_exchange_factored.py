@@ -94,18 +94,6 @@ def test_rebuild_equals_rank_order_sum_of_modelled_kernel(arch, rounding):
             assert ((got == 0) & np.signbit(got)).any()
 
 
-def test_rebuild_slices_cover_the_whole_sum():
-    network = model.build_network("lenet")
-    layout = F.FactorLayout(network)
-    payloads = special_payloads(layout, 3, np.random.default_rng(3))
-    whole = F.rebuild_reference(payloads, layout, F.ROUND_FUSED)
-    for parts in (2, 5, 12):
-        out = np.full(layout.n_params, np.float32(7.0))
-        for lo, hi in X._slices(layout.n_params, parts):
-            F._rebuild(out, payloads, 0, 3, layout.segs, layout.layers, lo, hi, F.ROUND_FUSED)
-        assert same(out, whole).all()
-
-
 def test_kernel_rounding_is_known_and_matches_the_network_driver():
     """The probe (kernels.dense_backward alone) must agree with what the whole forward_backward writes:
     with activations scaled to subnormals, products underflow and -0 appears exactly when fused."""
@@ -183,7 +171,7 @@ def test_applies():
     assert (layout.payload, layout.factored_floats) == (1370, 11520)
 
 
-@pytest.mark.parametrize("protocol", ["all", "single", "slices"])
+@pytest.mark.parametrize("protocol", ["all", "single"])
 @pytest.mark.parametrize("yields", [0, -1])
 def test_step_kernel_synchronises_threads(protocol, yields):
     """Three threads play three ranks on one control block and slot array, with their own networks'
@@ -205,7 +193,6 @@ def test_step_kernel_synchronises_threads(protocol, yields):
     works = [np.zeros(network._work.shape, np.float32) for _ in range(n)]
     delays = rng.random((steps, n)) < 0.05
     outputs = np.zeros((steps, n, layout.n_params), np.float32)
-    bounds = X._slices(layout.n_params, n)
     errors = []
 
     def rank_main(r):
@@ -216,12 +203,11 @@ def test_step_kernel_synchronises_threads(protocol, yields):
                 grads = reference_gradient(payloads[s, r], layout, rounding)
                 for _, _, n_in, x_work, x_at, _ in layout.layers:
                     works[r][x_work:x_work + n_in] = payloads[s, r, x_at:x_at + n_in]
-                lo, hi = bounds[r]
                 phase = X.PH_START
                 while phase != X.PH_FINISHED:
                     code = F._factored_step(ctrl, slots, result, grads, works[r], layout.segs, layout.layers, r, n,
-                                            lo, hi, s + 1, phase, 2000 if r == 0 else 0, yields,
-                                            F.PROTOCOLS[protocol], 5_000_000, rounding)
+                                            s + 1, phase, 2000 if r == 0 else 0, yields, F.PROTOCOLS[protocol],
+                                            5_000_000, rounding)
                     phase = code & 7
                 outputs[s, r] = grads
         except BaseException as exc:  # pragma: no cover - reported below
@@ -278,7 +264,7 @@ def test_mpi_factored_sums_bitwise_like_the_flat_exchange(n):
     expected = {"auto", "factored"}
     if n > 1:
         waits = ("spin", "yield-block", "block") if n <= 2 else ("spin", "yield-block")
-        expected |= {f"factored-{p}-{w}" for p in ("all", "single", "slices") for w in waits}
+        expected |= {f"factored-{p}-{w}" for p in ("all", "single") for w in waits}
     for arch in ("small", "lenet"):
         assert expected <= {name for a, name in results if a == arch}, arch
     for key, result in results.items():
