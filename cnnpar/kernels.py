@@ -149,10 +149,11 @@ def _unwiden(plane, wide, Wp):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _widen(margined, plane, Wp, M):
-    # margined[M + oy*Wp + ox] <- plane[oy, ox]; returns the plane's sum. The junk columns and the
-    # M-entry margins stay as they were: zero, as conv2d_backward set them.
+    # margined[M + oy*Wp + ox] <- plane[oy, ox], and 0 in the junk columns between rows; returns
+    # the plane's sum. The M-entry margins stay as they were: zero, as conv2d_backward set them.
     OH, OW = plane.shape
-    total = margined.dtype.type(0)
+    zero = margined.dtype.type(0)
+    total = zero
     for oy in range(OH):
         wide_row = margined[M + oy * Wp:]
         row = plane[oy]
@@ -160,6 +161,9 @@ def _widen(margined, plane, Wp, M):
             g = row[ox]
             wide_row[ox] = g
             total += g
+        if oy < OH - 1:
+            for ox in range(OW, Wp):
+                wide_row[ox] = zero
     return total
 
 
@@ -203,8 +207,11 @@ def conv2d_backward(dx, dweight, dbias, scratch, dout, xpad, weight, pad, need_d
     margined2 = scratch[2 * Lm:3 * Lm]
     margined3 = scratch[3 * Lm:4 * Lm]
     dxpad = scratch[4 * Lm:4 * Lm + C * Hp * Wp]
-    for i in range(4 * Lm):
-        scratch[i] = zero
+    # _widen fills a plane's wide layout, junk columns included; only the margins need clearing
+    for k in range(4):
+        for i in range(M):
+            scratch[k * Lm + i] = zero
+            scratch[k * Lm + M + L + i] = zero
     if need_dx:
         for i in range(dxpad.shape[0]):
             dxpad[i] = zero
