@@ -19,7 +19,7 @@ from .errors import UserError
 
 MODES = ("sync", "local", "race", "atomic", "hogwild")
 REDUCES = ("sum", "mean")
-ALLREDUCES = ("auto", "mpi", "shm", "hier")
+ALLREDUCES = ("auto", "mpi", "shm", "factored", "hier")
 RACE_WINDOWS = ("auto", "shared", "rma")
 LR_SCALINGS = ("none", "linear")
 WAITS = ("auto", "spin", "yield")
@@ -55,7 +55,8 @@ class Config:
                      "one-sided Accumulate (lossless); 'hogwild' lock-free updates of shared parameters",
                      choices=MODES)
     allreduce: str = _opt("auto", "sync exchange implementation: 'mpi' MPI_Allreduce, 'shm' node shared-memory "
-                          "window, 'hier' node-local then leaders, 'auto' the fastest that applies",
+                          "window, 'factored' the same sending the dense layers' inputs instead of their gradients "
+                          "(1 sample per rank), 'hier' node-local then leaders, 'auto' the fastest that applies",
                           choices=ALLREDUCES)
     race_window: str = _opt("auto", "race mode window: 'shared' node shared memory, 'rma' Get/add/Put on an "
                             "owner rank, 'auto' shared when all ranks share a node", choices=RACE_WINDOWS)

@@ -23,7 +23,8 @@ Accumulators and why one barrier per step suffices
     The window holds THREE accumulators A[0..2] (each 64-byte aligned). Call s of reduce() (s = 0, 1, ...):
 
         add own gradient into A[s % 3]          (racy, or Accumulate)
-        [Win.Sync]  barrier_s  [Win.Sync]       (the step's one synchronisation, core-yielding Ibarrier)
+        [Win.Sync]  barrier_s  [Win.Sync]       (the step's one synchronisation: a shared-memory counter
+                                                 with futex waits; 'rma': a core-yielding Ibarrier)
         grads[:] = A[s % 3]                     (every rank reads the same sum)
         owner (rank 0) resets A[(s + 2) % 3]    (to -0.0, see below)
 
@@ -297,7 +298,7 @@ class _Accumulators:
     Lock_all(MODE_NOCHECK) (every access is 'shared', nobody locks exclusively), opens here and closes in
     free(): the one place epochs are opened and closed."""
 
-    def __init__(self, comm, n: int, kind: str, slots: int = SLOTS, wait=None):
+    def __init__(self, comm, n: int, kind: str, slots: int = SLOTS, wait=None, yield_when_waiting: bool = False):
         from mpi4py import MPI
 
         self.MPI = MPI
@@ -322,6 +323,24 @@ class _Accumulators:
             raise ValueError(f"unknown window kind {kind!r}")
         self.win.Lock_all(MPI.MODE_NOCHECK)
         self._locked = True
+        # The shared window's ranks are all on one node: they meet at the step's barrier through a counter
+        # in shared memory (exchange_shm's futex waits) instead of MPI_Ibarrier polled with sched_yield,
+        # which cost ~14 ms a step at 12 ranks on 2 cores (every rank must run to progress MPI's barrier).
+        self._ctrl_win = self._ctrl = None
+        if kind == "shared":
+            from . import exchange_shm as shm
+
+            self._shm = shm
+            self._ctrl_win, raw = shm.allocate_shared(comm, shm.N_FIELDS * shm.LINE * 8)
+            self._ctrl = raw.view(np.int64)
+            if comm.Get_rank() == 0:
+                self._ctrl.fill(0)
+            comm.Barrier()
+            policy = "yield-block" if yield_when_waiting else "spin"
+            self._spin_ns = shm.SPIN_NS_DEFAULT if policy == "spin" else 0
+            self._yields = shm.WAIT_POLICIES[policy] if shm.HAVE_FUTEX else -1
+            self._size = comm.Get_size()
+            self._barriers = 0
         self._neg_zero = np.full(self.n, -0.0, np.float32) if (self.is_owner and kind == "rma") else None
         if self.is_owner:
             for slot in range(slots):
@@ -348,14 +367,24 @@ class _Accumulators:
 
     def barrier(self) -> float:
         """Make this rank's writes visible, wait for every rank, see theirs; returns the seconds waited."""
-        if self.kind == "shared":
-            self.win.Sync()
-        t0 = time.perf_counter()
-        self._wait(self.comm.Ibarrier())
-        waited = time.perf_counter() - t0
-        if self.kind == "shared":
-            self.win.Sync()
-        return waited
+        if self.kind == "rma":
+            t0 = time.perf_counter()
+            self._wait(self.comm.Ibarrier())
+            return time.perf_counter() - t0
+        shm = self._shm
+        self.win.Sync()
+        self._barriers += 1
+        target = self._barriers * self._size  # the counter is never reset: barrier b completes at b x size
+        shm._arrive(self._ctrl, shm.F_ARRIVE, target)
+        waited_ns = 0
+        while True:  # a wait returns to Python every slice (Ctrl-C works), then goes on
+            code = shm._wait_field(self._ctrl, shm.F_ARRIVE, target, self._spin_ns, self._yields,
+                                   shm.WAIT_SLICE_NS)
+            waited_ns += code >> shm._PHASE_BITS
+            if code & 7 == shm.PH_FINISHED:
+                break
+        self.win.Sync()
+        return waited_ns * 1e-9
 
     def read(self, slot: int, out: np.ndarray) -> None:
         if self.kind == "shared":
@@ -382,6 +411,10 @@ class _Accumulators:
             win.Unlock_all()   # local: completes this rank's RMA calls, no communication with other ranks
         if collective:
             win.Free()
+        ctrl_win, self._ctrl_win = self._ctrl_win, None
+        self._ctrl = None
+        if ctrl_win is not None and collective:
+            ctrl_win.Free()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -428,7 +461,8 @@ class OneSidedExchange(Exchange):
         self._n = int(n_params)
         self._audit = bool(audit)
         self._comm = dist.node if window == "shared" else dist.comm
-        self._acc = _Accumulators(self._comm, self._n, window, wait=dist.wait)
+        self._acc = _Accumulators(self._comm, self._n, window, wait=dist.wait,
+                                  yield_when_waiting=dist.yield_when_waiting)
         self._tmp = np.empty(self._n, np.float32) if (window == "rma" and op == "race") else None
         self._own = np.empty(self._n, np.float32) if self._audit else None
         self._gathered = (np.empty((dist.size, self._n), np.float32)
@@ -506,7 +540,8 @@ class HogwildExchange(Exchange):
         self._dist = dist
         self._n = int(n_params)
         self._audit = bool(audit)
-        self._acc = _Accumulators(dist.node, self._n, "shared", slots=1, wait=dist.wait)
+        self._acc = _Accumulators(dist.node, self._n, "shared", slots=1, wait=dist.wait,
+                                  yield_when_waiting=dist.yield_when_waiting)
         self._params = None
         self._prev = None            # rank 0, audit: (step, params at the previous reduce, gathered grads)
         self._gathered = None

@@ -104,7 +104,7 @@ def train(argv) -> int:
     grads = np.zeros_like(params)
 
     # --- exchange, optimizer, log ---
-    exchange = make_exchange(config, dist, network.n_params)
+    exchange = make_exchange(config, dist, network.n_params, network=network)
     try:
         params = exchange.bind(params)
         exchange.first_step = 0 if state is None else int(state["step"])  # audits number steps from here
