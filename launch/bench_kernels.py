@@ -1,6 +1,6 @@
 """Benchmark the compute core on ONE core: per-sample forward+backward, the full step with SGD.
 
-    python launch/bench_kernels.py [--arch small|lenet|GRAMMAR] [--vs-torch] [--k N]
+    python launch/bench_kernels.py [--arch small|lenet|GRAMMAR] [--vs-torch] [--k N] [--layers]
 
 Prints a readable table, then, as its LAST line, one JSON object with every figure. The step is what a
 rank does per step: zero the grads, forward+backward of k samples (one numba call), one SGD step.
@@ -8,7 +8,9 @@ GFLOP/s are nominal (Network.flops_per_sample: dense multiply-adds x 2, forward 
 forward+backward time, and are compared with the core's peak measured here as a float32 192x192
 matmul through numpy's BLAS pinned to one thread. --vs-torch runs PyTorch eager on the same
 architecture, one thread, at batch 1 and batch 64 (zero_grad, forward, summed cross-entropy,
-backward, SGD step) in the same run. Timings are medians of many runs, each repeated in rounds, the
+backward, SGD step) in the same run. --layers adds each layer's forward and backward kernel time, each
+run many times inside one numba call (no Python call cost; data hot in cache, so the parts sum to less
+than the whole step). Timings are medians of many runs, each repeated in rounds, the
 best round's median kept (other processes on a shared machine only ever slow a round down).
 """
 
@@ -26,9 +28,11 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+from numba import njit  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from cnnpar import kernels as K  # noqa: E402
 from cnnpar.model import build_network  # noqa: E402
 from cnnpar.optim import SGD  # noqa: E402
 
@@ -88,6 +92,43 @@ def bench_numba(arch: str, k: int, calls: int, rounds: int) -> dict:
             "gflops": flops["total"] / (fb_us * 1e3)}
 
 
+@njit(cache=True)
+def _repeat_layer(n, backward, params, grads, work, iwork, row, image):
+    for _ in range(n):
+        if backward:
+            K._layer_backward(params, grads, work, iwork, row, image)
+        else:
+            K._layer_forward(params, work, iwork, row, image)
+
+
+def bench_layers(arch: str, calls: int, rounds: int) -> list[dict]:
+    """Per table row (the order the kernels run: 'relu,pool' runs as 'pool,relu'), microseconds of
+    its forward and its backward kernel on one sample, repeated `calls` times inside numba."""
+    network = build_network(arch)
+    params = network.init_params(0)
+    grads = np.zeros_like(params)
+    rng = np.random.default_rng(1)
+    images = rng.random((1,) + network.input_shape, dtype=np.float32)
+    labels = rng.integers(0, network.n_classes, 1).astype(np.int32)
+    network.forward_backward(params, grads, images, labels)   # every activation and delta in place
+    names = {K.OP_CONV: "conv", K.OP_RELU: "relu", K.OP_POOL: "pool", K.OP_DENSE: "dense"}
+    rows = []
+    for index, row in enumerate(network.table):
+        figures = {"layer": index, "op": names[int(row[K.T_OP])]}
+        for key, backward in (("forward_us", False), ("backward_us", True)):
+            def run(n, backward=backward, row=row):
+                _repeat_layer(n, backward, params, grads, network._work, network._iwork, row, images[0])
+            run(1)
+            best = float("inf")
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                run(calls)
+                best = min(best, (time.perf_counter() - t0) / calls)
+            figures[key] = best * 1e6
+        rows.append(figures)
+    return rows
+
+
 def bench_torch(grammar: str, batch: int, calls: int, rounds: int) -> float:
     """Microseconds per step of PyTorch eager on the same layer stack at this batch size."""
     import torch
@@ -136,6 +177,7 @@ def main(argv=None) -> int:
     parser.add_argument("--vs-torch", action="store_true", help="also time PyTorch eager (torch must be installed)")
     parser.add_argument("--calls", type=int, default=2000, help="timed calls per round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--layers", action="store_true", help="also time each layer's kernels on their own")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -156,6 +198,11 @@ def main(argv=None) -> int:
           f"{result['step_us_zero_in_sgd']:.1f} us")
     if args.k != 1:
         print(f"  k={args.k}: {result[f'step_us_per_sample_k{args.k}']:.1f} us per sample")
+    if args.layers:
+        result["layers"] = bench_layers(args.arch, max(args.calls // 10, 50), 4 * args.rounds)
+        for figures in result["layers"]:
+            print(f"  layer {figures['layer']} {figures['op']:5s}  forward {figures['forward_us']:6.2f} us  "
+                  f"backward {figures['backward_us']:6.2f} us")
     if args.vs_torch:
         import torch
 
