@@ -12,7 +12,7 @@ compute_s / exchange_s / wait_s columns (means over ranks and over the steps aft
 `other` is the rest of a step's wall time (the SGD update, the loop's Python, statistics windows,
 replica checks): step = global batch / samples_per_s.
 
-Exchanges: mpi, shm, auto, hier (2 pretend nodes, only with --exchanges), local (--mode local, no exchange:
+Exchanges: mpi, shm, factored (1 sample per rank only), auto, hier (2 pretend nodes, only with --exchanges), local (--mode local, no exchange:
 the compute-only bound) and the race modes race and atomic when cnnpar/race.py exists. With --repeats R
 the whole grid runs R times, interleaved (so slow phases of a shared machine hit every point alike), and the
 median of each point is reported.
@@ -47,14 +47,15 @@ if str(REPO) not in sys.path:
 
 RANKS = (1, 2, 4, 8, 12)
 SAMPLES = (1, 16)
-BASE_EXCHANGES = ("mpi", "shm", "auto", "local")
+BASE_EXCHANGES = ("mpi", "shm", "factored", "auto", "local")
+ONE_SAMPLE_ONLY = ("factored",)  # sends one sample's sufficient factors: refused with more per rank
 RACE_EXCHANGES = ("race", "atomic")
 TARGET_SAMPLES = {1: 30_000, 16: 60_000}   # samples per trainer run (~1-2 s of training)
 MIN_STEPS = 300
 
 
 def exchange_flags(exchange: str) -> list:
-    if exchange in ("mpi", "shm", "auto", "hier"):
+    if exchange in ("mpi", "shm", "factored", "auto", "hier"):
         flags = ["--mode", "sync", "--allreduce", exchange]
         return flags + (["--pretend-nodes", "2"] if exchange == "hier" else [])
     if exchange in ("local", "race", "atomic", "hogwild"):
@@ -595,8 +596,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", default=None, help="comma-separated rank counts (default 1,2,4,8,12)")
     parser.add_argument("--samples-per-rank", default=None, help="comma-separated (default 1,16)")
     parser.add_argument("--exchanges", default=None,
-                        help="comma-separated: mpi,shm,auto,hier,local,race,atomic (default mpi,shm,auto,local "
-                             "+ race,atomic when cnnpar/race.py exists)")
+                        help="comma-separated: mpi,shm,factored,auto,hier,local,race,atomic (default "
+                             "mpi,shm,factored,auto,local + race,atomic when cnnpar/race.py exists)")
     parser.add_argument("--steps", type=int, default=0, help="trainer steps per point (default: ~30k samples "
                         "for k=1, 60k for k=16, at least 300 steps)")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repetitions; the median is reported")
@@ -687,6 +688,8 @@ def main(argv=None) -> int:
             for k in ks:
                 for n in ranks:
                     for ex in exchanges:
+                        if k > 1 and ex in ONE_SAMPLE_ONLY:
+                            continue
                         steps = args.steps or steps_for(n, k, args.quick)
                         point = attempt(f"k={k} n={n} {ex}",
                                         lambda: trainer_point(n, k, ex, steps, workdir, [], args.timeout))
