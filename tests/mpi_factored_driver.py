@@ -9,7 +9,8 @@ mnist-5k sample on each rank on even steps, a random image on odd ones), then ev
 flat ShmAllreduce) reduces a copy of it. On every step the result must be, on every rank:
 
   * bitwise equal to the rank-order numpy sum of all ranks' gradients gathered by MPI, and to the flat
-    ShmAllreduce's result (a NaN counts as equal to a NaN: only its payload bits may differ);
+    ShmAllreduce's result (a NaN counts as equal to a NaN: only its payload bits may differ), and so
+    within float32 summation-order tolerance of MPI_Allreduce's sum (checked too);
   * the same on all ranks.
 
 Some steps are special: a rank with no sample (the epoch's short last step: zero gradient, a workspace
@@ -119,6 +120,12 @@ def check(dist, arch: str, steps: int, seed: int) -> list:
         reference = gathered[0].copy()
         for row in gathered[1:]:
             reference += row  # rank order, float32: ((g0 + g1) + g2) + ...
+        mpi_sum = grads.copy()  # MPI_Allreduce's own order: equal within float32 summation tolerance
+        comm.Allreduce(MPI.IN_PLACE, mpi_sum, op=MPI.SUM)
+        scale = np.abs(gathered).sum(axis=0)
+        finite = np.isfinite(scale)
+        if not (np.abs(mpi_sum - reference)[finite] <= 4 * size * np.finfo(np.float32).eps * scale[finite]).all():
+            raise AssertionError(f"{arch}: MPI_Allreduce and the rank-order sum differ beyond rounding at step {step}")
         if flat is not None:
             flat_sum = grads.copy()
             flat.reduce(flat_sum)
