@@ -45,7 +45,6 @@ docs/performance.md ("Sufficient factors") has the measurements behind the defau
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 from llvmlite import ir
@@ -54,10 +53,10 @@ from numba.extending import intrinsic
 
 from . import kernels as K
 from .exchange import Exchange
-from .exchange_shm import (F_ARRIVE, F_REDUCE_NS, F_RESULT, F_SLEEP_RESULT, HAVE_FUTEX, LINE, N_FIELDS, PH_FINISHED,
-                           PH_START, PH_WAIT_ARRIVE, PH_WAIT_RESULT, SPIN_NS_DEFAULT, WAIT_POLICIES, WAIT_SLICE_NS,
-                           _FUTEX_WAKE, _PHASE_BITS, _arrive, _closing_collectively, _copy, _round_up, _wait,
-                           allocate_shared, fetch_add, futex, load_acquire, now_ns)
+from .exchange_shm import (F_ARRIVE, F_REDUCE_NS, F_RESULT, F_SLEEP_RESULT, LINE, N_FIELDS, PH_FINISHED, PH_START,
+                           PH_WAIT_ARRIVE, PH_WAIT_RESULT, SPIN_NS_DEFAULT, WAIT_SLICE_NS, _FUTEX_WAKE, _PHASE_BITS,
+                           _arrive, _closing_collectively, _copy, _round_up, _wait, allocate_shared, fetch_add, futex,
+                           load_acquire, now_ns, wait_settings)
 
 P_SINGLE, P_ALL = 1, 2  # exchange_shm's numbering
 PROTOCOLS = {"single": P_SINGLE, "all": P_ALL}
@@ -359,13 +358,8 @@ class FactoredShmAllreduce(Exchange):
         self._m = layout.n_params
         self._work = network._work
         self._segs, self._layers = layout.segs, layout.layers
-        if wait is None:
-            wait = os.environ.get("CNNPAR_SHM_WAIT") or ("yield-block" if dist.yield_when_waiting else "spin")
-        if wait not in WAIT_POLICIES:
-            raise ValueError(f"unknown wait policy {wait!r}")
-        self.wait_policy = wait
-        self._spin_ns = int(spin_ns) if wait == "spin" else 0
-        self._yields = WAIT_POLICIES[wait] if HAVE_FUTEX else -1
+        self.wait_policy, self._spin_ns, self._yields = wait_settings(dist, wait, spin_ns)
+        wait = self.wait_policy
         if protocol is None:
             protocol = "all" if wait == "spin" else "single"
         if protocol not in PROTOCOLS:

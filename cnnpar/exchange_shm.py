@@ -483,6 +483,16 @@ def _closing_collectively() -> bool:
     return exc is None or isinstance(exc, SystemExit)
 
 
+def wait_settings(dist, wait: str | None = None, spin_ns: int = SPIN_NS_DEFAULT) -> tuple:
+    """(policy, spin_ns, yields) for the `_wait` kernel. wait None: $CNNPAR_SHM_WAIT if set (experiments),
+    else 'yield-block' when ranks outnumber cores (dist.yield_when_waiting), else 'spin'."""
+    if wait is None:
+        wait = os.environ.get("CNNPAR_SHM_WAIT") or ("yield-block" if dist.yield_when_waiting else "spin")
+    if wait not in WAIT_POLICIES:
+        raise ValueError(f"unknown wait policy {wait!r}")
+    return wait, (int(spin_ns) if wait == "spin" else 0), (WAIT_POLICIES[wait] if HAVE_FUTEX else -1)
+
+
 def allocate_shared(comm, total: int) -> tuple:
     """(window, bytes): `total` bytes of one MPI-3 shared-memory window allocated by rank 0 of `comm` (all on
     one node), 64-byte aligned, the same memory on every rank. Collective; frees the window on failure."""
@@ -528,13 +538,8 @@ class ShmAllreduce(Exchange):
         self._own_comm = own_comm  # free the communicator too on close (one made for this exchange)
         self._rank, self._n = self._comm.Get_rank(), self._comm.Get_size()
         self._m = int(n_params)
-        if wait is None:
-            wait = os.environ.get("CNNPAR_SHM_WAIT") or ("yield-block" if dist.yield_when_waiting else "spin")
-        if wait not in WAIT_POLICIES:
-            raise ValueError(f"unknown wait policy {wait!r}")
-        self.wait_policy = wait
-        self._spin_ns = int(spin_ns) if wait == "spin" else 0
-        self._yields = WAIT_POLICIES[wait] if HAVE_FUTEX else -1
+        self.wait_policy, self._spin_ns, self._yields = wait_settings(dist, wait, spin_ns)
+        wait = self.wait_policy
         if protocol is None:
             protocol = "single" if wait != "spin" else ("all" if self._n <= ALL_UP_TO else "slices")
         if protocol not in PROTOCOLS:

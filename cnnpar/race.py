@@ -298,7 +298,7 @@ class _Accumulators:
     Lock_all(MODE_NOCHECK) (every access is 'shared', nobody locks exclusively), opens here and closes in
     free(): the one place epochs are opened and closed."""
 
-    def __init__(self, comm, n: int, kind: str, slots: int = SLOTS, wait=None, yield_when_waiting: bool = False):
+    def __init__(self, comm, n: int, kind: str, slots: int = SLOTS, wait=None, *, dist):
         from mpi4py import MPI
 
         self.MPI = MPI
@@ -336,9 +336,7 @@ class _Accumulators:
             if comm.Get_rank() == 0:
                 self._ctrl.fill(0)
             comm.Barrier()
-            policy = "yield-block" if yield_when_waiting else "spin"
-            self._spin_ns = shm.SPIN_NS_DEFAULT if policy == "spin" else 0
-            self._yields = shm.WAIT_POLICIES[policy] if shm.HAVE_FUTEX else -1
+            _, self._spin_ns, self._yields = shm.wait_settings(dist)
             self._size = comm.Get_size()
             self._barriers = 0
         self._neg_zero = np.full(self.n, -0.0, np.float32) if (self.is_owner and kind == "rma") else None
@@ -461,8 +459,7 @@ class OneSidedExchange(Exchange):
         self._n = int(n_params)
         self._audit = bool(audit)
         self._comm = dist.node if window == "shared" else dist.comm
-        self._acc = _Accumulators(self._comm, self._n, window, wait=dist.wait,
-                                  yield_when_waiting=dist.yield_when_waiting)
+        self._acc = _Accumulators(self._comm, self._n, window, wait=dist.wait, dist=dist)
         self._tmp = np.empty(self._n, np.float32) if (window == "rma" and op == "race") else None
         self._own = np.empty(self._n, np.float32) if self._audit else None
         self._gathered = (np.empty((dist.size, self._n), np.float32)
@@ -540,8 +537,7 @@ class HogwildExchange(Exchange):
         self._dist = dist
         self._n = int(n_params)
         self._audit = bool(audit)
-        self._acc = _Accumulators(dist.node, self._n, "shared", slots=1, wait=dist.wait,
-                                  yield_when_waiting=dist.yield_when_waiting)
+        self._acc = _Accumulators(dist.node, self._n, "shared", slots=1, wait=dist.wait, dist=dist)
         self._params = None
         self._prev = None            # rank 0, audit: (step, params at the previous reduce, gathered grads)
         self._gathered = None
