@@ -53,10 +53,9 @@ from numba.extending import intrinsic
 
 from . import kernels as K
 from .exchange import Exchange
-from .exchange_shm import (F_ARRIVE, F_REDUCE_NS, F_RESULT, F_SLEEP_RESULT, LINE, N_FIELDS, PH_FINISHED, PH_START,
-                           PH_WAIT_ARRIVE, PH_WAIT_RESULT, SPIN_NS_DEFAULT, WAIT_SLICE_NS, _FUTEX_WAKE, _PHASE_BITS,
-                           _arrive, _closing_collectively, _copy, _round_up, _wait, allocate_shared, fetch_add, futex,
-                           load_acquire, now_ns, wait_settings)
+from .exchange_shm import (F_ARRIVE, F_REDUCE_NS, F_RESULT, LINE, N_FIELDS, PH_FINISHED, PH_START, PH_WAIT_ARRIVE,
+                           PH_WAIT_RESULT, SPIN_NS_DEFAULT, WAIT_SLICE_NS, _PHASE_BITS, _arrive, _closing_collectively,
+                           _copy, _publish_result, _round_up, _wait, allocate_shared, now_ns, wait_settings)
 
 P_SINGLE, P_ALL = 1, 2  # exchange_shm's numbering
 PROTOCOLS = {"single": P_SINGLE, "all": P_ALL}
@@ -292,9 +291,7 @@ def _factored_step(ctrl, slots, result, grads, work, segs, layers, rank, n, seq,
             t = now_ns()
             _rebuild(result, slots, 0, n, segs, layers, rounding)
             ctrl[F_REDUCE_NS * LINE] = now_ns() - t  # read by the waiters after their acquire of R
-            fetch_add(ctrl, F_RESULT * LINE, 1)      # R: seq-1 -> seq; release + full barrier
-            if load_acquire(ctrl, F_SLEEP_RESULT * LINE) > 0:
-                futex(ctrl, F_RESULT * LINE, _FUTEX_WAKE, 0x7FFFFFFF, 0)
+            _publish_result(ctrl)  # R: seq-1 -> seq (release, full barrier), then wake sleepers
             _copy(grads, result, m)
             return PH_FINISHED
     done, ns = _wait(ctrl, F_RESULT, seq, spin_ns, yields, start, slice_ns)

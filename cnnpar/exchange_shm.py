@@ -66,7 +66,6 @@ import math
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 from llvmlite import ir
@@ -386,9 +385,7 @@ def _shm_step(ctrl, slots, result, grads, rank, n, lo, hi, seq, phase, spin_ns, 
                 t = now_ns()
                 _sum_rows(slots, 0, n, result, 0, m)
                 ctrl[F_REDUCE_NS * LINE] = now_ns() - t  # read by the waiters after their acquire of R
-                fetch_add(ctrl, F_RESULT * LINE, 1)      # R: seq-1 -> seq; release + full barrier
-                if load_acquire(ctrl, F_SLEEP_RESULT * LINE) > 0:
-                    futex(ctrl, F_RESULT * LINE, _FUTEX_WAKE, 0x7FFFFFFF, 0)
+                _publish_result(ctrl)  # R: seq-1 -> seq (release, full barrier), then wake sleepers
                 _copy(grads, result, m)
                 return PH_FINISHED
             phase = PH_WAIT_RESULT
@@ -449,7 +446,7 @@ def _wait_field(ctrl, field, target, spin_ns, yields, slice_ns):
 
 @njit(cache=True, nogil=True)
 def _publish_result(ctrl):
-    """Hier leader: the node's result buffer holds the global sum; bump R and wake the node."""
+    """The result buffer holds this step's sum (single's reducer, hier's leader): bump R, wake the sleepers."""
     fetch_add(ctrl, F_RESULT * LINE, 1)
     if load_acquire(ctrl, F_SLEEP_RESULT * LINE) > 0:
         futex(ctrl, F_RESULT * LINE, _FUTEX_WAKE, 0x7FFFFFFF, 0)

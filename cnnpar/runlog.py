@@ -279,10 +279,6 @@ class RunLogWriter:
         self.__dict__.update(other.__dict__)
         other._closed = True  # the file handle now belongs to self
 
-    def rows(self, table: str) -> int:
-        """Rows written so far to a growing table ('steps', 'epochs', ...); a checkpoint records these."""
-        return int(self._rows.get(table, 0))
-
     # -- appending --------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
@@ -294,7 +290,6 @@ class RunLogWriter:
             raise RuntimeError(f"run log {self.path} has no /{table} group "
                                f"(it is created only when enabled at creation; see docs/runlog.md)")
         spec = TABLES[table]
-        group = self._tables[table]
         n = None
         arrays = {}
         for name, (dtype, per_rank) in spec.items():
