@@ -68,7 +68,8 @@ class Config:
                               "paths on one machine); 0 = real node layout")
     folds: int = _opt(1, "k-fold cross-validation: split the ranks into k groups that train the k folds at once")
     # --- evaluation, logging, checkpoints ---
-    eval_every: int = _opt(1, "evaluate on the test set every N epochs (the last epoch always)")
+    eval_every: int = _opt(1, "evaluate on the test set every N epochs; 0 = only after the last epoch (which "
+                           "is always evaluated)")
     check_every: int = _opt(200, "compare a checksum of every replica's params every N steps (0 = only at the end)")
     log: str = _opt("", "HDF5 run log path; default runs/<date-time>-n<ranks>-<mode>.h5")
     log_window: int = _opt(512, "steps of per-rank statistics gathered to rank 0 at once")
@@ -102,6 +103,11 @@ class Config:
                 raise UserError(flag, f"unknown value {value!r}; choose one of {', '.join(allowed)}")
         if self.race_audit and self.mode not in ("race", "atomic", "hogwild"):
             raise UserError("--race-audit", f"only applies to --mode race, atomic or hogwild, not {self.mode!r}")
+        if self.warmup_steps and self.lr_scaling == "none":
+            raise UserError("--warmup-steps", "warms up to the scaled learning rate: it needs --lr-scaling linear")
+        if self.allreduce == "factored" and self.samples_per_rank != 1:
+            raise UserError("--allreduce", f"'factored' sends one sample's dense-layer inputs per rank: it needs "
+                            f"--samples-per-rank 1, not {self.samples_per_rank}; use 'shm' or 'auto'")
         checkpoint_interval(self.checkpoint_every)
         if self.resume and self.resume != "auto" and not os.path.isfile(self.resume):
             raise UserError("--resume", f"no checkpoint file at {self.resume!r}")

@@ -24,6 +24,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import zlib  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -53,8 +54,8 @@ def main(argv=None) -> int:
 def train(argv) -> int:
     from mpi4py import MPI
 
-    from . import checkpoint, data, model as model_lib, optim, runlog
-    from .exchange import make_exchange, split_wait
+    from . import model as model_lib
+    from .exchange import make_exchange
 
     world = MPI.COMM_WORLD
     # --- config: parsed identically on every rank; rank 0 alone speaks ---
@@ -62,7 +63,6 @@ def train(argv) -> int:
         if world.Get_rank() == 0:
             build_parser(model_lib.ARCH_HELP).print_help()
         return 0
-    config = None
     with _dist.collective_check(world):
         config = parse_config(argv, model_lib.ARCH_HELP)
         _check_world(config, world.Get_size())
@@ -71,14 +71,59 @@ def train(argv) -> int:
     fold = world.Get_rank() * config.folds // world.Get_size()
     group = world.Split(fold, world.Get_rank()) if config.folds > 1 else world
     dist = _dist.setup(group, pretend_nodes=config.pretend_nodes, wait=config.wait)
-    is_writer = world.Get_rank() == 0  # one log per job, written by world rank 0 (fold 0's root)
-    say = _Speaker(is_writer, config.quiet)
+    say = _Speaker(world.Get_rank() == 0, config.quiet)  # one log per job, written by world rank 0
     if dist.oversubscribed:
         say.line(f"note: {world.Get_size()} ranks share {dist.cores} cores; waiting ranks yield their core "
                  f"(--wait {'yield' if dist.yield_when_waiting else 'spin'})")
+    for warning in _warnings(config, dist):
+        say.line(warning)
 
-    # --- data, model, and every check that needs them: all before anything is written ---
-    state = None
+    # --- data and model, and every check that needs them: all before anything is written ---
+    dataset, network, log_path, resume = _data_and_model(config, world, dist, fold, say)
+    if resume is not None and resume.get("complete"):
+        say.summary(f"nothing to resume: {log_path} is already complete")
+        return 0
+    _dist.compile_once(dist, lambda: _warm(network, dataset))
+
+    # --- exchange, then the run's parts around it: params, optimizer, log, checkpoints ---
+    exchange = make_exchange(config, dist, network.n_params, network=network)
+    try:
+        run = _start(config, dist, dataset, network, exchange, log_path, resume, say)
+        result = _train_and_log(run, world, fold, resume)
+    finally:
+        exchange.close()
+    if world.Get_rank() == 0:
+        say.summary(_summary_line(config, result, log_path))
+    return 0
+
+
+def _check_world(config: Config, world_size: int) -> None:
+    if config.folds > 1:
+        if world_size % config.folds:
+            raise UserError("--folds", f"{config.folds} folds do not divide {world_size} ranks evenly; "
+                            f"use a rank count that is a multiple of {config.folds}")
+        if config.checkpoint_every or config.resume:
+            raise UserError("--folds", "cross-validation runs cannot be checkpointed or resumed yet")
+    ranks_per_group = world_size // config.folds
+    if config.pretend_nodes > ranks_per_group:
+        raise UserError("--pretend-nodes", f"{config.pretend_nodes} pretend nodes need at least as many ranks, "
+                        f"but {'each fold has' if config.folds > 1 else 'the job has'} {ranks_per_group}")
+
+
+def _warnings(config: Config, dist) -> list:
+    """Settings that are legitimate but probably not what the user meant: one line each, from rank 0."""
+    lines = []
+    if config.mode == "race" and config.race_window == "rma" and dist.size == 1:
+        lines.append("warning: --race-window rma with one rank: nothing races, the run is plain SGD")
+    return lines
+
+
+def _data_and_model(config: Config, world, dist, fold: int, say):
+    """Load the data and build the network on every rank; rank 0 checks the log path and any checkpoint.
+    Collective: a user error anywhere ends every rank with one line before anything is written."""
+    from . import data, model as model_lib
+
+    resume = None
     with _dist.collective_check(world):
         _, notice = data.resolve_dataset(config.dataset, config.data_dir or None)
         dataset = data.load_dataset(config.dataset, config.data_dir or None)
@@ -91,86 +136,102 @@ def train(argv) -> int:
             raise UserError("--samples-per-rank", f"{dist.size} ranks x {config.samples_per_rank} samples = "
                             f"{global_batch} per step, more than the {n_train} training samples")
         log_path = _log_path(config, world)
-        if is_writer:
-            state = _resume_state(config, log_path, dist.size, network.n_params, checkpoint)
+        if world.Get_rank() == 0:
+            resume = _resume_state(config, log_path, dist.size, network.n_params)
     if notice:
         say.line(notice)
-    state = world.bcast(state, root=0)
-    if state is not None and state.get("complete"):
-        say.summary(f"nothing to resume: {log_path} is already complete")
-        return 0
-    _dist.compile_once(dist, lambda: _warm(network, dataset))
+    return dataset, network, log_path, world.bcast(resume, root=0)
 
-    params = network.init_params(config.seed) if state is None else state["params"].copy()
+
+@dataclass
+class Run:
+    """The parts of one run that the loop works with, built once before it starts."""
+    config: Config
+    dist: object             # cnnpar.dist.Dist: this replica group's ranks and nodes
+    dataset: object          # cnnpar.data.Dataset
+    network: object          # cnnpar.model.Network
+    params: np.ndarray       # the flat float32 parameter block (possibly living in the exchange's window)
+    grads: np.ndarray        # the flat gradient block, same layout
+    exchange: object         # cnnpar.exchange.Exchange
+    optimizer: object        # cnnpar.optim.SGD
+    log: object              # cnnpar.runlog.RunLogWriter on world rank 0, None elsewhere
+    say: "_Speaker"
+    saver: "_Checkpointer"
+    steps_per_epoch: int
+    total_steps: int
+
+
+def _start(config, dist, dataset, network, exchange, log_path, resume, say) -> Run:
+    """Params (fresh or from the checkpoint), the optimizer, the log (new or continued) and the checkpointer."""
+    from mpi4py import MPI
+
+    from . import data, optim, runlog
+
+    params = network.init_params(config.seed) if resume is None else resume["params"].copy()
     grads = np.zeros_like(params)
+    params = exchange.bind(params)
+    exchange.first_step = 0 if resume is None else int(resume["step"])  # audits number steps from here
+    optimizer = optim.SGD(network.n_params, config.lr, config.momentum, config.reduce)
+    if resume is not None:
+        optimizer.velocity[:] = resume["velocity"]
+        say.line(f"resuming {log_path} at step {int(resume['step'])}")
+    steps_per_epoch = data.steps_per_epoch(len(dataset.train_labels), dist.size, config.samples_per_rank)
+    total_steps = config.steps or config.epochs * steps_per_epoch
+    log = None
+    if dist.world.Get_rank() == 0:
+        if resume is None:
+            log = runlog.RunLogWriter(log_path, config.to_json(), _config_fields(config),
+                                      _environment(dist, MPI), _layout_rows(network), dist.size,
+                                      dataset.n_classes)
+        else:
+            log = runlog.RunLogWriter.reopen(log_path, int(resume["log_steps"]), int(resume["log_epochs"]))
+    saver = _Checkpointer(config, log_path, steps_per_epoch, dist.size, optimizer)
+    return Run(config=config, dist=dist, dataset=dataset, network=network, params=params, grads=grads,
+               exchange=exchange, optimizer=optimizer, log=log, say=say, saver=saver,
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
-    # --- exchange, optimizer, log ---
-    exchange = make_exchange(config, dist, network.n_params, network=network)
+
+def _train_and_log(run: Run, world, fold: int, resume) -> dict:
+    """The loop and the final evaluation, then the log's /final and its closing status."""
+    log = run.log
     try:
-        params = exchange.bind(params)
-        exchange.first_step = 0 if state is None else int(state["step"])  # audits number steps from here
-        optimizer = optim.SGD(network.n_params, config.lr, config.momentum, config.reduce)
-        if state is not None:
-            optimizer.velocity[:] = state["velocity"]
-            say.line(f"resuming {log_path} at step {int(state['step'])}")
-        steps_per_epoch = data.steps_per_epoch(n_train, dist.size, config.samples_per_rank)
-        total_steps = config.steps or config.epochs * steps_per_epoch
-        log = None
-        if is_writer:
-            if state is None:
-                log = runlog.RunLogWriter(log_path, config.to_json(), _config_fields(config),
-                                          _environment(dist, MPI), _layout_rows(network), dist.size,
-                                          dataset.n_classes)
-            else:
-                log = runlog.RunLogWriter.reopen(log_path, int(state["log_steps"]), int(state["log_epochs"]))
-        saver = _Checkpointer(config, log_path, steps_per_epoch, dist.size, optimizer, checkpoint)
-        try:
-            result = _loop(config, dist, dataset, network, params, grads, exchange, optimizer, log, say,
-                           steps_per_epoch, total_steps, split_wait, state, saver)
-            result.update(_gather_folds(config, world, dist, fold, result))
-        except _Diverged as div:
-            if log is not None:
-                log.close("diverged", str(div))
-            if is_writer:
-                print(f"cnnpar: error: --lr: {div}", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_USER_ERROR)
-        except BaseException as exc:
-            if log is not None:
-                log.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                          f"{type(exc).__name__}: {exc}")
-            raise
+        result = _loop(run, _Position.restored(resume, run.dist.rank))
+        result.update(_gather_folds(run.config, world, run.dist, fold, result))
+    except _Diverged as div:
         if log is not None:
-            if config.folds > 1:
-                log.write_folds(result["fold_acc"], result["fold_loss"])
-            log.write_final(params, result["confusion"], test_acc=result["test_acc"],
-                            test_loss=result["test_loss"], train_time_s=result["train_time_s"],
-                            samples=result["samples"], samples_per_s=result["samples_per_s"],
-                            steps=total_steps)
-            log.close("complete")
-    finally:
-        exchange.close()
-    if not is_writer:
-        return 0
+            log.close("diverged", str(div))
+        if world.Get_rank() == 0:
+            print(f"cnnpar: error: --lr: {div}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR)
+    except BaseException as exc:
+        if log is not None:
+            log.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                      f"{type(exc).__name__}: {exc}")
+        raise
+    if log is not None:
+        if run.config.folds > 1:
+            log.write_folds(result["fold_acc"], result["fold_loss"])
+        log.write_final(run.params, result["confusion"], test_acc=result["test_acc"],
+                        test_loss=result["test_loss"], train_time_s=result["train_time_s"],
+                        samples=result["samples"], samples_per_s=result["samples_per_s"], steps=run.total_steps)
+        log.close("complete")
+    return result
+
+
+def _summary_line(config: Config, result: dict, log_path: str) -> str:
     accuracy = f"test accuracy {100 * result['test_acc']:.1f}%"
     if config.folds > 1:
         accuracy = (f"cross-validation accuracy {100 * np.mean(result['fold_acc']):.1f}% +- "
                     f"{100 * np.std(result['fold_acc'], ddof=1):.1f}% over {config.folds} folds")
-    say.summary(f"{accuracy} | {result['samples']} samples in {result['train_time_s']:.2f} s "
-                f"({result['samples_per_s']:.0f} samples/s, training only) | log {log_path}")
-    return 0
+    return (f"{accuracy} | {result['samples']} samples in {result['train_time_s']:.2f} s "
+            f"({result['samples_per_s']:.0f} samples/s, training only) | log {log_path}")
 
 
-def _check_world(config: Config, world_size: int) -> None:
-    if config.folds > 1:
-        if world_size % config.folds:
-            raise UserError("--folds", f"{config.folds} folds do not divide {world_size} ranks evenly; "
-                            f"use a rank count that is a multiple of {config.folds}")
-        if config.checkpoint_every or config.resume:
-            raise UserError("--folds", "cross-validation runs cannot be checkpointed or resumed yet")
-
-
-def _resume_state(config: Config, log_path: str, ranks: int, n_params: int, checkpoint):
+def _resume_state(config: Config, log_path: str, ranks: int, n_params: int):
     """The checkpoint to continue from, checked against this run; None for a fresh start."""
+    from . import checkpoint
+    from .runlog import is_complete_log
+
     if not config.resume:
         return None
     path = checkpoint.path_for_log(log_path) if config.resume == "auto" else config.resume
@@ -182,9 +243,11 @@ def _resume_state(config: Config, log_path: str, ranks: int, n_params: int, chec
     state = checkpoint.load(path)
     checkpoint.check_compatible(state, config, ranks, n_params, path)
     if not os.path.exists(log_path):
-        raise UserError("--log", f"{log_path} is missing; the checkpoint continues that log")
-    from .runlog import is_complete_log
-
+        owner = path[: -len(".ckpt")] if path.endswith(".ckpt") else ""
+        if owner and os.path.abspath(owner) != os.path.abspath(log_path):
+            raise UserError("--resume", f"{path} continues the log {owner}, not {log_path}: "
+                            f"pass --log {owner}")
+        raise UserError("--log", f"{log_path} is missing; the checkpoint {path} continues that log")
     if is_complete_log(log_path):
         return {"complete": True}
     return state
@@ -194,7 +257,7 @@ class _Checkpointer:
     """Decides when to checkpoint and writes one (rank 0; the window is flushed first, so the log and the
     checkpoint agree on how many steps are done)."""
 
-    def __init__(self, config, log_path, steps_per_epoch, ranks, optimizer, checkpoint):
+    def __init__(self, config, log_path, steps_per_epoch, ranks, optimizer):
         from .config import checkpoint_interval
 
         interval = checkpoint_interval(config.checkpoint_every)
@@ -202,23 +265,24 @@ class _Checkpointer:
         if interval is not None:
             count, unit = interval
             self.every_steps = count * (steps_per_epoch if unit == "epochs" else 1)
-        self.path = checkpoint.path_for_log(log_path)
+        self.path = f"{log_path}.ckpt"
         self.config_json = config.to_json()
         self.ranks = ranks
         self.optimizer = optimizer
-        self.checkpoint = checkpoint
 
     def due(self, steps_done: int) -> bool:
         return self.every_steps > 0 and steps_done % self.every_steps == 0
 
     def save(self, log, params, steps_done, epoch_sums, train_time_s, samples_done) -> None:
+        from . import checkpoint
+
         if log is None:
             return
         log.flush()
-        self.checkpoint.save(self.path, params=params, velocity=self.optimizer.velocity, step=steps_done,
-                             epoch_sums=epoch_sums, train_time_s=train_time_s, samples_done=samples_done,
-                             config_json=self.config_json, ranks=self.ranks,
-                             log_steps=log.rows("steps"), log_epochs=log.rows("epochs"))
+        checkpoint.save(self.path, params=params, velocity=self.optimizer.velocity, step=steps_done,
+                        epoch_sums=epoch_sums, train_time_s=train_time_s, samples_done=samples_done,
+                        config_json=self.config_json, ranks=self.ranks,
+                        log_steps=log.rows("steps"), log_epochs=log.rows("epochs"))
 
 
 def _gather_folds(config, world, dist, fold, result) -> dict:
@@ -237,16 +301,38 @@ class _Diverged(Exception):
     pass
 
 
-def _loop(config, dist, dataset, network, params, grads, exchange, optimizer, log, say,
-          steps_per_epoch, total_steps, split_wait, state, saver):
+@dataclass
+class _Position:
+    """Where the loop starts: step 0, or the checkpoint's step with its clock and this epoch's running sums."""
+    step: int = 0
+    train_time_s: float = 0.0
+    samples_done: int = 0
+    epoch_sums: tuple = (0.0, 0, 0)  # this rank's loss sum, correct and samples over the epoch so far
+
+    @classmethod
+    def restored(cls, resume, rank: int) -> "_Position":
+        if resume is None:
+            return cls()
+        # the saved sums are over all ranks already: rank 0 carries them, the others restart theirs from zero
+        loss, correct, count = (float(v) for v in resume["epoch_sums"])
+        return cls(step=int(resume["step"]), train_time_s=float(resume["train_time_s"]),
+                   samples_done=int(resume["samples_done"]),
+                   epoch_sums=(loss, int(correct), int(count)) if rank == 0 else (0.0, 0, 0))
+
+
+def _loop(run: Run, start: _Position) -> dict:
     """The training loop: sample + forward + backward (one numba call), exchange, SGD step.
 
     At one sample per rank a step is a few tens of microseconds, so the loop body is kept to a handful
-    of calls: the per-step arithmetic that does not change between epochs (each rank's slice of every
-    step) is computed once, statistics go to plain Python accumulators, and everything else (logging,
-    checks, progress) happens once per window of steps."""
+    of calls on local names: the per-step arithmetic that does not change between epochs (each rank's
+    slice of every step) is computed once, statistics go to plain Python accumulators, and everything
+    else (logging, checks, progress) happens once per window of steps."""
     from .data import epoch_permutation, rank_slices
 
+    config, dist, dataset, network = run.config, run.dist, run.dataset, run.network
+    params, grads, exchange, optimizer, log, saver = (run.params, run.grads, run.exchange, run.optimizer,
+                                                      run.log, run.saver)
+    steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
     comm, rank, ranks = dist.comm, dist.rank, dist.size
     k = config.samples_per_rank
     n_train = len(dataset.train_labels)
@@ -257,17 +343,11 @@ def _loop(config, dist, dataset, network, params, grads, exchange, optimizer, lo
     lr = _learning_rate(config, lr_constant_from, global_batch)
     window = _StepWindow(config.log_window)
     check_every = config.check_every
-    # this rank's loss sum, correct and samples over the epoch (rank 0: over all ranks when resumed)
-    epoch_loss, epoch_correct, epoch_count = 0.0, 0, 0
-    first_step, train_time_s, samples_done = 0, 0.0, 0
-    if state is not None:
-        first_step, train_time_s = int(state["step"]), float(state["train_time_s"])
-        samples_done = int(state["samples_done"])
-        if rank == 0:  # the saved sums are over all ranks already; the others restart theirs from zero
-            epoch_loss, epoch_correct, epoch_count = (float(v) for v in state["epoch_sums"])
+    first_step, train_time_s, samples_done = start.step, start.train_time_s, start.samples_done
+    epoch_loss, epoch_correct, epoch_count = start.epoch_sums
     samples_at_start = samples_done
     result = {}
-    progress = say.progress(total_steps, first_step)
+    progress = run.say.progress(total_steps, first_step)
     epoch, step_in_epoch = divmod(first_step, steps_per_epoch)
     order = epoch_permutation(config.seed, epoch, n_train)
     loop_start = time.perf_counter()
@@ -278,22 +358,22 @@ def _loop(config, dist, dataset, network, params, grads, exchange, optimizer, lo
             order = epoch_permutation(config.seed, epoch, n_train)
         if step < lr_constant_from:
             lr = _learning_rate(config, step, global_batch)
-        start, stop, step_count = starts[step_in_epoch], stops[step_in_epoch], step_counts[step_in_epoch]
+        start_at, stop, step_count = starts[step_in_epoch], stops[step_in_epoch], step_counts[step_in_epoch]
 
         t0 = time.perf_counter()
-        loss_sum, correct = forward_backward_at(params, grads, order, start, stop)
+        loss_sum, correct = forward_backward_at(params, grads, order, start_at, stop)
         t1 = time.perf_counter()
         measured_wait_s = exchange.reduce(grads)
         t2 = time.perf_counter()
         optimizer.step(params, grads, step_count, lr, zero_grads=True)  # zeroing rides in the update's pass
 
         excluded_s = exchange.excluded_s  # the race audit is diagnostics: not counted as training time
-        window.rows.append((step, epoch, loss_sum, stop - start, step_count, t1 - t0, t2 - t1 - excluded_s,
+        window.rows.append((step, epoch, loss_sum, stop - start_at, step_count, t1 - t0, t2 - t1 - excluded_s,
                             measured_wait_s, lr))
         loop_start += excluded_s
         epoch_loss += loss_sum
         epoch_correct += correct
-        epoch_count += stop - start
+        epoch_count += stop - start_at
         samples_done += step_count
         step_in_epoch += 1
         steps_done = step + 1
@@ -302,7 +382,7 @@ def _loop(config, dist, dataset, network, params, grads, exchange, optimizer, lo
         if len(window.rows) == window.size or last_of_epoch or checkpoint_due:
             if progress is not None:
                 progress.update(step, samples_done - samples_at_start, window.rows)
-            _flush_window(window, comm, log, split_wait, exchange)
+            _flush_window(window, comm, log, exchange)
         if check_every and steps_done % check_every == 0:
             _check_replicas(comm, params, step, log, exchange)
 
@@ -320,6 +400,7 @@ def _loop(config, dist, dataset, network, params, grads, exchange, optimizer, lo
                 if progress is not None:
                     progress.epoch(epoch, train_loss, train_acc, test_loss, test_acc)
                 result.update(test_loss=test_loss, test_acc=test_acc, confusion=confusion)
+            result["train_loss"] = train_loss
             loop_start = time.perf_counter()
         if checkpoint_due:
             train_time_s += time.perf_counter() - loop_start
@@ -333,9 +414,22 @@ def _loop(config, dist, dataset, network, params, grads, exchange, optimizer, lo
         progress.close()
     if "test_acc" not in result:  # a --steps budget that ended mid-epoch still gets a final evaluation
         result["test_loss"], result["test_acc"], result["confusion"] = _evaluate(network, params, dataset, dist)
+    _warn_if_not_learning(run, result)
     result.update(train_time_s=train_time_s, samples=samples_done,
                   samples_per_s=samples_done / train_time_s if train_time_s > 0 else 0.0)
     return result
+
+
+def _warn_if_not_learning(run: Run, result: dict) -> None:
+    """A finite run whose loss ended far above an untrained network's (ln of the class count) has blown up
+    without reaching NaN: the log is still complete, but the user hears it (typically --lr far too large).
+    Twice the chance loss keeps short runs that merely have not learned yet quiet."""
+    chance_loss = math.log(run.dataset.n_classes)
+    final_loss = result.get("train_loss", result["test_loss"])
+    if final_loss > 2 * chance_loss:
+        run.say.line(f"warning: the training loss ended at {final_loss:.4g}, far above an untrained network's "
+                     f"{chance_loss:.2f} (ln {run.dataset.n_classes}): the run did not learn; try a smaller "
+                     f"--lr (now {run.config.lr:g}) or --reduce mean")
 
 
 class _StepWindow:
@@ -349,7 +443,7 @@ class _StepWindow:
         self.rows = []
 
 
-def _flush_window(window, comm, log, split_wait, exchange) -> None:
+def _flush_window(window, comm, log, exchange) -> None:
     """Gather the window's per-rank rows to rank 0, which derives the step figures and logs them.
     Rank 0 also decides, for everyone, whether the run has diverged."""
     n_fields = len(_StepWindow.FIELDS)  # fromiter over the flattened tuples: ~30% faster than np.array
@@ -366,6 +460,8 @@ def _flush_window(window, comm, log, split_wait, exchange) -> None:
         with np.errstate(invalid="ignore", divide="ignore"):
             rank_loss = np.where(counts > 0, f["loss_sum"] / counts, np.nan)
             loss = f["loss_sum"].sum(axis=1) / np.maximum(counts.sum(axis=1), 1)
+        from .exchange import split_wait
+
         exchange_s, wait_s = split_wait(f["arrive_s"], f["reduce_s"], f["wait_s"])
         steps = f["step"][:, 0].astype(np.int64)
         if log is not None:
