@@ -54,12 +54,21 @@ def log_paths(arguments: list) -> list:
     return paths
 
 
+SKIP_RULE = ("A file that is not a readable run log, or a log that is not complete, is skipped with a note on "
+             "stderr naming it; the script stops with a one-line error (exit status 2) only when no complete "
+             "log is left.")
+
+
 def load_complete_logs(arguments: list, script: str) -> list:
-    """Open every log (a bad file is a UserError naming it); incomplete ones are skipped with a note."""
+    """Open every log; foreign or unreadable files and incomplete logs are skipped with a note (SKIP_RULE)."""
     paths = log_paths(arguments)
     logs = []
     for path in paths:
-        log = open_log(path)
+        try:
+            log = open_log(path)
+        except UserError as err:
+            note(script, f"skipping {path} (not a readable run log: {err.message})")
+            continue
         if not log.complete:
             reason = log.status + (f": {log.status_message}" if log.status_message else "")
             note(script, f"skipping {path} (not complete: {reason})")

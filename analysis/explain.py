@@ -679,7 +679,11 @@ def main(argv=None) -> int:
             raise UserError("command line", message)
 
     parser = Parser(prog="python analysis/explain.py", description=__doc__.split("\n\n")[0],
-                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog=__doc__.split("\n\n", 2)[2] + "\n\nA file that is not a readable run log, or a log that "
+                    "is not complete, is skipped with a note on stderr\nnaming it (diverged runs count, at "
+                    "chance accuracy); the script stops with a one-line error\n(exit status 2) only when no "
+                    "usable log is left, and then leaves no --out folder behind.")
     parser.add_argument("logs", nargs="+", help="run logs (.h5) or folders of them, e.g. runs/explain")
     parser.add_argument("--out", required=True, help="folder for explain.md and the figures")
     args = parser.parse_args(argv)
@@ -693,7 +697,15 @@ def main(argv=None) -> int:
     runs, skipped = load_runs(paths)
     for path, why in skipped:
         print(f"explain: skipped {path}: {why}", file=sys.stderr)
-    report = write_report(runs, skipped, Path(args.out), args.logs)
+    out = Path(args.out)
+    created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
+    try:
+        report = write_report(runs, skipped, out, args.logs)
+    except BaseException:
+        for folder in created:  # a failed report leaves the file system as it found it
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
     print(f"explain: {len(runs)} runs -> {report}")
     return 0
 

@@ -15,8 +15,8 @@ LOGS are run logs or folders of them (*.h5 directly inside). Runs are grouped as
   time_split    mean per-step time of a rank split into compute / exchange / wait, per rank count
   lost_updates  lost-update fraction against ranks for race modes (only when logs hold --race-audit data)
 
-Incomplete logs are skipped with a note on stderr; a file that is not a readable run log stops the script
-with a one-line error naming it (exit status 2).
+A file that is not a readable run log, or a log that is not complete, is skipped with a note on stderr
+naming it; the script stops with a one-line error (exit status 2) only when no complete log is left.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import sys
 
 import numpy as np
 
-from _common import (PAPER_ACC_PCT, PAPER_LABEL, PAPER_SPEEDUP, build_groups, final_accuracy, load_complete_logs,
-                     logical_cores, note, physical_cores, series_label, series_of)
+from _common import (PAPER_ACC_PCT, PAPER_LABEL, PAPER_SPEEDUP, SKIP_RULE, build_groups, final_accuracy,
+                     load_complete_logs, logical_cores, note, physical_cores, series_label, series_of)
 
 from cnnpar.errors import UserError, exit_on_user_error
 
@@ -46,7 +46,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    parser = _Parser(prog="python analysis/plots.py", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python analysis/plots.py", description=__doc__.split("\n\n")[0],
+                     epilog=SKIP_RULE)
     parser.add_argument("logs", nargs="+", metavar="LOGS", help="run logs (.h5) or folders of them")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the figures (created if needed)")
     return parser.parse_args(argv)

@@ -18,8 +18,9 @@ grouped by mode, rank count, and every other config field that differs between t
   lost updates % mean over audited steps of lost rank contributions / ranks (race modes with --race-audit)
 
 --paper adds the paper's accuracy, time and speedup at the same thread count. Markdown goes to stdout
-(and to --md), CSV with full precision to --csv. Incomplete logs are skipped with a note on stderr; a
-file that is not a readable run log stops the script with a one-line error naming it (exit status 2).
+(and to --md), CSV with full precision to --csv. A file that is not a readable run log, or a log that
+is not complete, is skipped with a note on stderr naming it; the script stops with a one-line error
+(exit status 2) only when no complete log is left.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import csv
 import math
 import sys
 
-from _common import (PAPER_ACC_PCT, PAPER_LABEL, PAPER_SPEEDUP, PAPER_TIME_S, build_groups, fmt,
+from _common import (PAPER_ACC_PCT, PAPER_LABEL, PAPER_SPEEDUP, PAPER_TIME_S, SKIP_RULE, build_groups, fmt,
                      load_complete_logs, out_path)
 
 from cnnpar.errors import UserError, exit_on_user_error
@@ -44,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv):
     parser = _Parser(prog="python analysis/table.py", description=__doc__.split("\n\n")[0],
-                     epilog="Columns and grouping: see the top of analysis/table.py.")
+                     epilog="Columns and grouping: see the top of analysis/table.py. " + SKIP_RULE)
     parser.add_argument("logs", nargs="+", metavar="LOGS", help="run logs (.h5) or folders of them")
     parser.add_argument("--paper", action="store_true", help="add the paper's accuracy, time and speedup columns")
     parser.add_argument("--csv", metavar="OUT.csv", help="also write the table as CSV (full precision)")

@@ -565,13 +565,28 @@ def _download(opener, url: str, target: Path, expected_md5: str, timeout: float)
             out_file.flush()
             os.fsync(out_file.fileno())
         if digest.hexdigest() != expected_md5:
-            raise OSError(f"MD5 {digest.hexdigest()}, expected {expected_md5}")
+            raise _WrongFile(_wrong_file_reason(temp_name, digest.hexdigest(), expected_md5))
         os.chmod(temp_name, 0o644)
         os.replace(temp_name, target)
         return size
     finally:
         if os.path.exists(temp_name):
             os.unlink(temp_name)
+
+
+class _WrongFile(OSError):
+    """The mirror answered, with something other than the published file: trying again will not help."""
+
+
+def _wrong_file_reason(path: str, md5: str, expected_md5: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[:2] == b"\x1f\x8b":
+        return f"a gzip file with MD5 {md5}, expected {expected_md5}: not the published file"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")):
+        return "an HTML page, not a gzip file (the URL is not a mirror of these files)"
+    return f"not a gzip file (it starts with {head[:8]!r})"
 
 
 def fetch(name: str, root=None, mirrors: Sequence[str] | None = None, checksums: Mapping[str, str] | None = None,
@@ -623,19 +638,20 @@ def _fetch_files(target_dir: Path, expected: Mapping[str, str], mirror_urls: lis
         if target.is_file() and _md5_of(target) == md5:
             say(f"{target}: already present, MD5 verified")
             continue
-        failures = []
+        failures, transient = [], False
         for mirror in mirror_urls:
             url = mirror + file_name
             try:
                 size = _download(opener, url, target, md5, timeout)
             except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as err:
                 failures.append(f"{url} ({_reason(err)})")
+                transient = transient or not isinstance(err, _WrongFile)
                 continue
             say(f"{target}: {size:,} bytes from {url}, MD5 verified")
             break
         else:
-            raise UserError(target, f"could not be downloaded: {'; '.join(failures)}; try again later or pass "
-                                    f"another --mirror URL")
+            advice = "try again later or pass another --mirror URL" if transient else "pass another --mirror URL"
+            raise UserError(target, f"could not be downloaded: {'; '.join(failures)}; {advice}")
 
 
 def _reason(err: BaseException) -> str:
@@ -747,10 +763,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_check(name: str, data_dir: str | None) -> int:
-    _, notice = resolve_dataset(name, data_dir)
-    if notice:
-        print(notice, file=sys.stderr)
-    dataset = load_dataset(name, data_dir)
+    try:
+        dataset = load_dataset(name, data_dir)
+    except UserError as err:  # the trainer's flag is this command's positional argument
+        if err.culprit != "--dataset":
+            raise
+        raise UserError("dataset", err.message) from None
     height, width = dataset.train_images.shape[2:]
     print(f"{dataset.name}: {dataset.source}")
     print(f"  train {len(dataset.train_labels):,} / test {len(dataset.test_labels):,} images of {height} x {width}, "

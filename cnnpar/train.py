@@ -541,19 +541,41 @@ def _log_path(config: Config, world) -> str:
         stamp = world.bcast(stamp, root=0)
         path = os.path.join("runs", f"{stamp}-n{world.Get_size()}-{config.mode}.h5")
     if world.Get_rank() == 0:
-        folder = os.path.dirname(os.path.abspath(path))
-        if os.path.exists(path) and not config.resume:
-            raise UserError("--log", f"{path} already exists; choose another path or remove it")
-        if not config.log and not os.path.isdir(folder):
-            try:
-                os.makedirs(folder, exist_ok=True)
-            except OSError as err:
-                raise UserError("--log", f"cannot create the folder {folder}: {err.strerror}") from None
-        if not os.path.isdir(folder):
-            raise UserError("--log", f"the folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise UserError("--log", f"the folder {folder} is not writable")
+        _check_log_path(path, make_folder=not config.log, resuming=bool(config.resume))
     return path
+
+
+def _check_log_path(path: str, make_folder: bool, resuming: bool) -> None:
+    """Raise a UserError naming what is wrong with `path` as a new (or, resuming, continued) log file.
+    The last check creates and removes the file, so a place the file system refuses (/proc, a read-only
+    mount) is caught here rather than by HDF5 after the kernels were compiled."""
+    if path.endswith(os.sep) or os.path.isdir(path):
+        raise UserError("--log", f"{path} is a folder; give a file path such as "
+                        f"{os.path.join(path, 'run.h5')}")
+    if os.path.exists(path):
+        if not resuming:
+            raise UserError("--log", f"{path} already exists; choose another path or remove it")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise UserError("--log", f"{path} cannot be continued: it is not readable and writable")
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    above = folder
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise UserError("--log", f"{above} is a file, not a folder, so {path} cannot be created")
+    if not os.path.isdir(folder):
+        if not make_folder:
+            raise UserError("--log", f"the folder {folder} does not exist")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:
+            raise UserError("--log", f"cannot create the folder {folder}: {err.strerror}") from None
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.unlink(path)
+    except OSError as err:
+        raise UserError("--log", f"{path} cannot be created: {err.strerror}") from None
 
 
 def _config_fields(config: Config) -> dict:

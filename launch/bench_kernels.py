@@ -23,6 +23,7 @@ for _var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MK
     os.environ[_var] = "1"   # before numpy / numba / torch are imported: one core, as each MPI rank
 
 import argparse  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -172,13 +173,19 @@ def bench_torch(grammar: str, batch: int, calls: int, rounds: int) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", default="small")
+    parser.add_argument("--arch", default="small", help="architecture, as the trainer's --arch (default small)")
     parser.add_argument("--k", type=int, default=1, help="samples per rank per step (default 1)")
-    parser.add_argument("--vs-torch", action="store_true", help="also time PyTorch eager (torch must be installed)")
-    parser.add_argument("--calls", type=int, default=2000, help="timed calls per round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--vs-torch", action="store_true", help="also time PyTorch eager (needs torch: "
+                        "pip install -e '.[torch]')")
+    parser.add_argument("--calls", type=int, default=2000, help="timed calls per round (default 2000)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds; the median round is reported "
+                        "(default 5)")
     parser.add_argument("--layers", action="store_true", help="also time each layer's kernels on their own")
     args = parser.parse_args(argv)
+    if args.vs_torch and importlib.util.find_spec("torch") is None:
+        print("cnnpar: error: --vs-torch: needs PyTorch, which is not installed: pip install -e '.[torch]'",
+              file=sys.stderr)
+        return 2
 
     t0 = time.perf_counter()
     result = bench_numba(args.arch, 1, args.calls, args.rounds)

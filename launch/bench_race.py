@@ -111,10 +111,15 @@ def launcher(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_RANKS))
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
-    parser.add_argument("--windows", nargs="+", default=list(DEFAULT_WINDOWS), choices=DEFAULT_WINDOWS)
-    parser.add_argument("--modes", nargs="+", default=["race"], choices=("race", "atomic"))
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_RANKS),
+                        help=f"rank counts, one mpiexec run each (default {' '.join(map(str, DEFAULT_RANKS))})")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
+                        help=f"buffer sizes in float32 elements (default {' '.join(map(str, DEFAULT_SIZES))})")
+    parser.add_argument("--windows", nargs="+", default=list(DEFAULT_WINDOWS), choices=DEFAULT_WINDOWS,
+                        help="race windows to measure: shared (node shared memory), rma (Get/add/Put on an "
+                             "owner rank) (default both)")
+    parser.add_argument("--modes", nargs="+", default=["race"], choices=("race", "atomic"),
+                        help="race: unprotected adds; atomic: MPI_Accumulate (default race)")
     parser.add_argument("--rounds", type=int, default=0, help="rounds per case (0: 200 small, 20 large)")
     parser.add_argument("--jitter-ms", type=float, default=0.0, help="random start delay per rank and round")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per mpiexec run")

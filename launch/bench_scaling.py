@@ -19,8 +19,9 @@ median of each point is reported.
 
 Results: OUT/scaling.md (tables, the split, the targets with their ratios), OUT/scaling.h5 (one group per
 point with every figure) and, as the last line on stdout, one JSON object with every figure.
---micro writes OUT/exchange_micro.md and .json instead. OUT defaults to analysis/results
-(analysis/results/quick for --quick).
+--micro writes OUT/exchange_micro.md and .json instead. OUT defaults to runs/bench-scaling (runs/ is not
+committed); the project's measured results live in analysis/results and are replaced only when asked:
+`--out analysis/results`.
 """
 
 from __future__ import annotations
@@ -590,6 +591,11 @@ def micro(args) -> dict:
 
 # ------------------------------------------------------------------------------------------------------
 
+def default_out_dir(quick: bool) -> Path:
+    """Where results go unless --out says otherwise: never the committed analysis/results."""
+    return REPO / "runs" / ("bench-scaling-quick" if quick else "bench-scaling")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -604,11 +610,16 @@ def main(argv=None) -> int:
     parser.add_argument("--vs-ddp", action="store_true", help="also run PyTorch DDP (gloo) on the same net")
     parser.add_argument("--quick", action="store_true", help="CI: ranks 1,2, k=1, auto/mpi/local, 150 steps, no DDP")
     parser.add_argument("--micro", action="store_true", help="exchange microbenchmark instead of the trainer")
-    parser.add_argument("--micro-ranks", default="2,4,12")
-    parser.add_argument("--micro-steps", type=int, default=2000)
+    parser.add_argument("--micro-ranks", default="2,4,12", help="--micro: comma-separated rank counts (default "
+                        "2,4,12)")
+    parser.add_argument("--micro-steps", type=int, default=2000, help="--micro: exchange steps per variant "
+                        "(default 2000)")
     parser.add_argument("--compute-us", type=float, default=40.0, help="--micro: fake compute per step")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mpiexec run")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="folder for scaling.md/.json/.h5 (default runs/bench-scaling, or "
+                             "runs/bench-scaling-quick with --quick; pass analysis/results to replace the "
+                             "committed results)")
     parser.add_argument("--launch-flags", default="", help="extra mpiexec flags, e.g. '-bind-to core'")
     parser.add_argument("--micro-variants", default="", help="--micro: only variants starting with these "
                         "comma-separated prefixes")
@@ -624,7 +635,7 @@ def main(argv=None) -> int:
         micro_worker(args.passes, args.micro_steps, args.repeats, args.overlap_split, args.micro_variants)
         return 0
     if args.out is None:
-        args.out = str(REPO / "analysis" / "results" / ("quick" if args.quick else ""))
+        args.out = str(default_out_dir(args.quick))
     if args.from_runs:  # rebuild the report from a journal of an earlier run
         rows = [json.loads(line) for line in Path(args.from_runs).read_text().splitlines() if line.strip()]
         runs = [r for r in rows if r["exchange"] != "ddp-gloo"]
