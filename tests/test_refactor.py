@@ -1,0 +1,69 @@
+"""The restructure of issue 12 (exchange package, run-log schema, the loop's state object) changed no numerics:
+runs of this tree and of the last commit before it end with the same params and per-step losses, bit for bit.
+
+The earlier tree comes from git history (`git archive`), so this needs a clone that holds that commit; a
+shallow clone skips with the reason. When a later change alters the numerics on purpose, move REFERENCE to
+the commit that made that change.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import io
+
+import numpy as np
+import pytest
+
+from mpi_util import REPO, mpiexec
+
+REFERENCE = "38d5212"  # the tree before the restructure ("README: rewrap")
+
+
+@pytest.fixture(scope="module")
+def reference_tree(tmp_path_factory):
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("no git checkout to take the reference tree from")
+    found = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{REFERENCE}^{{commit}}"],
+                           capture_output=True)
+    if found.returncode != 0:
+        pytest.skip(f"commit {REFERENCE} is not in this clone (shallow?)")
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", REFERENCE, "cnnpar", "data"],
+                             capture_output=True, check=True).stdout
+    tree = tmp_path_factory.mktemp("reference")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tree, filter="data")
+    return tree
+
+
+def _run(tree, n, flags, log):
+    # The working tree's own tests import from REPO; the reference runs from its extracted copy.
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"}
+    command = [mpiexec(), "-n", str(n), sys.executable, "-m", "cnnpar.train", "--dataset", "mnist-5k",
+               "--steps", "300", "--seed", "5", "--quiet", "--log", str(log), *flags]
+    done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import h5py
+
+    with h5py.File(log, "r") as f:  # a completed log opens plainly, before and after
+        return np.asarray(f["final/params"]), np.asarray(f["steps/loss"])
+
+
+@pytest.mark.parametrize("n, flags", [
+    (1, []),
+    (2, ["--allreduce", "shm"]),
+    (2, ["--allreduce", "factored"]),
+    (3, ["--allreduce", "mpi"]),
+    (3, []),
+    (2, ["--samples-per-rank", "2", "--momentum", "0.9", "--reduce", "mean"]),
+    (2, ["--mode", "atomic"]),
+])
+def test_this_tree_matches_the_one_before_the_restructure_bit_for_bit(tmp_path, reference_tree, n, flags):
+    before_params, before_loss = _run(reference_tree, n, flags, tmp_path / "before.h5")
+    after_params, after_loss = _run(REPO, n, flags, tmp_path / "after.h5")
+    assert len(after_loss) == len(before_loss) == 300
+    assert np.array_equal(after_params.view(np.uint32), before_params.view(np.uint32))
+    assert np.array_equal(after_loss.view(np.uint32), before_loss.view(np.uint32))
