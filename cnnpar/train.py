@@ -165,10 +165,12 @@ def _start(config, dist, dataset, network, exchange, log_path, resume, say) -> R
     """Params (fresh or from the checkpoint), the optimizer, the log (new or continued) and the checkpointer."""
     from mpi4py import MPI
 
-    from . import data, optim, runlog
+    from . import data, model as model_lib, optim, runlog
 
-    params = network.init_params(config.seed) if resume is None else resume["params"].copy()
-    grads = np.zeros_like(params)
+    params = network.init_params(config.seed)
+    if resume is not None:
+        params[:] = resume["params"]
+    grads = model_lib.aligned_zeros(network.n_params, params.dtype)
     params = exchange.bind(params)
     exchange.first_step = 0 if resume is None else int(resume["step"])  # audits number steps from here
     optimizer = optim.SGD(network.n_params, config.lr, config.momentum, config.reduce)
