@@ -1,0 +1,481 @@
+"""Running a sweep: existing logs classified, time estimates, one run per point through the launcher."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import itertools
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnnpar.errors import UserError
+from sweep_grid import Point
+from sweep_launcher import Launcher
+
+REPO = Path(__file__).resolve().parents[1]
+# Config fields that do not change what a run computes; an existing log may differ in them.
+IRRELEVANT_FIELDS = ("log", "quiet", "resume", "checkpoint_every", "log_window", "check_every", "eval_every")
+# Training-set sizes, for the time estimate of epoch-budget runs before any run of that shape finished.
+TRAIN_SIZES = {"mnist-5k": 4000, "mnist": 60000, "fashion-mnist": 60000}
+TIMES_FILE = "sweep-times.json"
+DIVERGED_DIR = "diverged"
+TAIL_LINES = 15
+
+
+# ----------------------------------------------------------------------------------------------------
+# existing logs
+
+
+def expected_config(point: Point) -> dict:
+    """The Config fields (as a dict) that `point` would run with; validates the flags."""
+    from cnnpar.config import parse_config
+
+    config = parse_config(point.train_args("sweep-check.h5"))
+    return dataclasses.asdict(config)
+
+
+def config_differences(log_config: dict, log_ranks: int, point: Point) -> list:
+    """'field: log value vs sweep value' for every field that changes what the run computes."""
+    want = expected_config(point)
+    diffs = []
+    if log_ranks != point.ranks:
+        diffs.append(f"ranks: {log_ranks} (log) vs {point.ranks} (sweep)")
+    for key, value in want.items():
+        if key in IRRELEVANT_FIELDS:
+            continue
+        if key not in log_config:
+            continue  # a field newer than the log: its default is assumed
+        have = log_config[key]
+        if isinstance(value, float) and isinstance(have, (int, float)):
+            same = math.isclose(float(have), value, rel_tol=1e-12, abs_tol=0.0)
+        else:
+            same = have == value
+        if not same:
+            diffs.append(f"{key}: {have!r} (log) vs {value!r} (sweep)")
+    return diffs
+
+
+def classify(path: Path, point: Point) -> tuple:
+    """('todo' | 'done' | 'diverged' | 'stale' | 'conflict', detail) for the point's log path.
+
+    A run whose loss became NaN is a result, not a failure: its log lives in OUT/diverged/ and the point
+    counts as done (rerunning it would diverge again)."""
+    from cnnpar import runlog
+
+    if not path.exists():
+        kept = path.parent / DIVERGED_DIR / path.name
+        if kept.exists():
+            try:
+                log = runlog.open_log(kept)
+            except UserError:
+                return "todo", ""
+            if log.status == "diverged":
+                diffs = config_differences(log.config, log.ranks, point)
+                return ("conflict", "; ".join(diffs)) if diffs else ("diverged", log.status_message)
+        return "todo", ""
+    if not runlog.is_complete_log(path):
+        try:
+            log = runlog.open_log(path)
+            return "stale", f"status {log.status}"
+        except UserError as err:
+            return "stale", err.message
+    log = runlog.open_log(path)
+    diffs = config_differences(log.config, log.ranks, point)
+    if diffs:
+        return "conflict", "; ".join(diffs)
+    return "done", ""
+
+
+def move_aside(path: Path, out: Path, output: str = "", reason: str = "") -> Path:
+    """Move a leftover log to OUT/incomplete/NAME.STAMP.h5 (and the run's output beside it)."""
+    folder = out / "incomplete"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = folder / f"{path.stem}.{stamp}{path.suffix}"
+    n = 1
+    while target.exists():
+        target = folder / f"{path.stem}.{stamp}-{n}{path.suffix}"
+        n += 1
+    if path.exists():
+        os.replace(path, target)
+    if output or reason:
+        target.with_suffix(".txt").write_text((f"# {reason}\n" if reason else "") + output)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------
+# time estimates
+
+
+def expected_samples(point: Point) -> float:
+    """Samples the run will process (for comparing runs of different shapes)."""
+    flags = point.flags()
+    per_rank = int(flags.get("samples_per_rank", 1))
+    steps = int(flags.get("steps", 0))
+    if steps:
+        return float(steps * point.ranks * per_rank)
+    epochs = int(flags.get("epochs", 3))
+    return float(epochs * TRAIN_SIZES.get(flags.get("dataset", "auto"), 4000))
+
+
+class Estimator:
+    """Predicts a run's wall time from the runs done so far.
+
+    Model: seconds = k(shape) x samples x u(ranks). u(ranks), the wall time per sample at a rank count, is
+    learned from all runs and interpolated linearly between rank counts (extrapolated from the nearest
+    two beyond them): bigger rank counts take longer per sample once ranks outnumber cores, and the start-up
+    of more processes costs more. k(shape) corrects it for runs of the same shape (mode, flags) once one
+    has finished; runs of the same shape and rank count are simply averaged.
+    """
+
+    def __init__(self, seconds: dict | None = None):
+        self.done = []   # (point, seconds)
+        self.known = dict(seconds or {})   # name -> seconds (from earlier sweeps into the same folder)
+
+    def add(self, point: Point, seconds: float) -> None:
+        self.done.append((point, float(seconds)))
+        self.known[point.name] = float(seconds)
+
+    def adopt(self, point: Point) -> None:
+        """Use a time recorded by an earlier sweep for a point already complete."""
+        if point.name in self.known and all(p.name != point.name for p, _ in self.done):
+            self.done.append((point, self.known[point.name]))
+
+    @staticmethod
+    def _interpolate(table: dict, x: float) -> float:
+        xs = sorted(table)
+        if len(xs) == 1:
+            return table[xs[0]]
+        if x <= xs[0]:
+            lo, hi = xs[0], xs[1]
+        elif x >= xs[-1]:
+            lo, hi = xs[-2], xs[-1]
+        else:
+            hi = next(v for v in xs if v >= x)
+            lo = max(v for v in xs if v <= x)
+            if hi == lo:
+                return table[lo]
+        y = table[lo] + (table[hi] - table[lo]) * (x - lo) / (hi - lo)
+        return max(y, 0.5 * min(table[lo], table[hi]))
+
+    def predict(self, point: Point) -> float | None:
+        if not self.done:
+            return None
+        same = [s for p, s in self.done if p.shape == point.shape]
+        if same:
+            return sum(same) / len(same)
+        per_ranks = {}
+        for p, s in self.done:
+            per_ranks.setdefault(p.ranks, []).append(s / expected_samples(p))
+        u = self._interpolate({r: sum(v) / len(v) for r, v in per_ranks.items()}, point.ranks)
+        ratios = [s / (expected_samples(p) * self._interpolate(
+            {r: sum(v) / len(v) for r, v in per_ranks.items()}, p.ranks))
+            for p, s in self.done if p.shape[1:] == point.shape[1:]]
+        k = sum(ratios) / len(ratios) if ratios else 1.0
+        return k * expected_samples(point) * u
+
+    def remaining(self, points) -> tuple:
+        """(seconds, how many of the points have no estimate)."""
+        total, unknown = 0.0, 0
+        for p in points:
+            t = self.predict(p)
+            if t is None:
+                unknown += 1
+            else:
+                total += t
+        return total, unknown
+
+
+def load_times(out: Path) -> dict:
+    try:
+        data = json.loads((out / TIMES_FILE).read_text())
+        return {str(k): float(v) for k, v in data.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def save_times(out: Path, times: dict) -> None:
+    tmp = out / (TIMES_FILE + ".tmp")
+    tmp.write_text(json.dumps(times, indent=1, sort_keys=True))
+    os.replace(tmp, out / TIMES_FILE)
+
+
+def hms(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+# ----------------------------------------------------------------------------------------------------
+# running
+
+
+@dataclass
+class Outcome:
+    point: Point
+    ok: bool
+    seconds: float
+    returncode: int
+    output: str
+    message: str = ""
+    diverged: bool = False
+
+
+def tail(text: str, lines: int = TAIL_LINES) -> str:
+    kept = [line for line in text.rstrip().splitlines()][-lines:]
+    return "\n".join("    | " + line for line in kept)
+
+
+class Runner:
+    def __init__(self, launcher: Launcher, python: str, out: Path, timeout: float | None):
+        self.launcher = launcher
+        self.python = python
+        self.out = out
+        self.timeout = timeout
+        self.procs = set()
+        self.lock = threading.Lock()
+        self.stopping = False
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def command(self, point: Point) -> list:
+        return self.launcher.command(point.ranks, self.python, point.train_args(self.out / point.name))
+
+    def run(self, point: Point) -> Outcome:
+        from cnnpar import runlog
+
+        path = self.out / point.name
+        cmd = self.command(point)
+        start = time.monotonic()
+        with self.lock:
+            if self.stopping:
+                return Outcome(point, False, 0.0, -1, "", "interrupted")
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env=self.env(), start_new_session=True)
+            self.procs.add(proc)
+        try:
+            output, _ = proc.communicate(timeout=self.timeout)
+            message = ""
+        except subprocess.TimeoutExpired:
+            self.kill(proc)
+            output, _ = proc.communicate()
+            message = f"killed after the --timeout of {self.timeout:g} s"
+        except BaseException:  # Ctrl-C: the run is in its own session, so it must be stopped here
+            self.kill(proc)
+            raise
+        finally:
+            with self.lock:
+                self.procs.discard(proc)
+        seconds = time.monotonic() - start
+        rc = proc.returncode
+        if self.stopping:
+            return Outcome(point, False, seconds, rc, output or "", "interrupted")
+        ok = rc == 0 and not message and runlog.is_complete_log(path)
+        if not ok and not message and path.exists():
+            try:
+                log = runlog.open_log(path)
+            except UserError:
+                log = None
+            if log is not None and log.status == "diverged":
+                (self.out / DIVERGED_DIR).mkdir(exist_ok=True)
+                os.replace(path, self.out / DIVERGED_DIR / point.name)
+                return Outcome(point, False, seconds, rc, output or "", f"diverged ({log.status_message}); "
+                               f"log kept in {DIVERGED_DIR}/", diverged=True)
+        if rc == 0 and not message and not ok:
+            message = "exited 0 but its log is missing or not complete"
+        elif rc != 0 and not message:
+            message = f"exit status {rc}"
+        if not ok and path.exists():
+            moved = move_aside(path, self.out, output or "", f"{shlex.join(cmd)}\n# {message}")
+            message += f"; partial log moved to {moved}"
+        return Outcome(point, ok, seconds, rc, output or "", message)
+
+    @staticmethod
+    def kill(proc) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                return
+            try:
+                proc.wait(timeout=5)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def stop_all(self) -> None:
+        with self.lock:
+            self.stopping = True
+            procs = list(self.procs)
+        for proc in procs:
+            self.kill(proc)
+
+
+def final_accuracy(path: Path) -> float | None:
+    from cnnpar import runlog
+
+    try:
+        log = runlog.open_log(path)
+        return float(log.final["attrs"]["test_acc"]) if log.final else None
+    except (UserError, KeyError, TypeError, ValueError):
+        return None
+
+
+# Wall seconds of one run on the 2-core reference machine, shared with other work (load ~10; measured, see
+# launch/README.md): start-up + samples x per-sample time (sync), race/atomic slower by a factor that grows
+# with the ranks (their per-step synchronisation when ranks outnumber cores).
+PRIOR_STARTUP_S = {1: 5.0, 2: 6.0, 4: 8.0, 8: 8.0, 12: 10.0}
+PRIOR_PER_SAMPLE_S = {1: 1.5e-4, 2: 2.0e-4, 4: 2.5e-4, 8: 1.5e-4, 12: 1.5e-4}
+PRIOR_ONE_SIDED_FACTOR = {1: 1.0, 2: 2.0, 4: 3.0, 8: 7.0, 12: 7.0}
+
+
+def prior_seconds(points) -> float:
+    """A rough duration from timings on the 2-core reference machine, before any run of this sweep."""
+    total = 0.0
+    for p in points:
+        startup = Estimator._interpolate(PRIOR_STARTUP_S, p.ranks)
+        per_sample = Estimator._interpolate(PRIOR_PER_SAMPLE_S, p.ranks)
+        factor = Estimator._interpolate(PRIOR_ONE_SIDED_FACTOR, p.ranks) \
+            if p.mode in ("race", "atomic", "hogwild") else 1.0
+        audit = 1.5 if dict(p.base).get("race_audit") == "true" else 1.0
+        total += startup + expected_samples(p) * per_sample * factor * audit
+    return total
+
+
+def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, timeout: float | None = None,
+          dry_run: bool = False, preset: str | None = None, stream=None) -> int:
+    stream = stream or sys.stdout
+
+    def say(text=""):
+        print(text, file=stream, flush=True)
+
+    states = {}
+    for p in points:
+        states[p.name] = classify(out / p.name, p) if out.is_dir() else ("todo", "")
+    conflicts = [(p, states[p.name][1]) for p in points if states[p.name][0] == "conflict"]
+    if conflicts:
+        listing = "; ".join(f"{p.name} ({detail})" for p, detail in conflicts[:3])
+        more = f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else ""
+        raise UserError(str(out), f"{len(conflicts)} complete log(s) there were made with other settings than "
+                                  f"this sweep asks for: {listing}{more}. Use another --out, or move them away")
+    done = [p for p in points if states[p.name][0] in ("done", "diverged")]
+    stale = [p for p in points if states[p.name][0] == "stale"]
+    todo = [p for p in points if states[p.name][0] not in ("done", "diverged")]
+    estimator = Estimator(load_times(out) if out.is_dir() else {})
+    for p in done:
+        estimator.adopt(p)
+    left, unknown = estimator.remaining(todo)
+    if unknown:
+        left = prior_seconds(todo) if not estimator.done else left + prior_seconds(
+            [p for p in todo if estimator.predict(p) is None])
+    left /= min(jobs, max(len(todo), 1))
+    flavour = launcher.flavour + (f" {launcher.version}" if launcher.version else "")
+    say(f"sweep{' ' + preset if preset else ''}: {len(points)} runs into {out}: {len(done)} already complete, "
+        f"{len(todo)} to run{f' ({len(stale)} over incomplete leftovers)' if stale else ''}; "
+        f"estimated {hms(left) if todo else '0s'}{' (prior from the reference machine)' if unknown and todo else ''}")
+    say(f"launcher: {shlex.join(launcher.argv)} ({flavour}); {launcher.cores} usable cores here")
+    if dry_run:
+        runner = Runner(launcher, python, out, timeout)
+        for i, p in enumerate(points, 1):
+            state, detail = states[p.name]
+            note = {"done": "# skip: complete log exists", "diverged": f"# skip: diverged earlier "
+                    f"({DIVERGED_DIR}/)", "stale": f"# rerun: leftover log ({detail}) "
+                    "would be moved to incomplete/", "todo": ""}[state]
+            say(f"[{i}/{len(points)}] {shlex.join(runner.command(p))}{'  ' + note if note else ''}")
+        return 0
+    if not todo:
+        say("nothing to run.")
+        return 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    for p in stale:
+        moved = move_aside(out / p.name, out, reason=f"leftover found by the sweep: {states[p.name][1]}")
+        say(f"moved incomplete {p.name} ({states[p.name][1]}) to {moved.relative_to(out)}")
+
+    runner = Runner(launcher, python, out, timeout)
+    times = dict(estimator.known)
+    failures, diverged = [], []
+    started = time.monotonic()
+    lock = threading.Lock()
+    counter = itertools.count(len(done) + 1)
+    pending = list(todo)
+
+    def report(outcome: Outcome) -> None:
+        with lock:
+            i = next(counter)
+            p = outcome.point
+            pending.remove(p)
+            if outcome.ok:
+                estimator.add(p, outcome.seconds)
+                times[p.name] = outcome.seconds
+                save_times(out, times)
+                acc = final_accuracy(out / p.name)
+                acc_text = f", test acc {100 * acc:.1f}%" if acc is not None else ""
+                result = f"ok in {hms(outcome.seconds)}{acc_text}"
+            elif outcome.diverged:
+                diverged.append(outcome)
+                estimator.add(p, outcome.seconds)
+                times[p.name] = outcome.seconds
+                save_times(out, times)
+                result = f"{outcome.message} after {hms(outcome.seconds)}"
+            else:
+                failures.append(outcome)
+                result = f"FAILED after {hms(outcome.seconds)}: {outcome.message}"
+            left, unknown = estimator.remaining(pending)
+            if unknown:
+                left += prior_seconds([q for q in pending if estimator.predict(q) is None])
+            left /= min(jobs, max(len(pending), 1))
+            say(f"[{i}/{len(points)}] {p.name}: {result} | elapsed {hms(time.monotonic() - started)}, "
+                f"left ~{hms(left) if pending else '0s'}")
+            if not outcome.ok and not outcome.diverged and outcome.message != "interrupted":
+                say(f"    command: {shlex.join(runner.command(p))}")
+                if outcome.output.strip():
+                    say(tail(outcome.output))
+
+    pool = None
+    try:
+        if jobs == 1:
+            for p in todo:
+                report(runner.run(p))
+        else:
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
+            futures = [pool.submit(runner.run, p) for p in todo]
+            for future in concurrent.futures.as_completed(futures):
+                report(future.result())
+            pool.shutdown()
+    except KeyboardInterrupt:
+        runner.stop_all()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        say(f"sweep: interrupted; {len(todo) - len(pending)} of {len(todo)} runs finished. Run the same "
+            "command again to resume (complete logs are kept, the interrupted one is rerun).")
+        return 130
+
+    ok = len(todo) - len(failures) - len(diverged)
+    say(f"sweep: {ok} run(s) done now, {len(done)} earlier, {len(failures)} failed"
+        f"{f', {len(diverged)} diverged (logs in {DIVERGED_DIR}/)' if diverged else ''}; "
+        f"{hms(time.monotonic() - started)}; logs in {out}")
+    if failures:
+        say("failed: " + ", ".join(f.point.name for f in failures))
+        return 1
+    say(f"next: python analysis/table.py {out}/*.h5 --paper   |   python analysis/plots.py {out}/*.h5 "
+        f"--out {out}/figures" + (f"   |   python analysis/explain.py {out} --out {out}/report"
+                                  if preset == "explain" else ""))
+    return 0
