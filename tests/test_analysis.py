@@ -151,13 +151,16 @@ def test_table_without_a_one_rank_run_borrows_another_modes_baseline(logs, tmp_p
 
 
 @pytest.mark.parametrize("script", ["table.py", "plots.py"])
-def test_a_bad_file_is_one_line_naming_it_exit_2(logs, tmp_path, script):
+def test_a_foreign_file_is_skipped_with_a_note_and_alone_is_one_line_exit_2(logs, tmp_path, script):
     bad = tmp_path / "notes.h5"
     bad.write_text("not a log")
     extra = ["--out", tmp_path / "figs"] if script == "plots.py" else []
     done = run_script(script, logs / "n01-sync-seed1.h5", bad, *extra)
-    assert done.returncode == 2
-    assert done.stderr.splitlines() == [f"cnnpar: error: {bad}: not an HDF5 file, so not a cnnpar run log"]
+    assert done.returncode == 0, done.stderr
+    assert f"{script}: note: skipping {bad} (not a readable run log: not an HDF5 file" in done.stderr
+    alone = run_script(script, bad, *extra)
+    assert alone.returncode == 2 and alone.stderr.splitlines()[-1] == \
+        f"cnnpar: error: {bad}: no complete run logs there"
     missing = run_script(script, tmp_path / "nope.h5", *extra)
     assert missing.returncode == 2 and missing.stderr.splitlines() == \
         [f"cnnpar: error: {tmp_path / 'nope.h5'}: no such file or directory"]

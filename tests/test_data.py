@@ -611,7 +611,7 @@ def test_cli_check_truncated_and_mismatched_counts(tmp_path):
 
 
 def test_cli_user_errors_are_one_line_exit_2(tmp_path):
-    _assert_one_error_line(_run_cli("check", "mnist3"), "--dataset")
+    _assert_one_error_line(_run_cli("check", "mnist3"), "dataset")  # the positional, not the trainer's flag
     _assert_one_error_line(_run_cli("fetch", "cifar"), "cifar")
     _assert_one_error_line(_run_cli("frobnicate"), "command line")
     blocker = tmp_path / "a-file"
