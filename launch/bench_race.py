@@ -43,7 +43,7 @@ def worker(args) -> None:
     import numpy as np
 
     from cnnpar import dist as dist_lib
-    from cnnpar import race
+    from cnnpar.exchange import race
 
     dist = dist_lib.setup()
     n = dist.size
