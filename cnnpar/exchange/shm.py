@@ -1,4 +1,4 @@
-"""Shared-memory gradient exchanges: `--allreduce shm`, `--allreduce hier`, and what `auto` picks.
+"""Shared-memory gradient exchanges: `--allreduce shm` (one node) and `--allreduce hier` (several nodes).
 
 Design, measurements and the targets they meet or miss: docs/performance.md.
 
