@@ -47,7 +47,7 @@ def worker(args) -> None:
 
     dist = dist_lib.setup()
     n = dist.size
-    dist_lib.compile_once(dist, race._warm)
+    dist_lib.compile_once(dist, race.warm_kernels)
     rng = np.random.default_rng(1234 + dist.rank)
     for mode in args.modes:
         for window in args.windows:

@@ -268,7 +268,7 @@ def hogwild_audit_figures(p_before: np.ndarray, p_after: np.ndarray, grads: np.n
     return _figures(exact, deficit, differ, lost)
 
 
-def _warm() -> None:
+def warm_kernels() -> None:
     """Compile (or load from numba's cache) every kernel once, before the first step."""
     _warm_primitives()
     acc = np.full(4, -0.0, np.float32)
@@ -596,7 +596,7 @@ def make_race_exchange(config, dist, n_params: int) -> Exchange:
         if config.mode == "hogwild" and config.race_audit and config.momentum != 0:
             raise UserError("--race-audit", "the Hogwild audit compares each step's parameter change with "
                             "lr x the gathered gradients, which needs --momentum 0")
-    _dist.compile_once(dist, _warm)
+    _dist.compile_once(dist, warm_kernels)
     if config.mode == "hogwild":
         return HogwildExchange(dist, n_params, audit=config.race_audit)
     if config.mode in ("race", "atomic"):
