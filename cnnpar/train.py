@@ -462,9 +462,7 @@ def _flush_window(window, comm, log, exchange) -> None:
         with np.errstate(invalid="ignore", divide="ignore"):
             rank_loss = np.where(counts > 0, f["loss_sum"] / counts, np.nan)
             loss = f["loss_sum"].sum(axis=1) / np.maximum(counts.sum(axis=1), 1)
-        from .exchange import split_wait
-
-        exchange_s, wait_s = split_wait(f["arrive_s"], f["reduce_s"], f["wait_s"])
+        exchange_s, wait_s = exchange.split_wait(f["arrive_s"], f["reduce_s"], f["wait_s"])
         steps = f["step"][:, 0].astype(np.int64)
         if log is not None:
             log.append_steps(steps, f["epoch"][:, 0].astype(np.int32), loss.astype(np.float32),

@@ -43,11 +43,11 @@ def worker(args) -> None:
     import numpy as np
 
     from cnnpar import dist as dist_lib
-    from cnnpar import race
+    from cnnpar.exchange import race
 
     dist = dist_lib.setup()
     n = dist.size
-    dist_lib.compile_once(dist, race._warm)
+    dist_lib.compile_once(dist, race.warm_kernels)
     rng = np.random.default_rng(1234 + dist.rank)
     for mode in args.modes:
         for window in args.windows:

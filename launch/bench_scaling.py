@@ -13,7 +13,7 @@ compute_s / exchange_s / wait_s columns (means over ranks and over the steps aft
 replica checks): step = global batch / samples_per_s.
 
 Exchanges: mpi, shm, factored (1 sample per rank only), auto, hier (2 pretend nodes, only with --exchanges), local (--mode local, no exchange:
-the compute-only bound) and the race modes race and atomic when cnnpar/race.py exists. With --repeats R
+the compute-only bound) and the race modes race and atomic. With --repeats R
 the whole grid runs R times, interleaved (so slow phases of a shared machine hit every point alike), and the
 median of each point is reported.
 
@@ -27,7 +27,6 @@ committed); the project's measured results live in analysis/results and are repl
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -366,8 +365,12 @@ def micro_worker(passes: int, steps: int, rounds: int, split: float, only: str =
     from mpi4py import MPI
     from numba import njit
 
-    from cnnpar import exchange_shm as X
-    from cnnpar.exchange import LocalExchange, MpiAllreduce
+    from types import SimpleNamespace
+
+    from cnnpar.exchange import make_exchange
+    from cnnpar.exchange import shm as X
+    from cnnpar.exchange.local import LocalExchange
+    from cnnpar.exchange.mpi import MpiAllreduce
 
     fake = njit(nogil=True, cache=True)(_fake_compute)
     d = dist_lib.setup()
@@ -393,7 +396,8 @@ def micro_worker(passes: int, steps: int, rounds: int, split: float, only: str =
                     variants[f"shm-{protocol}-yield{y}-block"] = (
                         lambda p=protocol, y=y: _with_yields(X.ShmAllreduce(d, m, comm=d.comm, wait="block",
                                                                             protocol=p), y))
-        variants["auto"] = lambda: X.make_sync_exchange("auto", d, m)
+        auto = SimpleNamespace(mode="sync", allreduce="auto")
+        variants["auto"] = lambda: make_exchange(auto, d, m)
         pretend = dist_lib.setup(pretend_nodes=2)
         variants["hier(2 pretend nodes)"] = lambda: X.HierAllreduce(pretend, m)
         variants["mpi+overlap"] = "overlap-mpi"
@@ -416,7 +420,7 @@ def micro_worker(passes: int, steps: int, rounds: int, split: float, only: str =
             if make == "overlap-mpi":
                 ex, overlap = MpiAllreduce(d), "mpi"
             elif make == "overlap-auto":
-                ex, overlap = X.make_sync_exchange("auto", d, m), "shm"
+                ex, overlap = make_exchange(auto, d, m), "shm"
             elif make == "mpi-sleepy":
                 ex = MpiAllreduce(d)
                 ex._dist = _WaitWith(_wait_yield_then_sleep)
@@ -603,7 +607,7 @@ def main(argv=None) -> int:
     parser.add_argument("--samples-per-rank", default=None, help="comma-separated (default 1,16)")
     parser.add_argument("--exchanges", default=None,
                         help="comma-separated: mpi,shm,factored,auto,hier,local,race,atomic (default "
-                             "mpi,shm,factored,auto,local + race,atomic when cnnpar/race.py exists)")
+                             "mpi,shm,factored,auto,local,race,atomic)")
     parser.add_argument("--steps", type=int, default=0, help="trainer steps per point (default: ~30k samples "
                         "for k=1, 60k for k=16, at least 300 steps)")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repetitions; the median is reported")
@@ -664,9 +668,7 @@ def main(argv=None) -> int:
     elif args.quick:
         exchanges = ["auto", "mpi", "local"]
     else:
-        exchanges = list(BASE_EXCHANGES)
-        if not args.quick and importlib.util.find_spec("cnnpar.race") is not None:
-            exchanges += list(RACE_EXCHANGES)
+        exchanges = list(BASE_EXCHANGES) + list(RACE_EXCHANGES)
     for ex in exchanges:
         exchange_flags(ex)
 

@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from cnnpar import exchange as exchange_lib  # noqa: E402
-from cnnpar import exchange_shm  # noqa: E402
+from cnnpar.exchange import shm  # noqa: E402
+from cnnpar.exchange.mpi import MpiAllreduce  # noqa: E402
 
 N_PARAMS = 11_738  # the small architecture; odd-sized so slices do not all align
 
@@ -170,28 +171,28 @@ def main() -> int:
             print(json.dumps(result), flush=True)
         results.append(result)
 
-    run("mpi", lambda: exchange_lib.MpiAllreduce(dist), reference="none")
+    run("mpi", lambda: MpiAllreduce(dist), reference="none")
     if dist.size > 1:
         # every protocol x wait policy at 2 and 3 ranks; at more ranks the protocols with their default waits
         waits = ("spin", "block", "yield", "yield-block") if dist.size <= 3 else (None,)
         for protocol in ("slices", "single", "all"):
             for wait in waits:
                 run(f"shm-{protocol}-{wait}",
-                    lambda: exchange_shm.ShmAllreduce(dist, N_PARAMS, comm=dist.comm, wait=wait, protocol=protocol),
+                    lambda: shm.ShmAllreduce(dist, N_PARAMS, comm=dist.comm, wait=wait, protocol=protocol),
                     reference="rank_order")
         for protocol in ("slices", "all"):  # slots written with streaming (non-temporal) stores
             run(f"shm-{protocol}-streaming",
-                lambda: exchange_shm.ShmAllreduce(dist, N_PARAMS, comm=dist.comm, protocol=protocol,
+                lambda: shm.ShmAllreduce(dist, N_PARAMS, comm=dist.comm, protocol=protocol,
                                                   nontemporal=True), reference="rank_order")
         # the resume path: a wait slice of 1 ms and ranks that are up to 20 ms late
         def short_slices():
-            ex = exchange_shm.ShmAllreduce(dist, N_PARAMS, comm=dist.comm, wait="block")
+            ex = shm.ShmAllreduce(dist, N_PARAMS, comm=dist.comm, wait="block")
             ex.wait_slice_ns = 1_000_000
             return ex
         run("shm-short-slices", short_slices, reference="rank_order", late="first")
         for protocol in ("slices", "single", "all"):
             run(f"shm-overlap-{protocol}",
-                lambda: Overlapped(exchange_shm.ShmAllreduce(dist, N_PARAMS, comm=dist.comm, protocol=protocol),
+                lambda: Overlapped(shm.ShmAllreduce(dist, N_PARAMS, comm=dist.comm, protocol=protocol),
                                    208, N_PARAMS), reference="rank_order")
     config = SimpleNamespace(mode="sync", allreduce="shm")
     run("shm", lambda: exchange_lib.make_exchange(config, dist, N_PARAMS),
@@ -206,7 +207,7 @@ def main() -> int:
         run("hier", lambda: exchange_lib.make_exchange(config, pretend, N_PARAMS), reference="node_order",
             d=pretend, node_of=node_of)
         for wait in ("spin", "block"):
-            run(f"hier-{wait}", lambda: exchange_shm.HierAllreduce(pretend, N_PARAMS, wait=wait),
+            run(f"hier-{wait}", lambda: shm.HierAllreduce(pretend, N_PARAMS, wait=wait),
                 reference="node_order", d=pretend, node_of=node_of)
         config = SimpleNamespace(mode="sync", allreduce="auto")
         run("auto-pretend", lambda: exchange_lib.make_exchange(config, pretend, N_PARAMS),

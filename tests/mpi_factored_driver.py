@@ -43,8 +43,8 @@ import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from cnnpar import exchange as exchange_lib  # noqa: E402
-from cnnpar import exchange_factored as F  # noqa: E402
-from cnnpar import exchange_shm as X  # noqa: E402
+from cnnpar.exchange import factored as F  # noqa: E402
+from cnnpar.exchange import shm as X  # noqa: E402
 from cnnpar import model  # noqa: E402
 
 ZERO_STEP, TINY_STEP, NAN_STEP = 3, 0, 8  # TINY at step 0: the biases are still 0, so activations stay subnormal

@@ -26,7 +26,7 @@ from mpi4py import MPI  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cnnpar import dist as dist_lib  # noqa: E402
-from cnnpar import race  # noqa: E402
+from cnnpar.exchange import race  # noqa: E402
 from cnnpar.config import Config  # noqa: E402
 
 P = 11_738  # the small architecture's parameter count

@@ -16,8 +16,10 @@ import time
 
 import numpy as np
 import pytest
+from numba import njit
 
-from cnnpar import exchange_shm as X
+from cnnpar.exchange import primitives as P
+from cnnpar.exchange import shm as X
 from mpi_util import REPO, run_mpi
 
 DRIVER = REPO / "tests" / "mpi_exchange_driver.py"
@@ -79,15 +81,15 @@ def test_slices_partition_the_parameters():
 def test_atomic_primitives():
     ctrl = np.zeros(16, np.int64)
 
-    @X.njit
+    @njit
     def probe(c):
-        old = X.fetch_add(c, 3, 5)
-        now = X.load_acquire(c, 3)
-        t0 = X.now_ns()
-        X.cpu_relax()
-        X.sched_yield()
-        again = X.futex(c, 8, X._FUTEX_WAIT, 12345, 1_000_000) if X.HAVE_FUTEX else -1  # value differs: returns
-        return old, now, X.now_ns() - t0, again
+        old = P.fetch_add(c, 3, 5)
+        now = P.load_acquire(c, 3)
+        t0 = P.now_ns()
+        P.cpu_relax()
+        P.sched_yield()
+        again = P.futex(c, 8, P.FUTEX_WAIT, 12345, 1_000_000) if P.HAVE_FUTEX else -1  # value differs: returns
+        return old, now, P.now_ns() - t0, again
 
     old, now, elapsed, again = probe(ctrl)
     assert (old, now) == (0, 5) and ctrl[3] == 5
@@ -102,11 +104,11 @@ def test_atomic_primitives():
 def test_kernels_synchronise_threads(protocol, yields):
     """n threads play n ranks on one control block and slot array, for many steps, with random delays:
     the nogil kernels run truly in parallel, like processes on a shared window."""
-    if yields >= 0 and not X.HAVE_FUTEX:
+    if yields >= 0 and not P.HAVE_FUTEX:
         pytest.skip("no futex on this platform")
     n, m, steps = 3, 1000, 300
     rows = 2 * n if protocol == "all" else n
-    ctrl = np.zeros(X.N_FIELDS * X.LINE, np.int64)
+    ctrl = np.zeros(P.N_FIELDS * P.LINE, np.int64)
     slots = np.zeros((rows, 1024), np.float32)
     result = np.zeros(1024, np.float32)
     bounds = X._slices(m, n)
@@ -124,11 +126,11 @@ def test_kernels_synchronise_threads(protocol, yields):
                     time.sleep(0.001)
                 g = inputs[s, r].copy()
                 lo, hi = bounds[r]
-                phase = X.PH_START
-                while phase != X.PH_FINISHED:
+                phase = P.PH_START
+                while phase != P.PH_FINISHED:
                     code = X._shm_step(ctrl, slots, result, g, r, n, lo, hi, s + 1, phase, 2000 if r == 0 else 0,
                                        yields, X.PROTOCOLS[protocol], False, 5_000_000, 0, 0,
-                                       X._IS_X86 and r == 1)  # rank 1 writes its slot with streaming stores
+                                       P.IS_X86 and r == 1)  # rank 1 writes its slot with streaming stores
                     phase = code & 7
                 outputs[s, r] = g
         except BaseException as exc:  # pragma: no cover - reported below

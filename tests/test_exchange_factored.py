@@ -1,4 +1,4 @@
-"""The sufficient-factor exchange (cnnpar/exchange_factored.py): bitwise the flat rank-order sum.
+"""The sufficient-factor exchange (cnnpar/exchange/factored.py): bitwise the flat rank-order sum.
 
 In-process: the reconstruction kernel against a NumPy model of the dense kernel's rounding (zeros, -0,
 NaN, inf, subnormals, products that underflow); a real network's factors rebuild its own gradient; the
@@ -16,9 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from cnnpar import exchange_factored as F
-from cnnpar import exchange_shm as X
 from cnnpar import model
+from cnnpar.exchange import factored as F
+from cnnpar.exchange import primitives as P
 from mpi_util import REPO, run_mpi
 
 DRIVER = REPO / "tests" / "mpi_factored_driver.py"
@@ -176,7 +176,7 @@ def test_applies():
 def test_step_kernel_synchronises_threads(protocol, yields):
     """Three threads play three ranks on one control block and slot array, with their own networks'
     workspaces and random delays: the nogil kernels run truly in parallel, like processes on a window."""
-    if yields >= 0 and not X.HAVE_FUTEX:
+    if yields >= 0 and not P.HAVE_FUTEX:
         pytest.skip("no futex on this platform")
     n, steps = 3, 120
     network = model.build_network("small")
@@ -184,7 +184,7 @@ def test_step_kernel_synchronises_threads(protocol, yields):
     rounding = F.kernel_rounding()
     stride = -(-layout.payload // 16) * 16
     rows = 2 * n if protocol == "all" else n
-    ctrl = np.zeros(X.N_FIELDS * X.LINE, np.int64)
+    ctrl = np.zeros(P.N_FIELDS * P.LINE, np.int64)
     slots = np.zeros((rows, stride), np.float32)
     result = np.zeros(layout.n_params, np.float32)
     rng = np.random.default_rng(0)
@@ -203,8 +203,8 @@ def test_step_kernel_synchronises_threads(protocol, yields):
                 grads = reference_gradient(payloads[s, r], layout, rounding)
                 for _, _, n_in, x_work, x_at, _ in layout.layers:
                     works[r][x_work:x_work + n_in] = payloads[s, r, x_at:x_at + n_in]
-                phase = X.PH_START
-                while phase != X.PH_FINISHED:
+                phase = P.PH_START
+                while phase != P.PH_FINISHED:
                     code = F._factored_step(ctrl, slots, result, grads, works[r], layout.segs, layout.layers, r, n,
                                             s + 1, phase, 2000 if r == 0 else 0, yields, F.PROTOCOLS[protocol],
                                             5_000_000, rounding)

@@ -1,4 +1,4 @@
-"""Race modes (cnnpar/race.py): the audit's estimator in-process, the exchanges under mpiexec
+"""Race modes (cnnpar/exchange/race.py): the audit's estimator in-process, the exchanges under mpiexec
 (tests/mpi_race_driver.py), lost updates that are real on this machine, and the trainer end to end."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnnpar import race
+from cnnpar.exchange import race
 from cnnpar.errors import UserError
 from mpi_util import REPO, run_mpi
 

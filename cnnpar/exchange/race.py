@@ -62,15 +62,17 @@ arrive), like the shm exchange.
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import numpy as np
 from numba import njit
 
-from . import dist as _dist
-from .errors import UserError
-from .exchange import Exchange
+from .. import dist as _dist
+from ..errors import UserError
+from .interface import Exchange
+from .primitives import F_ARRIVE, PH_FINISHED, PH_START, WAIT_SLICE_NS, SlotWindow, arrive, closing_collectively, drive
+from .primitives import round_up, wait_field, wait_settings
+from .primitives import warm_kernels as _warm_primitives
 
 ALIGN = 16           # float32 elements per 64-byte cache line: each accumulator starts on a line
 SLOTS = 3            # rotating accumulators (see the module docstring)
@@ -266,8 +268,9 @@ def hogwild_audit_figures(p_before: np.ndarray, p_after: np.ndarray, grads: np.n
     return _figures(exact, deficit, differ, lost)
 
 
-def _warm() -> None:
+def warm_kernels() -> None:
     """Compile (or load from numba's cache) every kernel once, before the first step."""
+    _warm_primitives()
     acc = np.full(4, -0.0, np.float32)
     racy_add(acc, np.ones(4, np.float32))
     contrib = np.array([[1.0, 2.0, 4.0], [1.0, 2.0, 4.0]]).T.copy()  # (3 ranks, 2 elements)
@@ -278,17 +281,6 @@ def _warm() -> None:
 # ----------------------------------------------------------------------------------------------------
 # Windows
 # ----------------------------------------------------------------------------------------------------
-
-def _round_up(x: int, a: int) -> int:
-    return -(-x // a) * a
-
-
-def _closing_collectively() -> bool:
-    """Win.Free is collective: safe on a normal exit or an agreed SystemExit; with any other exception in
-    flight the job is about to be aborted and another rank may never call it, so do not block."""
-    exc = sys.exc_info()[1]
-    return exc is None or isinstance(exc, SystemExit)
-
 
 class _Accumulators:
     """`slots` buffers of n float32 in one MPI window on `comm`, memory on rank OWNER.
@@ -307,7 +299,7 @@ class _Accumulators:
         self.is_owner = self.rank == OWNER
         self.kind = kind
         self.n = int(n)
-        self.stride = _round_up(max(self.n, 1), ALIGN)
+        self.stride = round_up(max(self.n, 1), ALIGN)
         self.slots = slots
         self._wait = wait or (lambda req: req.Wait())
         nbytes = slots * self.stride * 4 if self.is_owner else 0
@@ -324,19 +316,12 @@ class _Accumulators:
         self.win.Lock_all(MPI.MODE_NOCHECK)
         self._locked = True
         # The shared window's ranks are all on one node: they meet at the step's barrier through a counter
-        # in shared memory (exchange_shm's futex waits) instead of MPI_Ibarrier polled with sched_yield,
+        # in shared memory (the primitives' futex waits) instead of MPI_Ibarrier polled with sched_yield,
         # which cost ~14 ms a step at 12 ranks on 2 cores (every rank must run to progress MPI's barrier).
-        self._ctrl_win = self._ctrl = None
+        self._counter = None
         if kind == "shared":
-            from . import exchange_shm as shm
-
-            self._shm = shm
-            self._ctrl_win, raw = shm.allocate_shared(comm, shm.N_FIELDS * shm.LINE * 8)
-            self._ctrl = raw.view(np.int64)
-            if comm.Get_rank() == 0:
-                self._ctrl.fill(0)
-            comm.Barrier()
-            _, self._spin_ns, self._yields = shm.wait_settings(dist)
+            self._counter = SlotWindow(comm, 0, 0, 0)  # the control block alone
+            _, self._spin_ns, self._yields = wait_settings(dist)
             self._size = comm.Get_size()
             self._barriers = 0
         self._neg_zero = np.full(self.n, -0.0, np.float32) if (self.is_owner and kind == "rma") else None
@@ -369,18 +354,13 @@ class _Accumulators:
             t0 = time.perf_counter()
             self._wait(self.comm.Ibarrier())
             return time.perf_counter() - t0
-        shm = self._shm
         self.win.Sync()
         self._barriers += 1
         target = self._barriers * self._size  # the counter is never reset: barrier b completes at b x size
-        shm._arrive(self._ctrl, shm.F_ARRIVE, target)
-        waited_ns = 0
-        while True:  # a wait returns to Python every slice (Ctrl-C works), then goes on
-            code = shm._wait_field(self._ctrl, shm.F_ARRIVE, target, self._spin_ns, self._yields,
-                                   shm.WAIT_SLICE_NS)
-            waited_ns += code >> shm._PHASE_BITS
-            if code & 7 == shm.PH_FINISHED:
-                break
+        ctrl = self._counter.ctrl
+        arrive(ctrl, F_ARRIVE, target)
+        waited_ns, _ = drive(lambda _: wait_field(ctrl, F_ARRIVE, target, self._spin_ns, self._yields, WAIT_SLICE_NS),
+                             PH_START, PH_FINISHED)
         self.win.Sync()
         return waited_ns * 1e-9
 
@@ -399,7 +379,8 @@ class _Accumulators:
             self.win.Put(self._neg_zero, OWNER, target=self._target(slot))
             self.win.Flush(OWNER)
 
-    def free(self, collective: bool) -> None:
+    def free(self) -> None:
+        """Idempotent; the collective frees only when every rank closes (primitives.closing_collectively)."""
         self.view = None
         win, self.win = self.win, None
         if win is None:
@@ -407,12 +388,10 @@ class _Accumulators:
         if self._locked:
             self._locked = False
             win.Unlock_all()   # local: completes this rank's RMA calls, no communication with other ranks
-        if collective:
+        if closing_collectively():
             win.Free()
-        ctrl_win, self._ctrl_win = self._ctrl_win, None
-        self._ctrl = None
-        if ctrl_win is not None and collective:
-            ctrl_win.Free()
+        if self._counter is not None:
+            self._counter.close()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -438,11 +417,41 @@ class _AuditLog:
                 "lost_contributions": np.asarray(lost, np.float64)}
 
 
-class OneSidedExchange(Exchange):
-    """--mode race (op='race') and --mode atomic (op='atomic') over a 'shared' or 'rma' window."""
+class _AccumulatorExchange(Exchange):
+    """What race, atomic and hogwild share: float32 params, an _Accumulators window, rank 0's audit rows,
+    an idempotent close."""
 
     lossless = False
     deterministic = False
+
+    def __init__(self, dist, n_params: int, audit: bool):
+        self._dist = dist
+        self._n = int(n_params)
+        self._audit = bool(audit)
+        self._audit_log = _AuditLog()
+        self._calls = 0
+        self.first_step = 0     # step number of the first reduce() (a resumed run may set it)
+        self._closed = False
+        self.excluded_s = 0.0
+
+    def _check_params(self, params: np.ndarray) -> None:
+        if params.dtype != np.float32 or params.shape != (self._n,):
+            raise TypeError(f"{self.name} exchange expects float32 params of shape ({self._n},), "
+                            f"got {params.dtype} {params.shape}")
+
+    def drain_audit(self) -> dict | None:
+        return self._audit_log.drain() if self._dist.is_root else None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._acc.free()
+
+
+class OneSidedExchange(_AccumulatorExchange):
+    """--mode race (op='race') and --mode atomic (op='atomic') over a 'shared' or 'rma' window."""
+
     replicas_agree = True
 
     def __init__(self, dist, n_params: int, op: str = "race", window: str = "shared", audit: bool = False,
@@ -451,29 +460,20 @@ class OneSidedExchange(Exchange):
             raise ValueError(f"unknown one-sided op {op!r}")
         if np.dtype(dtype) != np.float32:
             raise ValueError("the race windows hold float32 gradients")
+        super().__init__(dist, n_params, audit)
         self.name = op
         self.op = op
         self.window = window
         self.lossless = op == "atomic"
-        self._dist = dist
-        self._n = int(n_params)
-        self._audit = bool(audit)
         self._comm = dist.node if window == "shared" else dist.comm
         self._acc = _Accumulators(self._comm, self._n, window, wait=dist.wait, dist=dist)
         self._tmp = np.empty(self._n, np.float32) if (window == "rma" and op == "race") else None
         self._own = np.empty(self._n, np.float32) if self._audit else None
         self._gathered = (np.empty((dist.size, self._n), np.float32)
                           if (self._audit and dist.is_root) else None)
-        self._audit_log = _AuditLog()
-        self._calls = 0
-        self.first_step = 0     # step number of the first reduce() (a resumed run may set it)
-        self._closed = False
-        self.excluded_s = 0.0
 
     def bind(self, params: np.ndarray) -> np.ndarray:
-        if params.dtype != np.float32 or params.shape != (self._n,):
-            raise TypeError(f"{self.name} exchange expects float32 params of shape ({self._n},), "
-                            f"got {params.dtype} {params.shape}")
+        self._check_params(params)
         return params
 
     def reduce(self, grads: np.ndarray) -> float:
@@ -509,23 +509,12 @@ class OneSidedExchange(Exchange):
         self._dist.wait(comm.Ibarrier())  # everyone leaves together: rank 0's analysis is not a wait later
         return time.perf_counter() - t
 
-    def drain_audit(self) -> dict | None:
-        return self._audit_log.drain() if self._dist.is_root else None
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._acc.free(_closing_collectively())
-
-
-class HogwildExchange(Exchange):
+class HogwildExchange(_AccumulatorExchange):
     """--mode hogwild: params in a node-shared window, updated by every rank without lock or barrier."""
 
     name = "hogwild"
     window = "shared"
-    lossless = False
-    deterministic = False
     # There is one copy of the params, so replicas cannot disagree; but ranks reach the trainer's checksum
     # at different moments while others are still writing their update, so a checksum comparison would
     # fail spuriously. False tells the trainer to skip it.
@@ -534,23 +523,14 @@ class HogwildExchange(Exchange):
     def __init__(self, dist, n_params: int, audit: bool = False):
         if dist.n_nodes != 1:
             raise ValueError("hogwild needs every rank on one node")
-        self._dist = dist
-        self._n = int(n_params)
-        self._audit = bool(audit)
+        super().__init__(dist, n_params, audit)
         self._acc = _Accumulators(dist.node, self._n, "shared", slots=1, wait=dist.wait, dist=dist)
         self._params = None
         self._prev = None            # rank 0, audit: (step, params at the previous reduce, gathered grads)
         self._gathered = None
-        self._audit_log = _AuditLog()
-        self._calls = 0
-        self.first_step = 0
-        self._closed = False
-        self.excluded_s = 0.0
 
     def bind(self, params: np.ndarray) -> np.ndarray:
-        if params.dtype != np.float32 or params.shape != (self._n,):
-            raise TypeError(f"hogwild expects float32 params of shape ({self._n},), got {params.dtype} "
-                            f"{params.shape}")
+        self._check_params(params)
         acc = self._acc
         if acc.is_owner:
             acc.view[0, : self._n] = params
@@ -581,15 +561,9 @@ class HogwildExchange(Exchange):
         self.excluded_s = time.perf_counter() - t
         return 0.0
 
-    def drain_audit(self) -> dict | None:
-        return self._audit_log.drain() if self._dist.is_root else None
-
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
         self._params = None
-        self._acc.free(_closing_collectively())
+        super().close()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -622,7 +596,7 @@ def make_race_exchange(config, dist, n_params: int) -> Exchange:
         if config.mode == "hogwild" and config.race_audit and config.momentum != 0:
             raise UserError("--race-audit", "the Hogwild audit compares each step's parameter change with "
                             "lr x the gathered gradients, which needs --momentum 0")
-    _dist.compile_once(dist, _warm)
+    _dist.compile_once(dist, warm_kernels)
     if config.mode == "hogwild":
         return HogwildExchange(dist, n_params, audit=config.race_audit)
     if config.mode in ("race", "atomic"):

@@ -4,7 +4,7 @@ With one sample per rank, a dense layer's weight gradient is a rank-1 outer prod
 N_out x N_in floats that are fully determined by N_out + N_in. For the `small` network that is 11,520 of
 the 11,738 gradient floats, so a rank that publishes its dense layers' inputs x instead of their dW moves
 ~5.5 KB per step between cores instead of 46 KB, and every reader rebuilds the rows it needs from the
-factors in its own cache. The exchange is otherwise ShmAllreduce's (cnnpar/exchange_shm.py): one MPI-3
+factors in its own cache. The exchange is otherwise ShmAllreduce's (cnnpar/exchange/shm.py): one MPI-3
 shared window, never-reset atomic counters, the same wait policies, futex sleeping and close semantics.
 
 What each rank publishes per step (its "payload"):
@@ -30,7 +30,7 @@ would fold the `+ 0.0`), forms that exact term and adds the ranks' terms in rank
 into +0 exactly as in the flat sum. NaN and inf propagate as in the flat sum (they are the same IEEE
 operations); only a NaN's payload bits may differ, which no comparison or update can observe.
 
-Protocols (the synchronisation is exchange_shm's; see its module docstring for the memory-ordering
+Protocols (the synchronisation is shm.py's; see its module docstring for the memory-ordering
 argument, which carries over slot for slot):
     all     (ranks <= cores) payload slots double-buffered by step parity; each rank copies its payload in,
             arrives on A, waits for A and rebuilds the whole sum into its own gradient. One flag phase.
@@ -51,13 +51,13 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from . import kernels as K
-from .exchange import Exchange
-from .exchange_shm import (F_ARRIVE, F_REDUCE_NS, F_RESULT, LINE, N_FIELDS, PH_FINISHED, PH_START, PH_WAIT_ARRIVE,
-                           PH_WAIT_RESULT, SPIN_NS_DEFAULT, WAIT_SLICE_NS, _PHASE_BITS, _arrive, _closing_collectively,
-                           _copy, _publish_result, _round_up, _wait, allocate_shared, now_ns, wait_settings)
+from .. import kernels as K
+from ..dist import compile_once
+from .interface import Exchange
+from .primitives import (F_ARRIVE, F_REDUCE_NS, F_RESULT, LINE, N_FIELDS, P_ALL, P_SINGLE, PH_FINISHED, PH_START,
+                         PH_WAIT_ARRIVE, PH_WAIT_RESULT, PHASE_BITS, SPIN_NS_DEFAULT, WAIT_SLICE_NS, SlotWindow, arrive,
+                         copy_prefix, drive, now_ns, publish_result, round_up, wait_settings, wait_until)
 
-P_SINGLE, P_ALL = 1, 2  # exchange_shm's numbering
 PROTOCOLS = {"single": P_SINGLE, "all": P_ALL}
 
 # Factoring is worth it only when the payload is clearly smaller than the gradient: it trades moving
@@ -154,6 +154,18 @@ def applies(network, samples_per_rank: int) -> bool:
     if layout.layers.shape[0] == 0 or layout.payload > MAX_PAYLOAD_FRACTION * layout.n_params:
         return False
     return kernel_rounding() is not None
+
+
+def applies_on_every_rank(dist, network, samples_per_rank: int) -> bool:
+    """`applies`, with the kernels compiled once per node, agreed by all ranks of dist.comm (collective)."""
+    from mpi4py import MPI
+
+    local = network is not None and samples_per_rank == 1 and np.dtype(network.dtype) == np.float32
+    if dist.comm.allreduce(int(local), op=MPI.MIN) == 0:
+        return False
+    compile_once(dist, warm_kernels)  # also asks the dense kernel how it rounds
+    ok = applies(network, samples_per_rank)
+    return dist.comm.allreduce(int(ok), op=MPI.MIN) == 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,7 +282,7 @@ def _rebuild(out, slots, first_row, n, segs, layers, rounding):
 def _factored_step(ctrl, slots, result, grads, work, segs, layers, rank, n, seq, phase, spin_ns, yields, protocol,
                    slice_ns, rounding):
     """One exchange step, resumable at `phase`; returns the phase reached | (ns waited << 3), as
-    exchange_shm._shm_step, whose 'all' and 'single' protocols these are with the slot copy replaced by
+    shm._shm_step, whose 'all' and 'single' protocols these are with the slot copy replaced by
     _pack and the sum by _rebuild."""
     m = grads.shape[0]
     target = n * seq
@@ -279,27 +291,27 @@ def _factored_step(ctrl, slots, result, grads, work, segs, layers, rank, n, seq,
         base = (seq & 1) * n
         if phase == PH_START:
             _pack(slots[base + rank], grads, work, segs, layers)
-            _arrive(ctrl, F_ARRIVE, target)
-        done, ns = _wait(ctrl, F_ARRIVE, target, spin_ns, yields, start, slice_ns)
+            arrive(ctrl, F_ARRIVE, target)
+        done, ns = wait_until(ctrl, F_ARRIVE, target, spin_ns, yields, start, slice_ns)
         if not done:
-            return PH_WAIT_ARRIVE | (ns << _PHASE_BITS)
+            return PH_WAIT_ARRIVE | (ns << PHASE_BITS)
         _rebuild(grads, slots, base, n, segs, layers, rounding)
-        return PH_FINISHED | (ns << _PHASE_BITS)
+        return PH_FINISHED | (ns << PHASE_BITS)
     if phase == PH_START:
         _pack(slots[rank], grads, work, segs, layers)
-        if _arrive(ctrl, F_ARRIVE, target):
+        if arrive(ctrl, F_ARRIVE, target):
             t = now_ns()
             _rebuild(result, slots, 0, n, segs, layers, rounding)
             ctrl[F_REDUCE_NS * LINE] = now_ns() - t  # read by the waiters after their acquire of R
-            _publish_result(ctrl)  # R: seq-1 -> seq (release, full barrier), then wake sleepers
-            _copy(grads, result, m)
+            publish_result(ctrl)  # R: seq-1 -> seq (release, full barrier), then wake sleepers
+            copy_prefix(grads, result, m)
             return PH_FINISHED
-    done, ns = _wait(ctrl, F_RESULT, seq, spin_ns, yields, start, slice_ns)
+    done, ns = wait_until(ctrl, F_RESULT, seq, spin_ns, yields, start, slice_ns)
     if not done:
-        return PH_WAIT_RESULT | (ns << _PHASE_BITS)
+        return PH_WAIT_RESULT | (ns << PHASE_BITS)
     ns = max(0, ns - ctrl[F_REDUCE_NS * LINE])  # the reducer's rebuilding is exchange work, not waiting
-    _copy(grads, result, m)
-    return PH_FINISHED | (ns << _PHASE_BITS)
+    copy_prefix(grads, result, m)
+    return PH_FINISHED | (ns << PHASE_BITS)
 
 
 def rebuild_reference(payloads: np.ndarray, layout: FactorLayout, rounding: int) -> np.ndarray:
@@ -337,10 +349,8 @@ class FactoredShmAllreduce(Exchange):
     def __init__(self, dist, network, comm=None, wait: str | None = None, protocol: str | None = None,
                  spin_ns: int = SPIN_NS_DEFAULT, own_comm: bool = False, verify_steps: int = 1):
         self._comm = comm if comm is not None else dist.node
-        self._own_comm = own_comm
         self._rank, self._n = self._comm.Get_rank(), self._comm.Get_size()
-        self._closed = True
-        self._win = None
+        self._window = None
         if np.dtype(network.dtype) != np.float32:
             raise ValueError("the factored exchange sums float32 gradients")
         layout = FactorLayout(network)
@@ -365,23 +375,11 @@ class FactoredShmAllreduce(Exchange):
         self._protocol = PROTOCOLS[protocol]
 
         # Layout: [control block][payload slots, whole 4 KiB pages each][result, unless 'all']
-        stride = _round_up(max(layout.payload, 1), 1024)
+        stride = round_up(max(layout.payload, 1), 1024)
         rows = 2 * self._n if protocol == "all" else self._n
-        result_floats = 0 if protocol == "all" else _round_up(self._m, 1024)
-        ctrl_bytes, ctrl_pad = N_FIELDS * LINE * 8, 4096
-        total = ctrl_pad + (rows * stride + result_floats) * 4
-        self._win, raw = allocate_shared(self._comm, total)
-        self._closed = False
-        self._ctrl = raw[:ctrl_bytes].view(np.int64)
-        self._slots = raw[ctrl_pad:ctrl_pad + rows * stride * 4].view(np.float32).reshape(rows, stride)
-        self._result = raw[ctrl_pad + rows * stride * 4:].view(np.float32)
-        if result_floats == 0:
-            self._result = np.zeros(0, np.float32)
-        self._slots[self._rank::self._n].fill(0.0)  # first touch by the owner, as ShmAllreduce
-        if self._rank == 0:
-            self._ctrl.fill(0)
-            self._result.fill(0.0)
-        self._comm.Barrier()
+        result_floats = 0 if protocol == "all" else round_up(self._m, 1024)
+        self._window = SlotWindow(self._comm, rows, stride, result_floats, own_comm=own_comm)
+        self._ctrl, self._slots, self._result = self._window.ctrl, self._window.slots, self._window.result
         self._seq = 0
         self._verify_left = int(verify_steps)
         self.last_wait_s = 0.0
@@ -403,45 +401,31 @@ class FactoredShmAllreduce(Exchange):
             self._verify_left -= 1
             self._verify(grads)
         self._seq += 1
-        phase, waited = PH_START, 0
-        while True:
-            code = _factored_step(self._ctrl, self._slots, self._result, grads, self._work, self._segs, self._layers,
-                                  self._rank, self._n, self._seq, phase, self._spin_ns, self._yields,
-                                  self._protocol, self.wait_slice_ns, self.rounding)
-            phase = code & 7
-            waited += code >> _PHASE_BITS
-            if phase == PH_FINISHED:
-                break
-            self.resumed += 1  # a wait slice expired: back in Python (signals, Ctrl-C), then resume
+        waited, resumed = drive(lambda at: _factored_step(self._ctrl, self._slots, self._result, grads, self._work,
+                                                          self._segs, self._layers, self._rank, self._n, self._seq,
+                                                          at, self._spin_ns, self._yields, self._protocol,
+                                                          self.wait_slice_ns, self.rounding),
+                                PH_START, PH_FINISHED)
+        self.resumed += resumed
         self.last_wait_s = waited * 1e-9
         return self.last_wait_s
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
         self._ctrl = self._slots = self._result = self._work = None
-        if _closing_collectively():
-            if self._win is not None:
-                try:
-                    self._win.Free()
-                finally:
-                    self._win = None
-            if self._own_comm:
-                self._comm.Free()
-        self._win = None
+        if self._window is not None:
+            self._window.close()
 
 
 def warm_kernels() -> None:
-    """Compile the step kernel for every protocol (exchange_shm.make_sync_exchange runs this once per node)."""
-    from .model import build_network
+    """Compile the step kernel for every protocol (applies_on_every_rank runs this once per node)."""
+    from ..model import build_network
 
     network = build_network("small")
     layout = FactorLayout(network)
     rounding = kernel_rounding()
     grads = np.zeros(layout.n_params, np.float32)
     ctrl = np.zeros(N_FIELDS * LINE, np.int64)
-    slots = np.zeros((2, _round_up(layout.payload, 16)), np.float32)
+    slots = np.zeros((2, round_up(layout.payload, 16)), np.float32)
     result = np.zeros(layout.n_params, np.float32)
     for protocol in PROTOCOLS.values():
         ctrl[:] = 0

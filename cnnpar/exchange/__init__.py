@@ -1,0 +1,96 @@
+"""Gradient exchanges: how one step's per-rank gradients become the step's summed gradient.
+
+Every exchange has the same small interface (`Exchange`, in interface.py), so the training loop never
+changes when the communication does (mpi4py-demo style: same compute, swappable communication):
+
+    params = exchange.bind(params)   # once; an exchange may move params into shared memory (hogwild)
+    exchange.reduce(grads)           # every step, in place: grads becomes the sum over all ranks
+    exchange.split_wait(...)         # per logged window: each rank's reduce time as (exchange, wait)
+    exchange.close()                 # every exit path; frees windows and communicators
+
+`reduce` returns the seconds this rank spent waiting for the others when the exchange can tell
+(shared-memory flags), or NaN when it cannot; then `split_wait` estimates the wait from the ranks' arrival
+times.
+
+The package, imports pointing down only (this factory -> one module per exchange -> primitives):
+    __init__    make_exchange: the one place that turns --mode and --allreduce (auto included) into an exchange
+    interface   Exchange
+    local       LocalExchange (--mode local)
+    mpi         MpiAllreduce (--allreduce mpi)
+    shm         ShmAllreduce, HierAllreduce (--allreduce shm, hier)
+    factored    FactoredShmAllreduce (--allreduce factored)
+    race        OneSidedExchange, HogwildExchange (--mode race, atomic, hogwild)
+    primitives  what shm, factored and race share: LLVM atomics, futex waits, the clock, wait policies, the
+                control block's layout and the shared window
+"""
+
+from __future__ import annotations
+
+from ..dist import Dist, collective_check, compile_once
+from ..errors import UserError
+from .interface import Exchange
+
+__all__ = ["Exchange", "make_exchange"]
+
+
+def make_exchange(config, dist: Dist, n_params: int, network=None) -> Exchange:
+    """The exchange a config asks for; modes that need shared memory fall back or refuse clearly. Collective:
+    every rank decides the same.
+
+    network: the model being trained; with it, 'auto' (and 'factored') can exchange its dense layers'
+    sufficient factors instead of their gradients (factored.py), at one sample per rank."""
+    if config.mode == "local":
+        from .local import LocalExchange
+
+        return LocalExchange()
+    if config.mode != "sync":
+        from . import race
+
+        return race.make_race_exchange(config, dist, n_params)
+    return _make_sync(config.allreduce, dist, n_params, network, getattr(config, "samples_per_rank", 1))
+
+
+def _make_sync(choice: str, dist: Dist, n_params: int, network, samples_per_rank: int) -> Exchange:
+    """--allreduce mpi|shm|factored|hier|auto.
+
+    Every choice is MPI_Allreduce for one rank (the sum over one rank is its own gradient). auto: on one node
+    'factored' when factored.applies(network, samples_per_rank) on every rank (one sample per rank: each rank
+    publishes its dense layers' inputs instead of their weight gradients, same bits, ~8x less to move) and
+    shm otherwise; hier across nodes (real ones, or --pretend-nodes, which exist to run the multi-node path on
+    one machine) when some node holds two or more ranks; mpi when every node holds a single rank (hier would
+    only add a copy). Explicit 'shm' and 'factored' work whenever all ranks share memory, pretend nodes
+    included; across real nodes that is a user error, as is 'factored' where it does not apply."""
+    from mpi4py import MPI
+
+    from .mpi import MpiAllreduce
+
+    if choice == "mpi" or dist.size == 1:
+        return MpiAllreduce(dist)
+    from . import factored, primitives, shm
+
+    if choice == "auto":
+        if dist.n_nodes == 1:
+            choice = "factored" if factored.applies_on_every_rank(dist, network, samples_per_rank) else "shm"
+        else:
+            choice = "hier" if dist.comm.allreduce(dist.node_size, op=MPI.MAX) > 1 else "mpi"
+        if choice == "mpi":
+            return MpiAllreduce(dist)
+    if choice == "hier":
+        compile_once(dist, shm.warm_kernels)
+        return shm.HierAllreduce(dist, n_params)
+    host = dist.node if dist.n_nodes == 1 else primitives.shared_memory_comm(dist)
+    with collective_check(dist.comm):
+        if host is None:
+            raise UserError("--allreduce", f"'{choice}' needs all ranks on one node, but the {dist.size} ranks "
+                                           f"span {dist.n_nodes} nodes; use 'hier' or 'auto'")
+    if choice == "factored":
+        with collective_check(dist.comm):
+            if not factored.applies_on_every_rank(dist, network, samples_per_rank):
+                raise UserError("--allreduce", "'factored' needs --samples-per-rank 1, float32 and a dense layer "
+                                               "after the first layer (its gradient must be one outer product); "
+                                               "use 'shm' or 'auto'")
+        return factored.FactoredShmAllreduce(dist, network, comm=host, own_comm=host is not dist.node)
+    # Compile on one rank per node, then the others load the kernels from numba's cache (a cold start of 12
+    # ranks on 2 cores compiles once, not 12 times at once).
+    compile_once(dist, shm.warm_kernels)
+    return shm.ShmAllreduce(dist, n_params, comm=host, own_comm=host is not dist.node)
