@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from .errors import UserError
+from .progress import PROGRESS_MODES
 
 MODES = ("sync", "local", "race", "atomic", "hogwild")
 REDUCES = ("sum", "mean")
@@ -76,6 +77,9 @@ class Config:
     checkpoint_every: str = _opt("", "write a checkpoint every N steps ('500') or epochs ('1e'); '' = never")
     resume: str = _opt("", "continue from a checkpoint: its path, or 'auto' = the latest one for --log")
     quiet: bool = _opt(False, "print nothing but the final summary line")
+    progress: str = _opt("auto", "rank 0's progress display: 'bar' (redrawn in place), 'lines' (one every 5 s), "
+                         "'none', or 'auto' = a bar when stderr ends on a terminal, also through mpirun/srun's "
+                         "forwarding, else lines", choices=PROGRESS_MODES)
 
     # ------------------------------------------------------------------
     def validate(self) -> "Config":

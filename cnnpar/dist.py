@@ -6,7 +6,8 @@ Everything here talks MPI; the numerics never do. Three rules shape it:
 - A bug aborts the whole job rather than hanging it (`abort_on_bug`): one
   rank's traceback, then MPI_Abort, which makes the launcher kill the others.
 - Ranks that outnumber cores must not spin while they wait, or they steal the
-  core that the rank they wait for needs (`wait_for` yields the core).
+  core that the rank they wait for needs (`wait_for` yields the core between
+  steps; `wait_idle` sleeps through start-up waits, which last seconds).
 """
 
 from __future__ import annotations
@@ -80,6 +81,22 @@ def wait_for(request, yield_core: bool) -> None:
         os.sched_yield()
 
 
+def wait_idle(request, poll=None, first_nap_s: float = 1e-4, longest_nap_s: float = 0.01) -> None:
+    """Complete a request that may take seconds (another rank compiling or loading) using next to no CPU.
+
+    MPI's own Wait polls at full speed in both MPICH and Open MPI, and Test + sched_yield still costs a
+    system call per turn: eleven such ranks on two cores took the compiler's cores from it. So sleep
+    between tests, in naps growing from first_nap_s to longest_nap_s (a wake-up costs ~20 us, so a 2 s
+    wait costs ~5 ms of CPU, and the wait ends at most longest_nap_s after the request completes).
+    poll, if given, runs between tests (rank 0 counts finished kernels there)."""
+    nap = first_nap_s
+    while not request.Test():
+        if poll is not None:
+            poll()
+        time.sleep(nap)
+        nap = min(nap * 1.5, longest_nap_s)
+
+
 def setup(comm=None, pretend_nodes: int = 0, wait: str = "auto", folds: int = 1) -> Dist:
     """Build the rank/node picture of `comm` (default COMM_WORLD); collective."""
     from mpi4py import MPI
@@ -135,13 +152,63 @@ def collective_check(comm):
 
 
 def compile_once(dist: Dist, warm) -> None:
-    """Compile the numba kernels on one rank per node while the others wait without spinning, then all
+    """Compile numba kernels on one rank per node while the others wait without using CPU, then all
     load them from numba's on-disk cache: a cold start of 12 ranks compiles once, not 12 times at once."""
-    if dist.node_rank == 0:
-        warm()
-    wait_for(dist.node.Ibarrier(), True)
-    if dist.node_rank != 0:
-        warm()
+    compile_in_parallel(dist, [[warm]])
+
+
+_TASK_DONE_TAG = 7317
+
+
+def compile_in_parallel(dist: Dist, phases, on_task_done=None) -> None:
+    """Compile a plan of kernels across the node's ranks, then have every rank load all of it.
+
+    phases: a list of phases, each a list of callables (tasks) that compile independent sets of kernels
+    into numba's on-disk cache; a phase starts when every task of the one before has finished (later
+    tasks load what earlier ones compiled). Within a phase, task i runs on node rank i mod w, w = the
+    node's ranks or its cores, whichever is fewer, so w compilers share the cores and the other ranks
+    sleep (wait_idle). numba's cache index is rewritten whole by each save, so two tasks of one phase
+    must never compile the same function for different argument types (the same types are harmless: the
+    same entry). on_task_done(), on node rank 0, is called once per finished task of its node as it
+    finishes (the live count). Collective over dist.node."""
+    from mpi4py import MPI
+
+    node, me = dist.node, dist.node_rank
+    workers = max(1, min(dist.node_size, dist.cores))
+    for phase in phases:
+        for index, task in enumerate(phase):
+            if index % workers != me:
+                continue
+            task()
+            if me == 0:
+                if on_task_done is not None:
+                    on_task_done()
+            else:
+                node.send(None, dest=0, tag=_TASK_DONE_TAG)
+        if me == 0:
+            expected = sum(1 for index in range(len(phase)) if index % workers != 0)
+            received = [0]
+
+            def count_finished():
+                while received[0] < expected and node.iprobe(source=MPI.ANY_SOURCE, tag=_TASK_DONE_TAG):
+                    node.recv(source=MPI.ANY_SOURCE, tag=_TASK_DONE_TAG)
+                    received[0] += 1
+                    if on_task_done is not None:
+                        on_task_done()
+
+            request = node.Ibarrier()
+            wait_idle(request, poll=count_finished)
+            while received[0] < expected:  # sent before their barrier, so these are due
+                node.recv(source=MPI.ANY_SOURCE, tag=_TASK_DONE_TAG)
+                received[0] += 1
+                if on_task_done is not None:
+                    on_task_done()
+        else:
+            wait_idle(node.Ibarrier())
+    for phase in phases:  # every rank now loads the lot (a task that ran here finds it already loaded)
+        for index, task in enumerate(phase):
+            if index % workers != me:
+                task()
 
 
 def abort_on_bug(world, exc: BaseException) -> None:

@@ -278,8 +278,9 @@ class Network:
                 c, h, w = layer.in_shape
                 xpads[i] = delta
                 delta += c * (h + 2 * layer.pad) * (w + 2 * layer.pad)
-                scratch_size = max(scratch_size, int(K.conv2d_scratch_size(c, h, w, layer.features, layer.kernel,
-                                                                            layer.pad)))
+                # the plain-Python body of the kernel (the same integers): building a network compiles nothing
+                scratch_size = max(scratch_size, int(K.conv2d_scratch_size.py_func(c, h, w, layer.features,
+                                                                                     layer.kernel, layer.pad)))
         scratch_at = delta   # one scratch, shared by the convs (each uses it only within a call)
         n_work = delta + scratch_size
         for i, layer in enumerate(steps):

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 from . import __version__  # noqa: E402
 from .config import Config, parse_config, build_parser  # noqa: E402
 from .errors import EXIT_USER_ERROR, UserError  # noqa: E402
+from .progress import Speaker  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -71,7 +72,7 @@ def train(argv) -> int:
     fold = world.Get_rank() * config.folds // world.Get_size()
     group = world.Split(fold, world.Get_rank()) if config.folds > 1 else world
     dist = _dist.setup(group, pretend_nodes=config.pretend_nodes, wait=config.wait)
-    say = _Speaker(world.Get_rank() == 0, config.quiet)  # one log per job, written by world rank 0
+    say = Speaker(world.Get_rank() == 0, config.quiet, config.progress)  # one log per job, by world rank 0
     if dist.oversubscribed:
         say.line(f"note: {world.Get_size()} ranks share {dist.cores} cores; waiting ranks yield their core "
                  f"(--wait {'yield' if dist.yield_when_waiting else 'spin'})")
@@ -83,7 +84,7 @@ def train(argv) -> int:
     if resume is not None and resume.get("complete"):
         say.summary(f"nothing to resume: {log_path} is already complete")
         return 0
-    _dist.compile_once(dist, lambda: _warm(network, dataset))
+    _compile_kernels(config, dist, network, dataset, say)
 
     # --- exchange, then the run's parts around it: params, optimizer, log, checkpoints ---
     exchange = make_exchange(config, dist, network.n_params, network=network)
@@ -116,6 +117,16 @@ def _warnings(config: Config, dist) -> list:
     if config.mode == "race" and config.race_window == "rma" and dist.size == 1:
         lines.append("warning: --race-window rma with one rank: nothing races, the run is plain SGD")
     return lines
+
+
+def _compile_kernels(config: Config, dist, network, dataset, say) -> None:
+    """The kernels this run calls, compiled across the node's ranks on a first run, loaded when warm."""
+    from . import warmup
+
+    exchange = warmup.exchange_kernels(config.mode, config.allreduce, dist.size, config.samples_per_rank,
+                                       network.dtype)
+    plan = warmup.Plan(network, dataset.train_images, dataset.train_labels, exchange)
+    warmup.prepare(dist, plan, say)
 
 
 def _data_and_model(config: Config, world, dist, fold: int, say):
@@ -155,7 +166,7 @@ class Run:
     exchange: object         # cnnpar.exchange.Exchange
     optimizer: object        # cnnpar.optim.SGD
     log: object              # cnnpar.runlog.RunLogWriter on world rank 0, None elsewhere
-    say: "_Speaker"
+    say: Speaker
     saver: "_Checkpointer"
     steps_per_epoch: int
     total_steps: int
@@ -524,15 +535,6 @@ def _learning_rate_constant_from(config: Config) -> int:
     return config.warmup_steps if config.lr_scaling != "none" else 0
 
 
-def _warm(network, dataset) -> None:
-    params = network.init_params(0)
-    grads = np.zeros_like(params)
-    network.forward_backward(params, grads, dataset.train_images[:2], dataset.train_labels[:2])
-    order = np.arange(2, dtype=np.int64)
-    network.sampled_forward_backward(dataset.train_images, dataset.train_labels)(params, grads, order, 0, 2)
-    network.evaluate(params, dataset.test_images[:2], dataset.test_labels[:2], np.empty(2, np.int32))
-
-
 def _log_path(config: Config, world) -> str:
     """The log's path (default runs/<date-time>-n<ranks>-<mode>.h5), checked writable before training."""
     path = config.log
@@ -622,73 +624,6 @@ def _physical_cores() -> int:
         elif key == "core id":
             cores.add((package, value.strip()))
     return len(cores)
-
-
-class _Speaker:
-    """What rank 0 says: a progress bar on a terminal, plain periodic lines otherwise, and with --quiet
-    nothing but the final summary. Other ranks say nothing."""
-
-    def __init__(self, is_root: bool, quiet: bool):
-        self.active = is_root and not quiet
-        self.is_root = is_root
-
-    def line(self, text: str) -> None:
-        if self.active:
-            print(text, file=sys.stderr, flush=True)
-
-    def summary(self, text: str) -> None:
-        if self.is_root:
-            print(text, flush=True)
-
-    def progress(self, total_steps: int, first_step: int = 0):
-        if not self.active:
-            return None
-        return _Progress(total_steps, first_step, sys.stderr.isatty())
-
-
-class _Progress:
-    """Rank 0's progress bar (tqdm on a terminal) or a line every 5 s; updated once per window of steps,
-    so rank 0, whom everyone waits for, stays off the terminal in the hot loop."""
-
-    def __init__(self, total_steps: int, first_step: int, bar: bool):
-        self.total = total_steps
-        self.start = time.perf_counter()
-        self.bar = None
-        self.next_line = 0.0
-        if bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=first_step, unit="step", file=sys.stderr,
-                            dynamic_ncols=True)
-        self.done = first_step
-
-    def update(self, step: int, samples: int, rows) -> None:
-        """rows: this rank's window of (step, epoch, loss_sum, count, ...) tuples ending at `step`."""
-        loss_sum = sum(row[2] for row in rows)
-        count = sum(row[3] for row in rows)
-        loss = loss_sum / count if count else math.nan
-        elapsed = time.perf_counter() - self.start
-        rate = samples / elapsed if elapsed > 0 else 0.0
-        if self.bar is not None:
-            self.bar.update(step + 1 - self.done)
-            self.bar.set_postfix_str(f"loss {loss:.3f} | {rate:.0f} samples/s", refresh=False)
-        elif elapsed >= self.next_line or step + 1 == self.total:
-            print(f"step {step + 1}/{self.total} | loss {loss:.4f} | {rate:.0f} samples/s",
-                  file=sys.stderr, flush=True)
-            self.next_line = elapsed + 5.0
-        self.done = step + 1
-
-    def epoch(self, epoch, train_loss, train_acc, test_loss, test_acc) -> None:
-        text = (f"epoch {epoch + 1}: train loss {train_loss:.4f} acc {100 * train_acc:.1f}% | "
-                f"test loss {test_loss:.4f} acc {100 * test_acc:.1f}%")
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 if __name__ == "__main__":

@@ -1,48 +1,269 @@
-"""Compile (or load from numba's on-disk cache) every kernel float32 training and evaluation use.
+"""Compile the numba kernels a run calls, fast and once, before it starts.
 
-    python -m cnnpar.warmup [ARCH ...]      # default: small; prints the seconds it took
+    python -m cnnpar.warmup                     # the default job's kernels (small, sync, 12 ranks)
+    python -m cnnpar.warmup --arch lenet --mode race
+    python -m cnnpar.warmup --clear             # remove every kernel cache cnnpar made
 
-The trainer has rank 0 of each node call warm_up() while the node's other ranks wait at a barrier,
-then they load the machine code from the cache instead of all compiling at once. Where the cache
-lives: numba writes it to __pycache__ beside cnnpar/kernels.py when that folder is writable
-(a source checkout, an editable install, a user-owned virtualenv), else to a per-user folder
-(~/.cache/numba or $NUMBA_CACHE_DIR). Every kernel the drivers call lives in kernels.py, so editing
-that file invalidates the lot; nothing stale can be loaded after an edit elsewhere.
+The trainer compiles only what the run calls (its architecture's step and evaluation, the SGD step and
+the exchange it will use) as a Plan: two phases whose independent tasks run on different ranks of a
+node at once (dist.compile_in_parallel), the later phase loading what the earlier compiled. A stamp
+file per plan in the cache folder says the plan was compiled here, so a warm start says nothing and
+skips the waits. Where the cache lives and why it cannot go stale: cnnpar.kernel_cache.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
+import os
 import sys
 import time
 
-import numpy as np
+from . import kernel_cache
+from .kernel_cache import cache_root, clear_caches, kernel_cache_dir
+
+# Seconds each task took to compile on the 2-core development VM (one rank, others idle); only used to
+# announce "about N s" before the first compile on a machine, which then records its own figures.
+DEFAULT_TASK_S = {"layer_backward": 4.2, "layer_forward": 2.2, "step": 3.2, "evaluate": 0.6, "sgd": 0.15,
+                  "exchange:factored": 2.5, "exchange:shm": 4.0, "exchange:race": 1.5}
 
 
-def warm_up(archs=("small",)) -> float:
-    """Run forward_backward, evaluate and one SGD step on a 2-sample batch for each architecture
-    (float32, 1x28x28 input, 10 classes); returns the seconds taken."""
-    start = time.perf_counter()
-    from .model import build_network
-    from .optim import SGD
+# ------------------------------------------------------------------------------------------ the plan
 
-    for arch in archs:
-        network = build_network(arch)
+class Plan:
+    """The kernels one run calls, as tasks in phases (see dist.compile_in_parallel), with an identity
+    (what the stamp file is named after) and an estimate of its compile time."""
+
+    def __init__(self, network, images, labels, exchange: str):
+        import numpy as np
+
+        from . import kernels as K
+
+        self.exchange = exchange
+        self.identity = f"{network.grammar}|{network.input_shape}|{network.n_classes}|{network.dtype}|{exchange}"
         params = network.init_params(0)
         grads = np.zeros_like(params)
+        image = images[0]
+        work, iwork, row = network._work, network._iwork, network.table[0]
+
+        def layer_forward():
+            _compile(K._layer_forward, params, work, iwork, row, image)
+
+        def layer_backward():
+            _compile(K._layer_backward, params, grads, work, iwork, row, image)
+
+        def step():
+            order = np.arange(min(2, len(labels)), dtype=np.int64)
+            network.sampled_forward_backward(images, labels)(params, grads, order, 0, 1)
+
+        def evaluate():
+            network.evaluate(params, images[:2], labels[:2], np.empty(min(2, len(labels)), np.int32))
+
+        def sgd():
+            from .optim import SGD
+
+            SGD(network.n_params, lr=0.01).step(params.copy(), grads, 1)
+
+        tasks = {"layer_backward": layer_backward, "layer_forward": layer_forward, "step": step,
+                 "evaluate": evaluate, "sgd": sgd}
+        names = [["layer_backward", "layer_forward"], ["step", "evaluate", "sgd"]]
+        if exchange:
+            tasks[f"exchange:{exchange}"] = _exchange_warmer(exchange)
+            names[1].insert(1, f"exchange:{exchange}")  # beside the step: the two longest of phase 2
+        self.names = names
+        self.phases = [[tasks[name] for name in phase] for phase in names]
+        self.count = sum(len(phase) for phase in names)
+
+    def estimate_s(self, workers: int) -> float:
+        """Seconds the plan should take with `workers` compiling at once (measured here if it was before)."""
+        per_task = dict(DEFAULT_TASK_S)
+        per_task.update(kernel_cache.recorded_seconds())
+        total = 0.0
+        for phase in self.names:
+            loads = [0.0] * max(1, workers)
+            for index, name in enumerate(phase):
+                loads[index % len(loads)] += per_task.get(name, 1.0)
+            total += max(loads)
+        return total
+
+    @property
+    def stamp_path(self) -> str:
+        name = hashlib.sha256(self.identity.encode()).hexdigest()[:16]
+        return os.path.join(os.environ.get("NUMBA_CACHE_DIR") or kernel_cache_dir(), "cnnpar-warm", name)
+
+    def is_warm(self) -> bool:
+        return os.path.exists(self.stamp_path)
+
+    def mark_warm(self, seconds: float) -> None:
+        """Written by node rank 0 once the plan compiled; a failure to write only costs the notice."""
+        try:
+            os.makedirs(os.path.dirname(self.stamp_path), exist_ok=True)
+            with open(self.stamp_path, "w") as f:
+                f.write(json.dumps({"identity": self.identity, "compile_s": round(seconds, 3)}) + "\n")
+        except OSError:
+            pass
+
+
+def _compile(dispatcher, *args) -> None:
+    """Compile (or load from the cache) dispatcher for these arguments' types without running it."""
+    from numba import typeof
+
+    dispatcher.compile(tuple(typeof(arg) for arg in args))
+
+
+def _exchange_warmer(exchange: str):
+    if exchange == "factored":
+        from . import exchange_factored
+
+        return exchange_factored.warm_kernels
+    if exchange == "shm":
+        from . import exchange_shm
+
+        return exchange_shm.warm_kernels
+    if exchange == "race":
+        from . import race
+
+        return race._warm
+    raise ValueError(f"no kernels known for exchange {exchange!r}")
+
+
+def exchange_kernels(mode: str, allreduce: str, ranks: int, samples_per_rank: int, dtype="float32") -> str:
+    """Which exchange's kernels a run will compile: '' (none), 'factored', 'shm' or 'race'.
+
+    A forecast for start-up only (the exchange factory decides): a wrong one costs a compile at the
+    factory, never a wrong result."""
+    if mode in ("race", "atomic", "hogwild"):
+        return "race"
+    if mode != "sync" or ranks == 1 or allreduce == "mpi":
+        return ""
+    if allreduce == "factored" or (allreduce == "auto" and samples_per_rank == 1 and str(dtype) == "float32"):
+        return "factored"
+    return "shm"
+
+
+def prepare(dist, plan: Plan, say=None) -> float:
+    """Compile the plan across the node (cold) or just load it (warm); returns the seconds taken.
+
+    Cold, rank 0 announces it at once with the expected time and a live count (say.compiling)."""
+    from . import dist as dist_lib
+
+    start = time.perf_counter()
+    warm = dist.comm.allreduce(int(plan.is_warm()), op=_min_op()) == 1
+    if warm:  # nothing to wait for: each rank loads its machine code from the cache by itself
+        for phase in plan.phases:
+            for task in phase:
+                task()
+        return time.perf_counter() - start
+    kernel_cache.serialize_cache_saves()
+    workers = max(1, min(dist.node_size, dist.cores))
+    notice = None
+    if say is not None:
+        notice = say.compiling(plan.count, plan.estimate_s(workers))
+    timed = _timed_phases(plan) if dist.node_size == 1 else plan.phases
+    dist_lib.compile_in_parallel(dist, timed, on_task_done=notice.task_done if notice is not None else None)
+    seconds = time.perf_counter() - start
+    if notice is not None:
+        notice.close(seconds)
+    if dist.node_rank == 0:
+        plan.mark_warm(seconds)
+        if dist.node_size == 1:
+            kernel_cache.record_seconds(plan.measured_s)
+    return seconds
+
+
+def _timed_phases(plan: Plan):
+    """The plan's tasks, each recording its compile seconds (one rank alone: the figures are clean)."""
+    plan.measured_s = {}
+
+    def timed(name, task):
+        def run():
+            t = time.perf_counter()
+            task()
+            plan.measured_s[name] = time.perf_counter() - t
+        return run
+
+    return [[timed(name, task) for name, task in zip(names, phase)] for names, phase in zip(plan.names, plan.phases)]
+
+
+def _min_op():
+    from mpi4py import MPI
+
+    return MPI.MIN
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import MODES, ALLREDUCES
+
+    parser = argparse.ArgumentParser(
+        prog="python -m cnnpar.warmup",
+        description="Compile the numba kernels a training run will call into the on-disk cache (so the "
+                    "run itself starts at once), or remove cnnpar's kernel caches. Runs on one process; "
+                    "no MPI launcher needed.",
+        epilog=f"cache: {cache_root()}/numba-<hash of the kernel sources, versions and CPU>, or NUMBA_CACHE_DIR "
+               f"when set")
+    parser.add_argument("--arch", action="append", default=None, metavar="ARCH",
+                        help="architecture to compile for: 'small', 'lenet' or a layer stack as in "
+                             "`python -m cnnpar.train --help`; repeat for several (default: small)")
+    parser.add_argument("--mode", default="sync", choices=MODES,
+                        help="the run's --mode, which decides the exchange kernels (default: sync)")
+    parser.add_argument("--allreduce", default="auto", choices=ALLREDUCES,
+                        help="the run's --allreduce (default: auto)")
+    parser.add_argument("--ranks", type=int, default=12, metavar="N",
+                        help="the run's rank count; 1 needs no exchange kernels (default: 12)")
+    parser.add_argument("--samples-per-rank", type=int, default=1, metavar="K",
+                        help="the run's --samples-per-rank (default: 1)")
+    parser.add_argument("--clear", action="store_true",
+                        help="remove every kernel cache cnnpar made (they rebuild on the next run) and exit")
+    parser.add_argument("--where", action="store_true", help="print the cache folder in use and exit")
+    parser.add_argument("archs", nargs="*", metavar="ARCH", help=argparse.SUPPRESS)  # the old positional form
+    return parser
+
+
+def warm_up(archs=("small",), mode="sync", allreduce="auto", ranks=12, samples_per_rank=1) -> float:
+    """Compile (or load) every kernel runs of these settings call, on this process; returns the seconds."""
+    import numpy as np
+
+    from .model import build_network
+
+    start = time.perf_counter()
+    kernel_cache.serialize_cache_saves()
+    exchange = exchange_kernels(mode, allreduce, ranks, samples_per_rank)
+    for arch in archs:
+        network = build_network(arch)
         images = np.zeros((2,) + network.input_shape, np.float32)
         labels = np.zeros(2, np.int32)
-        network.forward_backward(params, grads, images, labels)
-        network.sampled_forward_backward(images, labels)(params, grads, np.arange(2, dtype=np.int64), 0, 2)
-        network.evaluate(params, images, labels, np.empty(2, np.int32))
-        SGD(network.n_params, lr=0.01).step(params, grads, 2)
+        plan = Plan(network, images, labels, exchange)
+        for phase in plan.phases:
+            for task in phase:
+                task()
+        plan.mark_warm(time.perf_counter() - start)
     return time.perf_counter() - start
 
 
 def main(argv=None) -> int:
-    from .errors import exit_on_user_error
+    from .errors import UserError, exit_on_user_error
 
-    archs = tuple(sys.argv[1:] if argv is None else argv) or ("small",)
-    seconds = exit_on_user_error(warm_up)(archs)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.clear:
+        removed = clear_caches()
+        print(f"cnnpar: removed {len(removed)} kernel cache entr{'y' if len(removed) == 1 else 'ies'}"
+              + (f" under {cache_root()}" if removed else ""))
+        return 0
+    if args.where:
+        print(os.environ.get("NUMBA_CACHE_DIR") or kernel_cache_dir())
+        return 0
+    archs = tuple((args.arch or []) + args.archs) or ("small",)
+
+    def run():
+        for flag, value in (("--ranks", args.ranks), ("--samples-per-rank", args.samples_per_rank)):
+            if value < 1:
+                raise UserError(flag, f"must be >= 1, got {value}")
+        return warm_up(archs, args.mode, args.allreduce, args.ranks, args.samples_per_rank)
+
+    seconds = exit_on_user_error(run)()
     print(f"cnnpar: kernels ready for {', '.join(archs)} in {seconds:.2f} s")
     return 0
 

@@ -1,0 +1,209 @@
+"""What rank 0 shows while a run starts and trains: notes, the compile notice, a bar or plain lines.
+
+--progress bar|lines|none|auto. 'auto' draws a bar when the user's terminal is at the end of rank 0's
+stderr, and writes plain lines into files and pipes. Under a launcher a rank's stderr is a pipe (or a
+socket) to the launcher, so isatty() says no even in a terminal. Launcher-independent rule: follow
+stderr up the process tree while it is a pipe or socket whose other end the parent holds (the parent
+reads it and forwards it: MPICH's hydra proxy and mpiexec, Open MPI's mpirun); if that walk ends at a
+terminal, the launcher writes to a terminal and a bar (carriage returns) arrives there intact. It ends
+anywhere else (a file, a pipe that the user's shell set up for `2>&1 | tee`, /dev/null under srun or a
+batch job, or a /proc that cannot be read) and lines are written. Linux only; elsewhere, isatty().
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+PROGRESS_MODES = ("auto", "bar", "lines", "none")
+LINE_EVERY_S = 5.0
+_LAUNCHER_DEPTH = 6  # rank -> proxy -> launcher -> ... ; deeper than any launcher chain seen
+
+
+def _fd_target(pid: int, fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _holds(pid: int, target: str) -> bool:
+    """Whether process pid has `target` (a 'pipe:[inode]' or 'socket:[inode]') open."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    return any(_fd_target(pid, int(name)) == target for name in names if name.isdigit())
+
+
+def _terminal_width(path: str) -> int | None:
+    """The terminal's width in columns if `path` is a terminal device, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not os.isatty(fd):
+            return None
+        try:
+            return os.get_terminal_size(fd).columns or 80
+        except OSError:
+            return 80
+    finally:
+        os.close(fd)
+
+
+def stderr_terminal_width(stream=None) -> int | None:
+    """Columns of the terminal that this process's stderr ends up on, directly or through a launcher's
+    forwarding (see the module doc); None when it ends anywhere else."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        if stream.isatty():
+            return os.get_terminal_size(stream.fileno()).columns or 80
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return None
+    pid, target = os.getpid(), _fd_target(os.getpid(), fd)
+    for _ in range(_LAUNCHER_DEPTH):
+        if target is None or not target.startswith(("pipe:", "socket:")):
+            return None
+        parent = _parent(pid)
+        if parent <= 1 or not _holds(parent, target):
+            return None
+        pid, target = parent, _fd_target(parent, 2)
+        if target is not None and target.startswith("/dev/"):
+            return _terminal_width(target)
+    return None
+
+
+def resolve_mode(mode: str, stream=None) -> tuple:
+    """(mode, width): 'bar' with the terminal's width, or 'lines' / 'none' with None."""
+    if mode == "auto":
+        width = stderr_terminal_width(stream)
+        return ("bar", width) if width else ("lines", None)
+    if mode == "bar":
+        return "bar", stderr_terminal_width(stream) or 80
+    return mode, None
+
+
+class Speaker:
+    """What rank 0 says: notes and the compile notice, progress as a bar or lines (or none), and with
+    quiet nothing but the final summary. Other ranks say nothing."""
+
+    def __init__(self, is_root: bool, quiet: bool, mode: str = "auto"):
+        self.active = is_root and not quiet
+        self.is_root = is_root
+        self.mode, self.width = resolve_mode(mode) if self.active else ("none", None)
+
+    def line(self, text: str) -> None:
+        if self.active:
+            print(text, file=sys.stderr, flush=True)
+
+    def summary(self, text: str) -> None:
+        if self.is_root:
+            print(text, flush=True)
+
+    def compiling(self, kernels: int, estimate_s: float):
+        """Announce a first-run compilation at once; returns the notice to count kernels on, or None."""
+        if not self.active:
+            return None
+        return CompileNotice(kernels, estimate_s, live=self.mode == "bar", lines=self.mode == "lines")
+
+    def progress(self, total_steps: int, first_step: int = 0):
+        if not self.active or self.mode == "none":
+            return None
+        return Progress(total_steps, first_step, bar=self.mode == "bar", width=self.width)
+
+
+class CompileNotice:
+    """`compiling numba kernels for this machine (first run only, about N s)` and a count of the kernels
+    done: rewritten in place on a terminal, a line at most every LINE_EVERY_S into files and pipes."""
+
+    def __init__(self, kernels: int, estimate_s: float, live: bool, lines: bool = True):
+        self.total = kernels
+        self.done = 0
+        self.live = live
+        self.lines = lines or live
+        self.start = time.perf_counter()
+        self.next_line = LINE_EVERY_S
+        self.head = f"compiling numba kernels for this machine (first run only, about {max(1, round(estimate_s))} s)"
+        if self.live:
+            self._write(f"\r{self.head}: 0/{self.total} kernels")
+        else:
+            self._write(self.head + "\n")
+
+    @staticmethod
+    def _write(text: str) -> None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    def task_done(self) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        if self.live:
+            self._write(f"\r{self.head}: {self.done}/{self.total} kernels, {elapsed:.0f} s")
+        elif self.lines and elapsed >= self.next_line and self.done < self.total:
+            self._write(f"compiled {self.done}/{self.total} kernels in {elapsed:.0f} s\n")
+            self.next_line = elapsed + LINE_EVERY_S
+
+    def close(self, seconds: float) -> None:
+        if self.live:
+            self._write(f"\r{self.head}: {self.done}/{self.total} kernels, done in {seconds:.1f} s\n")
+        else:
+            self._write(f"compiled {self.done}/{self.total} kernels in {seconds:.1f} s\n")
+
+
+class Progress:
+    """Rank 0's progress bar (tqdm) or a line every LINE_EVERY_S; updated once per window of steps, so
+    rank 0, whom everyone waits for, stays off the terminal in the hot loop."""
+
+    def __init__(self, total_steps: int, first_step: int, bar: bool, width: int | None = None):
+        self.total = total_steps
+        self.start = time.perf_counter()
+        self.bar = None
+        self.next_line = 0.0
+        if bar:
+            from tqdm import tqdm  # imported only where a bar is drawn
+
+            # the width is given: stderr may be the launcher's pipe, whose width tqdm cannot ask
+            self.bar = tqdm(total=total_steps, initial=first_step, unit="step", file=sys.stderr,
+                            ncols=width or 80, mininterval=0.2)
+        self.done = first_step
+
+    def update(self, step: int, samples: int, rows) -> None:
+        """rows: this rank's window of (step, epoch, loss_sum, count, ...) tuples ending at `step`."""
+        loss_sum = sum(row[2] for row in rows)
+        count = sum(row[3] for row in rows)
+        loss = loss_sum / count if count else math.nan
+        elapsed = time.perf_counter() - self.start
+        rate = samples / elapsed if elapsed > 0 else 0.0
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.3f} | {rate:.0f} samples/s", refresh=False)
+            self.bar.update(step + 1 - self.done)
+        elif elapsed >= self.next_line or step + 1 == self.total:
+            print(f"step {step + 1}/{self.total} | loss {loss:.4f} | {rate:.0f} samples/s",
+                  file=sys.stderr, flush=True)
+            self.next_line = elapsed + LINE_EVERY_S
+        self.done = step + 1
+
+    def epoch(self, epoch, train_loss, train_acc, test_loss, test_acc) -> None:
+        text = (f"epoch {epoch + 1}: train loss {train_loss:.4f} acc {100 * train_acc:.1f}% | "
+                f"test loss {test_loss:.4f} acc {100 * test_acc:.1f}%")
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
