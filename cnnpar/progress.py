@@ -12,6 +12,7 @@ batch job, or a /proc that cannot be read) and lines are written. Linux only; el
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -207,3 +208,39 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# ------------------------------------------------------------------------------------ start-up trace
+
+_TRACE_PATH = os.environ.get("CNNPAR_STARTUP_TRACE", "")
+_MILESTONES = []
+
+
+def milestone(name: str) -> None:
+    """Note when this process reached a start-up milestone (only with $CNNPAR_STARTUP_TRACE set: then
+    rank 0 appends them to that file at the end, for launch/bench_startup.py's split)."""
+    if _TRACE_PATH:
+        _MILESTONES.append((name, time.time()))
+
+
+def _process_start_time() -> float | None:
+    """Wall-clock time this process started (Linux /proc), before Python and its imports."""
+    try:
+        with open(f"/proc/{os.getpid()}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime_s = float(f.read().split()[0])
+        return time.time() - (uptime_s - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def write_milestones() -> None:
+    if not _TRACE_PATH or not _MILESTONES:
+        return
+    record = {"pid": os.getpid(), "process_start": _process_start_time(), "events": _MILESTONES}
+    try:
+        with open(_TRACE_PATH, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError:
+        pass

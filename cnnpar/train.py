@@ -31,7 +31,9 @@ import numpy as np  # noqa: E402
 from . import __version__  # noqa: E402
 from .config import Config, parse_config, build_parser  # noqa: E402
 from .errors import EXIT_USER_ERROR, UserError  # noqa: E402
-from .progress import Speaker  # noqa: E402
+from .progress import Speaker, milestone, write_milestones  # noqa: E402
+
+milestone("imported")
 
 
 def main(argv=None) -> int:
@@ -59,6 +61,7 @@ def train(argv) -> int:
     from .exchange import make_exchange
 
     world = MPI.COMM_WORLD
+    milestone("mpi_init")
     # --- config: parsed identically on every rank; rank 0 alone speaks ---
     if "-h" in argv or "--help" in argv:
         if world.Get_rank() == 0:
@@ -72,6 +75,7 @@ def train(argv) -> int:
     fold = world.Get_rank() * config.folds // world.Get_size()
     group = world.Split(fold, world.Get_rank()) if config.folds > 1 else world
     dist = _dist.setup(group, pretend_nodes=config.pretend_nodes, wait=config.wait)
+    milestone("ranks")
     say = Speaker(world.Get_rank() == 0, config.quiet, config.progress)  # one log per job, by world rank 0
     if dist.oversubscribed:
         say.line(f"note: {world.Get_size()} ranks share {dist.cores} cores; waiting ranks yield their core "
@@ -84,10 +88,13 @@ def train(argv) -> int:
     if resume is not None and resume.get("complete"):
         say.summary(f"nothing to resume: {log_path} is already complete")
         return 0
+    milestone("data")
     _compile_kernels(config, dist, network, dataset, say)
+    milestone("kernels")
 
     # --- exchange, then the run's parts around it: params, optimizer, log, checkpoints ---
     exchange = make_exchange(config, dist, network.n_params, network=network)
+    milestone("exchange")
     try:
         run = _start(config, dist, dataset, network, exchange, log_path, resume, say)
         result = _train_and_log(run, world, fold, resume)
@@ -95,6 +102,8 @@ def train(argv) -> int:
         exchange.close()
     if world.Get_rank() == 0:
         say.summary(_summary_line(config, result, log_path))
+        milestone("done")
+        write_milestones()
     return 0
 
 
@@ -363,6 +372,7 @@ def _loop(run: Run, start: _Position) -> dict:
     progress = run.say.progress(total_steps, first_step)
     epoch, step_in_epoch = divmod(first_step, steps_per_epoch)
     order = epoch_permutation(config.seed, epoch, n_train)
+    milestone("first_step")
     loop_start = time.perf_counter()
 
     for step in range(first_step, total_steps):
@@ -422,6 +432,7 @@ def _loop(run: Run, start: _Position) -> dict:
             saver.save(log, params, steps_done, summed, train_time_s, samples_done)
             loop_start = time.perf_counter()
 
+    milestone("trained")
     _check_replicas(comm, params, total_steps - 1, log, exchange)
     if progress is not None:
         progress.close()
