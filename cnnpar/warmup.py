@@ -14,6 +14,7 @@ skips the waits. Where the cache lives and why it cannot go stale: cnnpar.kernel
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -65,15 +66,34 @@ class Plan:
 
             SGD(network.n_params, lr=0.01).step(params.copy(), grads, 1)
 
-        tasks = {"layer_backward": layer_backward, "layer_forward": layer_forward, "step": step,
-                 "evaluate": evaluate, "sgd": sgd}
+        self._tasks = {"layer_backward": layer_backward, "layer_forward": layer_forward, "step": step,
+                       "evaluate": evaluate, "sgd": sgd}
         names = [["layer_backward", "layer_forward"], ["step", "evaluate", "sgd"]]
         if exchange:
-            tasks[f"exchange:{exchange}"] = _exchange_warmer(exchange)
+            self._tasks[f"exchange:{exchange}"] = _exchange_warmer(exchange)
             names[1].insert(1, f"exchange:{exchange}")  # beside the step: the two longest of phase 2
         self.names = names
-        self.phases = [[tasks[name] for name in phase] for phase in names]
+        self.phases = [[functools.partial(self.run, name) for name in phase] for phase in names]
         self.count = sum(len(phase) for phase in names)
+        self.measured_s = {}  # seconds of the tasks this process ran
+        self.spec = {"arch": network.grammar, "input_shape": list(network.input_shape),
+                     "n_classes": network.n_classes, "dtype": str(network.dtype), "exchange": exchange}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "Plan":
+        """The same plan in another process (a compile helper), on zero images of the same types."""
+        import numpy as np
+
+        from .model import build_network
+
+        network = build_network(spec["arch"], tuple(spec["input_shape"]), spec["n_classes"], spec["dtype"])
+        images = np.zeros((2,) + network.input_shape, network.dtype)
+        return cls(network, images, np.zeros(2, np.int32), spec["exchange"])
+
+    def run(self, name: str) -> None:
+        started = time.perf_counter()
+        self._tasks[name]()
+        self.measured_s.setdefault(name, time.perf_counter() - started)  # the first run: the compile
 
     def estimate_s(self, workers: int) -> float:
         """Seconds the plan should take with `workers` compiling at once (measured here if it was before)."""
@@ -145,7 +165,8 @@ def exchange_kernels(mode: str, allreduce: str, ranks: int, samples_per_rank: in
 def prepare(dist, plan: Plan, say=None) -> float:
     """Compile the plan across the node (cold) or just load it (warm); returns the seconds taken.
 
-    Cold, rank 0 announces it at once with the expected time and a live count (say.compiling)."""
+    Cold, rank 0 announces it at once with the expected time and a live count (say.compiling). A rank
+    alone on its node with a spare core compiles half of each phase in a helper process (no MPI in it)."""
     from . import dist as dist_lib
 
     start = time.perf_counter()
@@ -156,34 +177,77 @@ def prepare(dist, plan: Plan, say=None) -> float:
                 task()
         return time.perf_counter() - start
     kernel_cache.serialize_cache_saves()
-    workers = max(1, min(dist.node_size, dist.cores))
-    notice = None
-    if say is not None:
-        notice = say.compiling(plan.count, plan.estimate_s(workers))
-    timed = _timed_phases(plan) if dist.node_size == 1 else plan.phases
-    dist_lib.compile_in_parallel(dist, timed, on_task_done=notice.task_done if notice is not None else None)
+    helped = dist.node_size == 1 and dist.cores >= 2 and max(len(phase) for phase in plan.phases) > 1
+    workers = 2 if helped else max(1, min(dist.node_size, dist.cores))
+    notice = say.compiling(plan.count, plan.estimate_s(workers)) if say is not None else None
+    on_done = notice.task_done if notice is not None else None
+    if helped:
+        compile_with_helper(plan, on_done)
+    else:
+        dist_lib.compile_in_parallel(dist, plan.phases, on_task_done=on_done)
     seconds = time.perf_counter() - start
     if notice is not None:
         notice.close(seconds)
     if dist.node_rank == 0:
         plan.mark_warm(seconds)
-        if dist.node_size == 1:
-            kernel_cache.record_seconds(plan.measured_s)
+        kernel_cache.record_seconds(plan.measured_s)
     return seconds
 
 
-def _timed_phases(plan: Plan):
-    """The plan's tasks, each recording its compile seconds (one rank alone: the figures are clean)."""
-    plan.measured_s = {}
+def compile_with_helper(plan: Plan, on_task_done=None) -> None:
+    """Compile the plan with one helper process beside this one: phase by phase, the helper takes the
+    odd-numbered tasks, this process the even ones, then this process loads the lot. If the helper cannot
+    start or dies, this process compiles what it left (slower, same result)."""
+    import subprocess
 
-    def timed(name, task):
-        def run():
-            t = time.perf_counter()
-            task()
-            plan.measured_s[name] = time.perf_counter() - t
-        return run
+    command = [sys.executable, "-m", "cnnpar.warmup", "--serve-plan", json.dumps(plan.spec)]
+    try:
+        helper = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    except OSError:
+        helper = None
+    for number, phase in enumerate(plan.phases):
+        theirs = [index for index in range(len(phase)) if index % 2 == 1]
+        if helper is not None:
+            try:
+                helper.stdin.write(f"{number}\n")
+                helper.stdin.flush()
+            except OSError:
+                helper = None
+        for index, task in enumerate(phase):
+            if index % 2 == 0:
+                task()
+                if on_task_done is not None:
+                    on_task_done()
+        for index in theirs:
+            reply = helper.stdout.readline().split() if helper is not None else []  # blocks: no CPU
+            if len(reply) == 3 and reply[0] == "done":
+                plan.measured_s[plan.names[number][int(reply[1])]] = float(reply[2])
+            else:
+                helper = None
+                phase[index]()
+            if on_task_done is not None:
+                on_task_done()
+    if helper is not None:
+        helper.stdin.close()
+        helper.wait()
+    for phase in plan.phases:  # load what the helper compiled
+        for index, task in enumerate(phase):
+            if index % 2 == 1:
+                task()
 
-    return [[timed(name, task) for name, task in zip(names, phase)] for names, phase in zip(plan.names, plan.phases)]
+
+def serve_plan(spec: dict) -> int:
+    """The helper's side of compile_with_helper: for each phase number read on stdin, compile that phase's
+    odd-numbered tasks and answer `done INDEX SECONDS` for each."""
+    kernel_cache.serialize_cache_saves()
+    plan = Plan.from_spec(spec)
+    for line in sys.stdin:
+        number = int(line)
+        for index, name in enumerate(plan.names[number]):
+            if index % 2 == 1:
+                plan.run(name)
+                print(f"done {index} {plan.measured_s[name]:.3f}", flush=True)
+    return 0
 
 
 def _min_op():
@@ -218,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clear", action="store_true",
                         help="remove every kernel cache cnnpar made (they rebuild on the next run) and exit")
     parser.add_argument("--where", action="store_true", help="print the cache folder in use and exit")
+    parser.add_argument("--serve-plan", metavar="JSON", default="",
+                        help="internal: be the trainer's compile helper for this plan (phase numbers on stdin)")
     parser.add_argument("archs", nargs="*", metavar="ARCH", help=argparse.SUPPRESS)  # the old positional form
     return parser
 
@@ -236,10 +302,18 @@ def warm_up(archs=("small",), mode="sync", allreduce="auto", ranks=12, samples_p
         images = np.zeros((2,) + network.input_shape, np.float32)
         labels = np.zeros(2, np.int32)
         plan = Plan(network, images, labels, exchange)
-        for phase in plan.phases:
-            for task in phase:
-                task()
+        if plan.is_warm():
+            continue
+        from .dist import usable_cores
+
+        if usable_cores() >= 2:
+            compile_with_helper(plan)
+        else:
+            for phase in plan.phases:
+                for task in phase:
+                    task()
         plan.mark_warm(time.perf_counter() - start)
+        kernel_cache.record_seconds(plan.measured_s)
     return time.perf_counter() - start
 
 
@@ -252,6 +326,8 @@ def main(argv=None) -> int:
         print(f"cnnpar: removed {len(removed)} kernel cache entr{'y' if len(removed) == 1 else 'ies'}"
               + (f" under {cache_root()}" if removed else ""))
         return 0
+    if args.serve_plan:
+        return serve_plan(json.loads(args.serve_plan))
     if args.where:
         print(os.environ.get("NUMBA_CACHE_DIR") or kernel_cache_dir())
         return 0
