@@ -160,7 +160,7 @@ def compile_once(dist: Dist, warm) -> None:
 _TASK_DONE_TAG = 7317
 
 
-def compile_in_parallel(dist: Dist, phases, on_task_done=None) -> None:
+def compile_in_parallel(dist: Dist, phases, on_task_done=None, load_phases=None) -> None:
     """Compile a plan of kernels across the node's ranks, then have every rank load all of it.
 
     phases: a list of phases, each a list of callables (tasks) that compile independent sets of kernels
@@ -170,7 +170,9 @@ def compile_in_parallel(dist: Dist, phases, on_task_done=None) -> None:
     sleep (wait_idle). numba's cache index is rewritten whole by each save, so two tasks of one phase
     must never compile the same function for different argument types (the same types are harmless: the
     same entry). on_task_done(), on node rank 0, is called once per finished task of its node as it
-    finishes (the live count). Collective over dist.node."""
+    finishes (the live count). load_phases: the indices of the phases whose tasks every rank then runs to
+    load their machine code (default: all; the run needs only its entry points, whose cached code holds
+    everything they call). Collective over dist.node."""
     from mpi4py import MPI
 
     node, me = dist.node, dist.node_rank
@@ -205,8 +207,8 @@ def compile_in_parallel(dist: Dist, phases, on_task_done=None) -> None:
                     on_task_done()
         else:
             wait_idle(node.Ibarrier())
-    for phase in phases:  # every rank now loads the lot (a task that ran here finds it already loaded)
-        for index, task in enumerate(phase):
+    for number in range(len(phases)) if load_phases is None else load_phases:  # a task run here is loaded
+        for index, task in enumerate(phases[number]):
             if index % workers != me:
                 task()
 

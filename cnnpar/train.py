@@ -57,7 +57,6 @@ def main(argv=None) -> int:
 def train(argv) -> int:
     from mpi4py import MPI
 
-    from . import model as model_lib
     from .exchange import make_exchange
 
     world = MPI.COMM_WORLD
@@ -65,10 +64,12 @@ def train(argv) -> int:
     # --- config: parsed identically on every rank; rank 0 alone speaks ---
     if "-h" in argv or "--help" in argv:
         if world.Get_rank() == 0:
+            from . import model as model_lib
+
             build_parser(model_lib.ARCH_HELP).print_help()
         return 0
-    with _dist.collective_check(world):
-        config = parse_config(argv, model_lib.ARCH_HELP)
+    with _dist.collective_check(world):  # numba is imported later, after the first note: it takes a while
+        config = parse_config(argv)
         _check_world(config, world.Get_size())
 
     # --- ranks, nodes, seeds: with --folds k, k groups of ranks train the k folds at once ---

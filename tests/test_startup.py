@@ -26,6 +26,20 @@ def test_waiting_ranks_use_no_cpu_while_one_compiles():
         assert cpu_s < 0.05 * BURN_S, f"rank {rank} used {cpu_s:.3f} CPU s while waiting {wall_s:.2f} s"
 
 
+def test_a_run_compiles_only_what_it_calls_and_says_so_once(tmp_path):
+    env = {"CNNPAR_CACHE_DIR": str(tmp_path / "cache")}
+    cold = run_mpi(1, ["-m", "cnnpar.train", "--steps", "50", "--log", tmp_path / "a.h5"], env=env, timeout=600)
+    assert cold.returncode == 0, cold.stderr
+    assert "compiling numba kernels for this machine (first run only, about" in cold.stderr
+    indexed = {path.name.split("-")[0] for path in (tmp_path / "cache").glob("numba-*/**/*.nbi")}
+    assert {"kernels.network_forward_backward_at", "kernels.network_evaluate", "optim.sgd_step_kernel"} <= indexed
+    assert "kernels.network_forward_backward" not in indexed  # the batch form: tests and benchmarks only
+    assert not any(name.startswith(("race.", "exchange")) for name in indexed)  # one rank: no exchange
+    warm = run_mpi(1, ["-m", "cnnpar.train", "--steps", "50", "--log", tmp_path / "b.h5"], env=env, timeout=600)
+    assert warm.returncode == 0, warm.stderr
+    assert "compiling" not in warm.stderr
+
+
 def _python(code: str, env: dict, cwd) -> str:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cwd,
                             timeout=300)
