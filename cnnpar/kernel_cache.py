@@ -8,7 +8,8 @@ and this CPU (model and feature flags): any edit to any kernel file starts a fre
 index still keys every entry on the CPU too, so another machine's code is never loaded.
 
 The folders are under $CNNPAR_CACHE_DIR, else $XDG_CACHE_HOME/cnnpar, else ~/.cache/cnnpar; old ones
-stay until `python -m cnnpar.warmup --clear` removes them (a few MB each). A NUMBA_CACHE_DIR you set
+stay until `python -m cnnpar.warmup --clear` removes them (a few MB each). Where that folder cannot be
+created (no writable home), the system's temp folder holds them (cnnpar-<uid>/). A NUMBA_CACHE_DIR you set
 yourself is used as it is: then clear it after editing a kernel (`--clear` removes cnnpar's part of it).
 
 Only the standard library is imported here: this runs before numba is imported.
@@ -97,7 +98,14 @@ def use_kernel_cache() -> None:
     compiles anything of cnnpar's; a NUMBA_CACHE_DIR the user set is kept)."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return
-    os.environ["NUMBA_CACHE_DIR"] = kernel_cache_dir()
+    folder = kernel_cache_dir()
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:  # no writable home (some containers and CI runners): the temp folder, per user
+        import tempfile
+
+        folder = os.path.join(tempfile.gettempdir(), f"cnnpar-{os.getuid()}", os.path.basename(folder))
+    os.environ["NUMBA_CACHE_DIR"] = folder
     config = sys.modules.get("numba.core.config")
     if config is not None:  # numba came first (a test, a notebook): make it read the variable again
         config.reload_config()
@@ -107,10 +115,12 @@ def clear_caches() -> list:
     """Remove cnnpar's kernel caches: its folders under cache_root(), cnnpar's part of a NUMBA_CACHE_DIR
     the user set, and any numba cache in the package's own __pycache__ folders. Returns what was removed."""
     import shutil
+    import tempfile
 
     removed = []
-    root = cache_root()
-    if os.path.isdir(root):
+    for root in (cache_root(), os.path.join(tempfile.gettempdir(), f"cnnpar-{os.getuid()}")):
+        if not os.path.isdir(root):
+            continue
         for name in sorted(os.listdir(root)):
             if name.startswith("numba-") or name == "compile_seconds.json":
                 path = os.path.join(root, name)

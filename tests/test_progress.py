@@ -4,7 +4,6 @@ and files (tested in a pseudo-terminal under the real launcher)."""
 import os
 import pty
 import select
-import subprocess
 import sys
 import time
 
