@@ -3,9 +3,10 @@
 numba keys a cached function on its own source file only, so a driver that inlines a kernel from
 another file would load stale machine code after that file was edited. So cnnpar points numba
 (NUMBA_CACHE_DIR, set when the package is imported, unless you set it yourself) at a folder named by a
-hash of every cnnpar source file that holds numba code, the numba, llvmlite, numpy and Python versions
-and this CPU (model and feature flags): any edit to any kernel file starts a fresh cache. numba's own
-index still keys every entry on the CPU too, so another machine's code is never loaded.
+hash of every cnnpar source file that holds numba code (a function under a numba decorator) or that
+such a file imports from, of the numba, llvmlite, numpy and Python versions, and of this CPU (model and
+feature flags): any edit to any of those files starts a fresh cache. numba's own index still keys
+every entry on the CPU too, so another machine's code is never loaded.
 
 The folders are under $CNNPAR_CACHE_DIR, else $XDG_CACHE_HOME/cnnpar, else ~/.cache/cnnpar; old ones
 stay until `python -m cnnpar.warmup --clear` removes them (a few MB each). Where that folder cannot be
@@ -21,10 +22,13 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_NUMBA_MARKERS = (b"from numba", b"import numba")
+# a decorator that hands a function to numba's compiler, at the start of a line
+_NUMBA_DECORATOR = re.compile(rb"^[ \t]*@(?:numba\.)?(?:njit|jit|intrinsic|overload\w*|generated_jit|vectorize|"
+                              rb"guvectorize|cfunc|register_jitable)\b", re.MULTILINE)
 
 
 def cache_root() -> str:
@@ -36,16 +40,36 @@ def cache_root() -> str:
     return os.path.join(base, "cnnpar")
 
 
+_RELATIVE_IMPORT = re.compile(rb"^[ \t]*from[ \t]+(\.+)([\w.]*)[ \t]+import[ \t]+\(?([\w, \t]+)", re.MULTILINE)
+
+
 def kernel_sources() -> list:
-    """Every source file of the package that holds numba code (a subpackage's too), sorted."""
-    found = []
+    """Every source file of the package that holds numba code (a function under a numba decorator; a
+    subpackage's too) and every package module those import from, transitively (their constants are
+    frozen into the machine code), sorted."""
+    texts = {}
     for folder, _, names in os.walk(_PACKAGE_DIR):
         for name in names:
             if name.endswith(".py"):
                 path = os.path.join(folder, name)
                 with open(path, "rb") as f:
-                    if any(marker in f.read() for marker in _NUMBA_MARKERS):
-                        found.append(path)
+                    texts[path] = f.read()
+    found = {path for path, text in texts.items() if _NUMBA_DECORATOR.search(text)}
+    todo = list(found)
+    while todo:
+        path = todo.pop()
+        for dots, module, names in _RELATIVE_IMPORT.findall(texts[path]):
+            base = os.path.dirname(path)
+            for _ in range(len(dots) - 1):
+                base = os.path.dirname(base)
+            stem = os.path.join(base, *module.decode().split(".")) if module else base
+            candidates = [stem + ".py", os.path.join(stem, "__init__.py")]
+            if not module:  # `from . import a, b`: modules a and b
+                candidates = [os.path.join(base, n.strip().decode() + ".py") for n in names.split(b",") if n.strip()]
+            for candidate in candidates:
+                if candidate in texts and candidate not in found:
+                    found.add(candidate)
+                    todo.append(candidate)
     return sorted(found)
 
 
