@@ -87,3 +87,24 @@ def test_progress_flag_is_validated(tmp_path):
     result = run_train(1, "--progress", "sometimes", "--log", str(tmp_path / "x.h5"))
     assert result.returncode == 2
     assert "--progress" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_compile_notice_counts_kernels_in_place_on_a_terminal_and_in_lines_elsewhere(capsys):
+    from cnnpar.progress import CompileNotice
+
+    live = CompileNotice(3, 7.6, live=True)
+    live.task_done()
+    live.task_done()
+    live.task_done()
+    live.close(7.9)
+    text = capsys.readouterr().err
+    assert text.startswith("\rcompiling numba kernels for this machine (first run only, about 8 s): 0/3 kernels")
+    assert "\r" in text and ": 2/3 kernels" in text and text.endswith("3/3 kernels, done in 7.9 s\n")
+    assert text.count("\n") == 1  # one line, redrawn
+    plain = CompileNotice(3, 7.6, live=False)
+    plain.task_done()
+    plain.close(2.0)
+    text = capsys.readouterr().err
+    assert "\r" not in text
+    assert text.splitlines() == ["compiling numba kernels for this machine (first run only, about 8 s)",
+                                 "compiled 1/3 kernels in 2.0 s"]
