@@ -26,6 +26,7 @@ import re
 import sys
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_SET_BY_US = "CNNPAR_SET_NUMBA_CACHE_DIR"  # what this module put in NUMBA_CACHE_DIR, seen by child processes
 # a decorator that hands a function to numba's compiler, at the start of a line
 _NUMBA_DECORATOR = re.compile(rb"^[ \t]*@(?:numba\.)?(?:njit|jit|intrinsic|overload\w*|generated_jit|vectorize|"
                               rb"guvectorize|cfunc|register_jitable)\b", re.MULTILINE)
@@ -65,7 +66,7 @@ def kernel_sources() -> list:
             stem = os.path.join(base, *module.decode().split(".")) if module else base
             candidates = [stem + ".py", os.path.join(stem, "__init__.py")]
             if not module:  # `from . import a, b`: modules a and b
-                candidates = [os.path.join(base, n.strip().decode() + ".py") for n in names.split(b",") if n.strip()]
+                candidates = [os.path.join(base, n.split()[0].decode() + ".py") for n in names.split(b",") if n.strip()]
             for candidate in candidates:
                 if candidate in texts and candidate not in found:
                     found.add(candidate)
@@ -120,8 +121,9 @@ def kernel_cache_dir() -> str:
 def use_kernel_cache() -> None:
     """Point numba's cache at the folder for these sources, this CPU and these versions (before numba
     compiles anything of cnnpar's; a NUMBA_CACHE_DIR the user set is kept)."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return
+    current = os.environ.get("NUMBA_CACHE_DIR")
+    if current and current != os.environ.get(_SET_BY_US):
+        return  # the user's own choice (one inherited from a parent that imported cnnpar is ours: redo it)
     folder = kernel_cache_dir()
     try:
         os.makedirs(folder, exist_ok=True)
@@ -129,7 +131,7 @@ def use_kernel_cache() -> None:
         import tempfile
 
         folder = os.path.join(tempfile.gettempdir(), f"cnnpar-{os.getuid()}", os.path.basename(folder))
-    os.environ["NUMBA_CACHE_DIR"] = folder
+    os.environ["NUMBA_CACHE_DIR"] = os.environ[_SET_BY_US] = folder
     config = sys.modules.get("numba.core.config")
     if config is not None:  # numba came first (a test, a notebook): make it read the variable again
         config.reload_config()
@@ -152,7 +154,7 @@ def clear_caches() -> list:
                 removed.append(path)
     folders = {os.path.dirname(path) for path in kernel_sources()}
     user_dir = os.environ.get("NUMBA_CACHE_DIR", "")
-    if user_dir and not os.path.basename(user_dir.rstrip(os.sep)).startswith("numba-"):
+    if user_dir and user_dir != os.environ.get(_SET_BY_US):
         from numba.core.caching import _CacheLocator
 
         for folder in folders:

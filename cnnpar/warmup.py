@@ -136,17 +136,17 @@ def _compile(dispatcher, *args) -> None:
 
 def _exchange_warmer(exchange: str):
     if exchange == "factored":
-        from . import exchange_factored
+        from .exchange import factored
 
-        return exchange_factored.warm_kernels
+        return factored.warm_kernels
     if exchange == "shm":
-        from . import exchange_shm
+        from .exchange import shm
 
-        return exchange_shm.warm_kernels
+        return shm.warm_kernels
     if exchange == "race":
-        from . import race
+        from .exchange import race
 
-        return race._warm
+        return race.warm_kernels
     raise ValueError(f"no kernels known for exchange {exchange!r}")
 
 

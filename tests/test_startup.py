@@ -33,7 +33,8 @@ def test_a_run_compiles_only_what_it_calls_and_says_so_once(tmp_path):
     indexed = {path.name.split("-")[0] for path in (tmp_path / "cache").glob("numba-*/**/*.nbi")}
     assert {"kernels.network_forward_backward_at", "kernels.network_evaluate", "optim.sgd_step_kernel"} <= indexed
     assert "kernels.network_forward_backward" not in indexed  # the batch form: tests and benchmarks only
-    assert not any(name.startswith(("race.", "exchange")) for name in indexed)  # one rank: no exchange
+    exchange_modules = ("race.", "shm.", "factored.", "primitives.")
+    assert not any(name.startswith(exchange_modules) for name in indexed)  # one rank: no exchange kernels
     warm = run_mpi(1, ["-m", "cnnpar.train", "--steps", "50", "--log", tmp_path / "b.h5"], env=env, timeout=600)
     assert warm.returncode == 0, warm.stderr
     assert "compiling" not in warm.stderr
@@ -92,8 +93,8 @@ def test_the_cache_key_follows_kernel_files_only(package_copy, tmp_path):
     with open(root / "cnnpar" / "train.py", "a") as f:  # orchestration: no kernel imports from it
         f.write("\n# a comment\n")
     assert _python(key, env, tmp_path) == first
-    shm = next(path for path in (root / "cnnpar").rglob("*shm*.py") if "njit" in path.read_text())
-    with open(shm, "a") as f:  # the primitives other kernels inline
+    primitives = next(path for path in (root / "cnnpar").rglob("*.py") if "def fetch_add" in path.read_text())
+    with open(primitives, "a") as f:  # the atomics and waits other files' kernels inline
         f.write("\n# a comment\n")
     assert _python(key, env, tmp_path) != first
 
