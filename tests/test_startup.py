@@ -140,7 +140,8 @@ def test_bench_startup_quick_mode(tmp_path):
     results = summary["results"]
     assert set(results) == {"cold-1", "warm-1", "cold-2", "warm-2"}
     for n in (1, 2):
-        assert results[f"cold-{n}"]["compile_notice"] and not results[f"warm-{n}"]["compile_notice"]
+        assert results[f"cold-{n}"]["compile_notice"], (n, results, result.stderr[-2000:])
+        assert not results[f"warm-{n}"]["compile_notice"], (n, results, result.stderr[-2000:])
         assert results[f"warm-{n}"]["first_step_s"] < results[f"warm-{n}"]["wall_s"]
         assert results[f"cold-{n}"]["samples_per_s"] > 0
     table = (tmp_path / "startup.md").read_text()
