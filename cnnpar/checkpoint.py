@@ -5,7 +5,8 @@ position (global step; the sample order is a pure function of seed and epoch,
 so no RNG state has to be carried), the running epoch statistics, the time and
 samples accounted so far, the config, the rank count, and how many rows of the
 run log belong to it. Rank 0 writes it atomically (temporary file, then
-rename), so a kill at any moment leaves the previous checkpoint intact. No
+rename, after syncing it and reading it back), so a kill or a full disk at any moment leaves the
+previous checkpoint intact. No
 pickle anywhere: opening a checkpoint cannot run code.
 
 The checkpoint of a log lives beside it: `<log>.ckpt`.
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, WriteError
+from .runlog._h5 import write_failure_cause
 
 MAGIC = "cnnpar-checkpoint"
 VERSION = 1
@@ -35,27 +38,54 @@ def path_for_log(log_path: str) -> str:
 def save(path: str, *, params: np.ndarray, velocity: np.ndarray, step: int, epoch_sums: np.ndarray,
          train_time_s: float, samples_done: int, config_json: str, ranks: int, log_steps: int,
          log_epochs: int) -> None:
+    """Write a checkpoint atomically: a temporary file beside it, synced and read back bit for bit, then
+    renamed over the old one. Any failure raises WriteError and leaves the previous checkpoint intact."""
     import h5py
 
     temporary = f"{path}.tmp-{os.getpid()}"
+    arrays = {"params": np.asarray(params), "velocity": np.asarray(velocity),
+              "epoch_sums": np.asarray(epoch_sums, np.float64)}
+    attrs = {"format": MAGIC, "format_version": VERSION, "step": int(step), "train_time_s": float(train_time_s),
+             "samples_done": int(samples_done), "ranks": int(ranks), "log_steps": int(log_steps),
+             "log_epochs": int(log_epochs), "config_json": config_json}
     try:
-        with h5py.File(temporary, "w") as f:
-            f.attrs["format"] = MAGIC
-            f.attrs["format_version"] = VERSION
-            f.attrs["step"] = int(step)
-            f.attrs["train_time_s"] = float(train_time_s)
-            f.attrs["samples_done"] = int(samples_done)
-            f.attrs["ranks"] = int(ranks)
-            f.attrs["log_steps"] = int(log_steps)
-            f.attrs["log_epochs"] = int(log_epochs)
-            f.attrs["config_json"] = config_json
-            f.create_dataset("params", data=params)
-            f.create_dataset("velocity", data=velocity)
-            f.create_dataset("epoch_sums", data=np.asarray(epoch_sums, np.float64))
+        _check_free_space(path, sum(a.nbytes for a in arrays.values()))
+        with h5py.File(temporary, "w", libver=("earliest", "v110")) as f:
+            f.attrs.update(attrs)
+            for name, values in arrays.items():
+                f.create_dataset(name, data=values)
+        _fsync(temporary)
+        with h5py.File(temporary, "r") as f:  # read back before it may replace a good checkpoint
+            if any(not np.array_equal(f[name][...], values) for name, values in arrays.items()):
+                raise OSError(f"{temporary} reads back different from what was written")
         os.replace(temporary, path)
+        _fsync(os.path.dirname(os.path.abspath(path)))
+    except WriteError:
+        raise
+    except Exception as err:  # noqa: BLE001 - disk full, quota, I/O error: the environment's fault
+        raise WriteError("--checkpoint-every", f"{path}: {write_failure_cause(err)}") from None
     finally:
         if os.path.exists(temporary):
-            os.remove(temporary)
+            try:
+                os.remove(temporary)
+            except OSError:
+                pass
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_free_space(path: str, nbytes: int) -> None:
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    needed = nbytes + (64 << 10)  # HDF5 metadata and attributes
+    if free < needed:
+        raise WriteError("--checkpoint-every", f"{path}: no space left on device ({free} bytes free, the "
+                                               f"checkpoint needs about {needed})")
 
 
 def load(path: str) -> dict:

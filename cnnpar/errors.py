@@ -45,3 +45,13 @@ def exit_on_user_error(main):
             raise SystemExit(130) from None
 
     return wrapper
+
+
+EXIT_WRITE_ERROR = 1
+
+
+class WriteError(UserError):
+    """A write to the run log or a checkpoint failed (disk full, quota, I/O error): the environment's
+    fault, not a bug, so one line and exit 1. `culprit` is the flag that named the file."""
+
+    exit_status = EXIT_WRITE_ERROR

@@ -119,7 +119,7 @@ def test_every_field_round_trips(tmp_path):
     assert is_complete_log(path)
     # h5ls-friendly copies of the config and env, and the root attributes, as plain HDF5
     with h5py.File(path, "r") as f:
-        assert f.attrs["format"] == FORMAT.encode() and f.attrs["format_version"] == 1
+        assert f.attrs["format"] == FORMAT.encode() and f.attrs["format_version"] == FORMAT_VERSION
         assert f["config"].attrs["lr"] == 0.01 and f["config"].attrs["mode"] == b"race"
         assert bool(f["config"].attrs["race_audit"]) is True
         assert list(f["env"].attrs["hostnames"]) == [b"node-a", b"node-b", b"node-b"]
@@ -214,8 +214,10 @@ def test_killed_writer_leaves_a_readable_log_with_every_flushed_epoch(tmp_path):
     try:
         assert proc.stdout.readline().strip() == "flushed", proc.stderr.read()
         time.sleep(0.2)
-        with open_log(path) as live:  # the run is still writing: read it as an SWMR reader
+        with open_log(path) as live:  # the run is still writing
             assert live.status == "running" and list(live.epochs["epoch"]) == [0, 1, 2]
+        with h5py.File(path, "r") as plain:  # the file is closed between flushes: plain HDF5 opens it
+            assert plain["committed_rows"][0] == 300
             assert np.array_equal(live.steps["step"], np.arange(300))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -223,8 +225,11 @@ def test_killed_writer_leaves_a_readable_log_with_every_flushed_epoch(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
+    with h5py.File(path, "r") as plain:
+        assert plain.attrs["status"] == b"running"  # what the dead writer left; readers know better:
     with open_log(path) as log:
-        assert log.status == "running" and not log.complete and log.final is None
+        assert log.status == "incomplete" and not log.complete and log.final is None
+        assert log.writer_alive is False
         assert list(log.epochs["epoch"]) == [0, 1, 2]
         np.testing.assert_allclose(log.epochs["test_acc"], [0.4, 0.5, 0.6])
         assert np.array_equal(log.steps["step"], np.arange(300))
@@ -267,30 +272,36 @@ def test_reopen_and_truncate_to(tmp_path):
         assert after.config == before.config and after.env == before.env and after.layout == before.layout
 
 
-def test_step_rows_wait_in_memory_until_flush_and_are_never_lost(tmp_path, monkeypatch):
-    from cnnpar import runlog
+def test_rows_wait_in_memory_until_flush_and_are_never_lost(tmp_path, monkeypatch):
+    from cnnpar.runlog import writer
 
-    monkeypatch.setattr(runlog, "PENDING_ROWS", 100)  # so that the size limit is reached too
+    monkeypatch.setattr(writer, "PENDING_ROWS", 100)  # so that the size limit is reached too
     path = tmp_path / "buffered.h5"
     rng = np.random.default_rng(5)
     config = _config()
     windows = [_step_window(rng, start, 30, 3, 0) for start in range(0, 180, 30)]
     log = RunLogWriter(path, json.dumps(config, sort_keys=True), config, ENV, LAYOUT, 3)
+
+    def rows_in_file():
+        with h5py.File(path, "r") as raw:  # the writer keeps the file closed between flushes
+            return raw["steps/step"].shape[0], int(raw["committed_rows"][0])
+
     for window in windows[:2]:
         log.append_steps(**window)
         log.append_consistency(window["step"][-1], 7, True)
     assert log.rows("steps") == 60 and log.rows("consistency") == 2
-    assert log._f["steps/step"].shape[0] == 0  # not written yet: one write per flush, not per window
+    assert rows_in_file() == (0, 0)  # not written yet: one write per flush, not per window
     log.flush()
+    assert rows_in_file() == (60, 60)
     with open_log(path) as live:
         assert np.array_equal(live.steps["step"], np.arange(60)) and list(live.consistency["step"]) == [29, 59]
     for window in windows[2:5]:
         log.append_steps(**window)
-    assert log._f["steps/step"].shape[0] == 60  # 90 rows wait ...
+    assert rows_in_file() == (60, 60)  # 90 rows wait ...
     log.append_steps(**windows[5])
-    assert log._f["steps/step"].shape[0] == 180  # ... 120 reach the 100-row limit: written before any flush
+    assert rows_in_file() == (180, 180)  # ... 120 reach the 100-row limit: flushed without being asked
     log.append_steps(**_step_window(rng, 180, 10, 3, 0))
-    log._close_file()  # closed without flush() (an error path): appended rows still reach the file
+    log.close("failed", "an error path")  # closing writes what waits
     with h5py.File(path, "r") as raw:
         assert np.array_equal(raw["steps/step"][:], np.arange(190))
         expected = np.concatenate([w["loss"] for w in windows])

@@ -1,0 +1,531 @@
+"""Writes one run's log (rank 0 only). The schema is `schema.SCHEMA`; docs/runlog.md explains it.
+
+The file is closed between flushes. Appended rows, the final result and status changes wait in the
+writer's memory; `flush()` opens the file, writes them, updates `/committed_rows`, and closes it again.
+So a job killed at any moment outside a flush (SIGKILL, node failure, MPI_Abort) leaves a plain,
+closed HDF5 file that any HDF5 1.10+ tool opens, holding everything up to the last flush. While the
+writer lives it holds a lock (`lock.WriterLock`) by which readers tell a live run from a dead one.
+
+Every failed write (disk full, quota, I/O error) becomes one `WriteError` naming the file and the
+cause; after one, the writer writes nothing more except, on close, a best-effort `failed` status.
+A log is marked `complete` only after `/final` and every row were written and read back intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+
+import numpy as np
+
+from .. import __version__
+from ..errors import UserError, WriteError
+from . import _h5
+from .lock import WriterLock
+from .schema import (BY_PATH, CHUNK_ROWS, COMMITTED, FINAL_ATTRS, FINAL_EXTRA_BYTES, FORMAT, FORMAT_VERSION,
+                     LIBVER, MESSAGE_BYTES, STATUS_BYTES, TABLES, WRITTEN_STATUSES, columns)
+
+PENDING_ROWS = 65536   # rows of one table that may wait in memory before a flush is forced
+METADATA_SLACK_BYTES = 256 << 10  # room HDF5 may need beyond the raw data of one flush
+
+
+class RunLogWriter:
+    """Writes one run's log (rank 0 only).
+
+    `layout` rows are (name, shape, offset, size) of each parameter in the flat parameter vector.
+    `/audit` exists when `audit` is true (default: config_fields["race_audit"]); `/folds` when `folds`
+    is true (default: config_fields["folds"] > 1). `created` is the run's start (default: now).
+    Usable as a context manager: an exception closes the log as "failed" ("interrupted" for Ctrl-C).
+    """
+
+    def __init__(self, path, config_json: str, config_fields: dict, env: dict, layout: list,
+                 ranks: int, n_classes: int = 10, *, audit: bool | None = None, folds: bool | None = None,
+                 created: str | None = None, world_ranks: int | None = None, _resume_count: int = 0):
+        import h5py
+
+        self.path = os.fspath(path)
+        self._closed = True
+        self._lock = None
+        ranks, n_classes = int(ranks), int(n_classes)
+        if ranks < 1:
+            raise ValueError(f"ranks must be at least 1, got {ranks}")
+        if audit is None:
+            audit = bool(config_fields.get("race_audit", False))
+        if folds is None:
+            folds = int(config_fields.get("folds", 1) or 1) > 1
+        json.loads(config_json)  # must be valid JSON
+        try:
+            f = h5py.File(self.path, "x", libver=LIBVER, locking=False)
+        except FileExistsError:
+            raise UserError(self.path, "a file already exists there; the run log will not overwrite it") from None
+        except OSError as err:
+            if _is_write_failure(err):
+                raise WriteError("--log", f"{self.path}: {_h5.write_failure_cause(err)}") from None
+            raise UserError(self.path, f"cannot create the run log: {_h5.h5_reason(err)}") from None
+        try:
+            try:
+                _build(f, config_json, config_fields, env, layout, ranks, n_classes, audit, folds,
+                       created or _h5.utc_now(), _resume_count, world_ranks or ranks)
+            finally:
+                f.close()
+            self._lock = WriterLock(self.path)
+        except BaseException as err:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+            if isinstance(err, Exception) and not isinstance(err, (UserError, ValueError, TypeError)):
+                raise WriteError("--log", f"{self.path}: {_h5.write_failure_cause(err)}") from None
+            raise
+        self.ranks, self.n_classes = ranks, n_classes
+        self._tables = {t for t in TABLES if (t != "audit" or audit) and (t != "folds" or folds)}
+        self._start({t: 0 for t in TABLES}, final_written=False, n_params=max([o + z for _, _, o, z in layout],
+                                                                               default=-1))
+
+    def _start(self, rows: dict, final_written: bool, n_params: int) -> None:
+        self._closed = False
+        self._rows = dict(rows)          # rows appended so far (written or waiting)
+        self._written = dict(rows)       # rows already in the file
+        self._pending = {}               # table -> list of column dicts waiting for the next flush
+        self._final = None               # (params, confusion, attrs, extra_json) waiting for a flush
+        self._final_written = final_written
+        self._folds_stats = None
+        self._status = None              # (status, message) waiting for a flush
+        self._file_status = "running"
+        self._n_params = n_params
+        self.write_error = None          # the first WriteError; nothing is written after it
+
+    # -- resuming ----------------------------------------------------------------------------------
+    @classmethod
+    def reopen(cls, path, step_count: int | None = None, epoch_count: int | None = None,
+               env: dict | None = None) -> "RunLogWriter":
+        """Reopen an existing log for appending (checkpoint resume), truncated to `step_count` steps.
+
+        Works on logs whose writer was killed as well as on closed ones. The log is rewritten through
+        a temporary file beside it (then atomically renamed), so a crash during reopen leaves the old
+        log intact. Rows of /steps, /audit and /consistency with step >= step_count are dropped;
+        /epochs keeps its first `epoch_count` rows (default: those with step <= step_count). /final and
+        /folds are cleared, the status is set back to "running", `resume_count` grows by one. `env`,
+        when given, replaces /env (the machine of the resumed part). None keeps everything.
+        """
+        from .reader import open_log
+
+        path = os.fspath(path)
+        return cls._rewrite(path, open_log(path), step_count, epoch_count, env)
+
+    @classmethod
+    def _rewrite(cls, path, log, step_count, epoch_count, env) -> "RunLogWriter":
+        from .reader import truncation
+
+        tmp = path + ".rewrite-tmp"
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        new = cls(tmp, log.config_json, dict(log.config), log.env if env is None else env,
+                  [(n, s, o, z) for n, s, o, z in log.layout], log.ranks, log.n_classes,
+                  audit=log.audit is not None, folds=log.has_folds, created=log.created,
+                  world_ranks=log.world_ranks, _resume_count=log.resume_count + 1)
+        try:
+            keep = truncation(log, step_count, epoch_count)
+            if keep["steps"]:
+                new.append_steps(**{k: v[: keep["steps"]] for k, v in log.steps.items()})
+            if log.audit is not None and keep["audit"]:
+                new.append_audit(**{k: v[: keep["audit"]] for k, v in log.audit.items()})
+            if keep["epochs"]:
+                new.append_epoch(**{k: v[: keep["epochs"]] for k, v in log.epochs.items()})
+            if keep["consistency"]:
+                new.append_consistency(**{k: v[: keep["consistency"]] for k, v in log.consistency.items()})
+            new.flush()
+            os.replace(tmp, path)
+        except BaseException:
+            new._release()
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        new.path = path  # the lock stays on the renamed file
+        return new
+
+    def truncate_to(self, step_count: int, epoch_count: int | None = None) -> None:
+        """Drop every row at or after `step_count` steps (see `reopen`); the log stays open."""
+        from .reader import open_log
+
+        self.flush()
+        self._release()
+        other = type(self)._rewrite(self.path, open_log(self.path), step_count, epoch_count, None)
+        self.__dict__.update(other.__dict__)
+        other._closed, other._lock = True, None  # its lock and state now belong to self
+
+    # -- appending --------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"run log {self.path} is closed")
+
+    def _append(self, table: str, values: dict) -> None:
+        self._check_open()
+        if table not in self._tables:
+            raise RuntimeError(f"run log {self.path} has no /{table} group "
+                               f"(it is created only when enabled at creation; see docs/runlog.md)")
+        n = None
+        arrays = {}
+        for entry in columns(table):
+            value = values.get(entry.name)
+            if value is None:
+                continue
+            arr = np.asarray(value)
+            if entry.per_rank:
+                arr = arr.reshape(-1, self.ranks) if arr.ndim <= 1 else arr
+                if arr.ndim != 2 or arr.shape[1] != self.ranks:
+                    raise ValueError(f"{entry.path} needs shape (n, {self.ranks}), got {np.shape(value)}")
+            else:
+                arr = np.atleast_1d(arr)
+                if arr.ndim != 1:
+                    raise ValueError(f"{entry.path} needs shape (n,), got {np.shape(value)}")
+            if n is None:
+                n = arr.shape[0]
+            elif arr.shape[0] != n:
+                raise ValueError(f"/{table}: column {entry.name} has {arr.shape[0]} rows, the others {n}")
+            arrays[entry.name] = arr.astype(entry.dtype, copy=False)
+        missing = [e.name for e in columns(table) if e.name not in arrays and e.path != "/steps/lr"]
+        if missing:
+            raise ValueError(f"/{table}: missing column(s) {', '.join(missing)}")
+        if not n:
+            return
+        if "lr" in [e.name for e in columns(table)] and "lr" not in arrays:
+            arrays["lr"] = np.full(n, np.nan, BY_PATH["/steps/lr"].dtype)
+        self._rows[table] += n
+        # Rows wait in memory for the next flush: opening the file and resizing a table costs ~ms,
+        # which every window of short training steps would otherwise pay on rank 0, whom all wait for.
+        self._pending.setdefault(table, []).append(arrays)
+        if self._rows[table] - self._written[table] >= PENDING_ROWS:
+            self._flush_deferring_errors()
+
+    def append_steps(self, step, epoch, loss, rank_loss, samples, compute_s, exchange_s, wait_s, lr=None):
+        """A window of steps: 1-D arrays of n steps, per-rank arrays of shape (n, ranks), times in s."""
+        self._append("steps", dict(step=step, epoch=epoch, loss=loss, rank_loss=rank_loss, samples=samples,
+                                   compute_s=compute_s, exchange_s=exchange_s, wait_s=wait_s, lr=lr))
+
+    def append_audit(self, step, rel_l2_error, frac_elements_differ, lost_contributions):
+        self._append("audit", dict(step=step, rel_l2_error=rel_l2_error,
+                                   frac_elements_differ=frac_elements_differ,
+                                   lost_contributions=lost_contributions))
+
+    def append_epoch(self, epoch, step, train_loss, train_acc, test_loss, test_acc, train_time_s, samples):
+        """One evaluated epoch (scalars) or several (arrays). Accuracies are fractions in 0..1."""
+        self._append("epochs", dict(epoch=epoch, step=step, train_loss=train_loss, train_acc=train_acc,
+                                    test_loss=test_loss, test_acc=test_acc, train_time_s=train_time_s,
+                                    samples=samples))
+
+    def append_consistency(self, step, checksum, ok):
+        self._append("consistency", dict(step=step, checksum=checksum, ok=np.asarray(ok).astype(np.uint8)))
+
+    def write_folds(self, fold_acc, fold_loss):
+        """Per-fold test accuracy (fraction) and loss of a k-fold run; fills mean_acc/sd_acc (ddof 1)."""
+        self._check_open()
+        acc = np.atleast_1d(np.asarray(fold_acc, np.float64))
+        loss = np.atleast_1d(np.asarray(fold_loss, np.float64))
+        if acc.shape != loss.shape or acc.ndim != 1:
+            raise ValueError(f"fold_acc and fold_loss need the same 1-D shape, got {acc.shape} and {loss.shape}")
+        start = self._rows["folds"]
+        self._append("folds", dict(fold=np.arange(start, start + len(acc)), test_acc=acc, test_loss=loss))
+        self._fold_acc = np.concatenate([getattr(self, "_fold_acc", np.zeros(0)), acc])
+        every = self._fold_acc
+        self._folds_stats = (np.float64(every.mean()) if len(every) else np.nan,
+                             np.float64(every.std(ddof=1)) if len(every) > 1 else np.nan)
+
+    def write_final(self, params, confusion, **attrs):
+        """Final flat params (float32), confusion matrix (rows true label, cols predicted) and summary
+        attrs (test_acc, test_loss, train_time_s, samples, samples_per_s, steps; others -> extra_json)."""
+        self._check_open()
+        params = np.array(np.asarray(params, np.float32).ravel())  # a copy: the caller may keep training
+        confusion = np.array(confusion, np.int64)
+        if confusion.shape != (self.n_classes, self.n_classes):
+            raise ValueError(f"confusion needs shape ({self.n_classes}, {self.n_classes}), got {confusion.shape}")
+        if self._n_params >= 0 and params.size != self._n_params:
+            raise ValueError(f"params has {params.size} values, the layout {self._n_params}")
+        known, extras = {}, {}
+        for name, value in attrs.items():
+            if name in FINAL_ATTRS:
+                known[name] = np.asarray(value if value is not None else np.nan, FINAL_ATTRS[name])
+            else:
+                extras[name] = value
+        text = json.dumps(extras, sort_keys=True, default=_h5.json_default)
+        if len(text.encode("utf-8")) > FINAL_EXTRA_BYTES:
+            raise ValueError(f"write_final: extra attrs take more than {FINAL_EXTRA_BYTES} bytes as JSON")
+        self._final = (params, confusion, known, text)
+
+    def rows(self, table: str) -> int:
+        """Rows appended so far to /steps, /audit, /epochs, /consistency or /folds (0 for a table the
+        log does not have); "final": 1 once write_final was called. Checkpoints record these so that
+        `reopen(path, rows("steps"), rows("epochs"))` resumes exactly where the checkpoint was taken."""
+        if table == "final":
+            return int(self._final_written or self._final is not None)
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}, final")
+        return int(self._rows.get(table, 0))
+
+    # -- status, flush, close ---------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        return self._status[0] if self._status else self._file_status
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def set_status(self, status: str, message: str = "") -> None:
+        """Takes effect at the next flush (or close)."""
+        self._check_open()
+        if status not in WRITTEN_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(WRITTEN_STATUSES)}, got {status!r}")
+        self._status = (status, message)
+
+    def flush(self) -> None:
+        """Write everything appended so far and make it visible to readers (at least once per epoch).
+        A failed write raises WriteError (every later flush raises the same one)."""
+        self._check_open()
+        if self.write_error is not None:
+            raise self.write_error
+        try:
+            self._write_session()
+        except Exception as err:  # noqa: BLE001 - whatever broke the write, the log is now what it was
+            self.write_error = err if isinstance(err, WriteError) else \
+                WriteError("--log", f"{self.path}: {_h5.write_failure_cause(err)}")
+            raise self.write_error from None
+
+    def _flush_deferring_errors(self) -> None:
+        with contextlib.suppress(WriteError):
+            self.flush()  # a failure is kept in write_error and raised by the caller's next flush()
+
+    def _write_session(self) -> None:
+        import h5py
+
+        _check_free_space(self.path, self._pending_bytes())
+        with h5py.File(self.path, "r+", locking=False) as f:
+            for table in list(self._pending):
+                self._write_rows(f, table)
+            if self._folds_stats is not None:
+                f["folds"].attrs.modify("mean_acc", self._folds_stats[0])
+                f["folds"].attrs.modify("sd_acc", self._folds_stats[1])
+            final_now = self._final is not None
+            if final_now:
+                self._write_final(f)
+            f.flush()  # rows first ...
+            counts = [self._written[t] for t in COMMITTED[:-1]] + [int(self._final_written or final_now)]
+            f["committed_rows"][...] = np.asarray(counts, np.int64)
+            if self._status is not None:
+                status, message = self._status
+                f.attrs.modify("status", _h5.fixed_str(status, STATUS_BYTES))
+                f.attrs.modify("status_message", _h5.fixed_str(message, MESSAGE_BYTES))
+        # closed: the row counts that make the rows visible reach the file after the rows themselves
+        if self._final is not None:
+            self._final_written, self._final = True, None
+        if self._status is not None:
+            self._file_status, self._status = self._status[0], None
+
+    def _pending_bytes(self) -> int:
+        rows = sum(a.nbytes for arrays in self._pending.values() for chunk in arrays for a in chunk.values())
+        final = 0 if self._final is None else self._final[0].nbytes + self._final[1].nbytes
+        return rows + final
+
+    def _write_rows(self, f, table: str) -> None:
+        pending = self._pending[table]
+        start = self._written[table]
+        n = 0
+        for entry in columns(table):
+            values = pending[0][entry.name] if len(pending) == 1 else \
+                np.concatenate([chunk[entry.name] for chunk in pending])
+            dset = f[entry.path]
+            dset.resize(start + len(values), axis=0)
+            dset[start:start + len(values)] = values
+            n = len(values)
+        self._written[table] = start + n
+        del self._pending[table]
+
+    def _write_final(self, f) -> None:
+        params, confusion, known, text = self._final
+        group = f["final"]
+        for name, value in known.items():
+            group.attrs.modify(name, value)
+        group.attrs.modify("extra_json", _h5.fixed_str(text, FINAL_EXTRA_BYTES))
+        group["confusion"][...] = confusion
+        if "params" not in group:  # a log created without a layout learns P only now
+            _create_dataset(group, "/final/params", data=params)
+        else:
+            group["params"][...] = params
+
+    def _verify_final(self, params, confusion) -> None:
+        """Read the file back: every row and the final result must be there, bit for bit."""
+        import h5py
+
+        with h5py.File(self.path, "r", locking=False) as f:
+            counts = f["committed_rows"][...]
+            expected = [self._written[t] for t in COMMITTED[:-1]] + [1]
+            if list(counts) != expected:
+                raise WriteError("--log", f"{self.path}: read back {list(counts)} committed rows, wrote {expected}")
+            if not (np.array_equal(f["final/params"][...], params)
+                    and np.array_equal(f["final/confusion"][...], confusion)):
+                raise WriteError("--log", f"{self.path}: /final reads back different from what was written")
+
+    def close(self, status: str | None = None, message: str = "") -> None:
+        """Flush, set the final status, close. status None: keep it, but a log still "running" becomes
+        "interrupted" (it was closed before the run said how it ended). Closing twice does nothing.
+
+        "complete" is written only after everything else was written and read back intact; when a write
+        fails the log is left as it was at the last good flush, with a best-effort "failed" status, and
+        WriteError is raised."""
+        if self._closed:
+            return
+        try:
+            if status is None and self.status == "running":
+                status, message = "interrupted", message or "log closed before the run reported its end"
+            if self.write_error is not None:
+                self._mark_failed_after_write_error()
+                raise self.write_error
+            final = self._final
+            if status == "complete":
+                self.flush()
+                if final is not None:
+                    try:
+                        self._verify_final(final[0], final[1])
+                    except WriteError as err:
+                        self.write_error = err
+                        raise
+                    except Exception as err:  # noqa: BLE001
+                        self.write_error = WriteError("--log", f"{self.path}: reading back: "
+                                                               f"{_h5.write_failure_cause(err)}")
+                        raise self.write_error from None
+            if status is not None:
+                self.set_status(status, message)
+            try:
+                self.flush()
+            except WriteError:
+                self._mark_failed_after_write_error()
+                raise
+        finally:
+            self._release()
+
+    def _mark_failed_after_write_error(self) -> None:
+        """Rewrite the fixed-size status attributes in place (no new space is needed, so this often works
+        on a full disk); rows that were not flushed are not retried."""
+        import h5py
+
+        with contextlib.suppress(Exception):
+            with h5py.File(self.path, "r+", locking=False) as f:
+                f.attrs.modify("status", _h5.fixed_str("failed", STATUS_BYTES))
+                f.attrs.modify("status_message", _h5.fixed_str(f"write error: {self.write_error.message}",
+                                                               MESSAGE_BYTES))
+
+    def _release(self) -> None:
+        self._closed = True
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._closed:
+            return False
+        if exc_type is None:
+            self.close()
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.close("interrupted", "interrupted (KeyboardInterrupt)")
+        else:
+            self.close("failed", f"{exc_type.__name__}: {exc}")
+        return False
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self._release()
+
+
+def _is_write_failure(err: OSError) -> bool:
+    return "errno = 28" in str(err) or getattr(err, "errno", None) in (28, 122, 27, 5)  # ENOSPC EDQUOT EFBIG EIO
+
+
+def _check_free_space(path: str, nbytes: int) -> None:
+    """Refuse a flush that cannot fit before touching the file, so a full disk leaves the log exactly as
+    it was at the last flush rather than half-written."""
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError:
+        return
+    needed = nbytes + METADATA_SLACK_BYTES
+    if free < needed:
+        raise WriteError("--log", f"{path}: no space left on device ({free} bytes free, the flush needs "
+                                  f"about {needed})")
+
+
+def _create_dataset(group, path: str, **kwargs):
+    """A dataset of the schema, with its `units` and `description` attributes."""
+    entry = BY_PATH[path]
+    dset = group.create_dataset(entry.name, dtype=entry.dtype, **kwargs)
+    _h5.set_str_attr(dset.attrs, "units", entry.units)
+    _h5.set_str_attr(dset.attrs, "description", entry.description)
+    return dset
+
+
+def _build(f, config_json, config_fields, env, layout, ranks, n_classes, audit, folds, created, resume_count,
+           world_ranks):
+    """Create every group, dataset and attribute of a fresh log."""
+    a = f.attrs
+    _h5.set_str_attr(a, "format", FORMAT)
+    a.create("format_version", np.int64(FORMAT_VERSION))
+    _h5.set_str_attr(a, "created", created)
+    _h5.set_str_attr(a, "status", "running", STATUS_BYTES)
+    _h5.set_str_attr(a, "status_message", "", MESSAGE_BYTES)
+    _h5.set_str_attr(a, "cnnpar_version", __version__)
+    a.create("ranks", np.int64(ranks))
+    a.create("world_ranks", np.int64(world_ranks))
+    a.create("n_classes", np.int64(n_classes))
+    a.create("resume_count", np.int64(resume_count))
+
+    for name, fields in (("config", config_fields), ("env", env)):
+        group = f.create_group(name)
+        text = config_json if name == "config" else json.dumps(env, sort_keys=True, default=_h5.json_default)
+        _h5.set_str_attr(group.attrs, "json", text)
+        for key, value in sorted(fields.items()):
+            if key != "json":
+                _h5.set_plain_attr(group.attrs, key, value)
+
+    rows = [(str(n), tuple(int(d) for d in s), int(o), int(z)) for n, s, o, z in layout]
+    lay = f.create_group("layout")
+    for name, values in (("names", [r[0] for r in rows]), ("shapes", [_h5.shape_text(r[1]) for r in rows])):
+        raw = [v.encode("utf-8") for v in values]
+        width = max([1] + [len(r) for r in raw])
+        dset = lay.create_dataset(name, data=np.array(raw, dtype=_h5.fixed_str_dtype(width)),
+                                  dtype=_h5.fixed_str_dtype(width))
+        _h5.set_str_attr(dset.attrs, "units", BY_PATH[f"/layout/{name}"].units)
+        _h5.set_str_attr(dset.attrs, "description", BY_PATH[f"/layout/{name}"].description)
+    _create_dataset(lay, "/layout/offsets", data=np.array([r[2] for r in rows], np.int64))
+    _create_dataset(lay, "/layout/sizes", data=np.array([r[3] for r in rows], np.int64))
+    n_params = max([o + z for _, _, o, z in rows], default=-1)
+
+    for table in TABLES:
+        if (table == "audit" and not audit) or (table == "folds" and not folds):
+            continue
+        group = f.create_group(table)
+        chunk = CHUNK_ROWS[table]
+        for entry in columns(table):
+            if entry.per_rank:
+                rows_per_chunk = max(16, min(chunk, 65536 // ranks))
+                _create_dataset(group, entry.path, shape=(0, ranks), maxshape=(None, ranks),
+                                chunks=(rows_per_chunk, ranks))
+            else:
+                _create_dataset(group, entry.path, shape=(0,), maxshape=(None,), chunks=(chunk,))
+        if table == "folds":
+            group.attrs.create("mean_acc", np.float64(np.nan))
+            group.attrs.create("sd_acc", np.float64(np.nan))
+
+    final = f.create_group("final")
+    if n_params >= 0:
+        params = _create_dataset(final, "/final/params", shape=(n_params,))
+        params.attrs.create("n_params", np.int64(n_params))
+    _create_dataset(final, "/final/confusion", data=np.zeros((n_classes, n_classes), np.int64))
+    for name, dtype in FINAL_ATTRS.items():
+        final.attrs.create(name, np.asarray(np.nan if dtype.startswith("float") else -1, dtype))
+    _h5.set_str_attr(final.attrs, "extra_json", "{}", FINAL_EXTRA_BYTES)
+
+    committed = _create_dataset(f, "/committed_rows", data=np.zeros(len(COMMITTED), np.int64))
+    raw = [n.encode() for n in COMMITTED]
+    committed.attrs.create("tables", np.array(raw, dtype=_h5.fixed_str_dtype(16)), dtype=_h5.fixed_str_dtype(16))

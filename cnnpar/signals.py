@@ -1,0 +1,120 @@
+"""Stopping a run cleanly: signals and write errors noted on one rank, agreed on by all at a step boundary.
+
+A signal handler may run between any two bytecodes, in the middle of an MPI call's Python wrapper or
+halfway through a log flush, so it only notes the signal. The training loop asks `agreed(comm)` at
+every window flush (a point all ranks of the replica reach at the same step); that one small allreduce
+tells every rank the most serious reason any rank has to stop, so all of them stop at the same step
+boundary even when only one rank got the signal (`kill` of one rank) or only rank 0 failed to write.
+
+SIGINT (Ctrl-C) ends the run as `interrupted` (exit 130); SIGTERM (a scheduler's preemption or time
+limit, `scancel`) and SIGUSR1 (Slurm's `--signal=USR1@T` warning) end it as `preempted` (exit 143 and
+138). A second stop signal at least `SECOND_SIGNAL_S` after the first kills the process at once with
+the default action: the launcher may forward a terminal's Ctrl-C to ranks that got it already, and
+that copy, milliseconds later, is not a second request.
+
+MPICH's hydra mpiexec forwards SIGINT, SIGTERM and SIGUSR1 to every rank. Open MPI's mpirun turns
+SIGINT and SIGTERM into SIGTERM for every rank and sends SIGKILL a few seconds later, and forwards
+SIGUSR1 and SIGUSR2; so under Open MPI a run stops as `preempted` whichever of the two it got.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+SECOND_SIGNAL_S = 1.0
+WRITE_ERROR_CODE = 1 << 10  # above every signal number: a failed write outranks a signal
+STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted", signal.SIGUSR1: "preempted"}
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why every rank stops: a signal (`signum`) or rank 0's failed write (`signum` 0)."""
+
+    signum: int
+
+    @property
+    def by_signal(self) -> bool:
+        return self.signum != 0
+
+    @property
+    def status(self) -> str:
+        """The log's status for this stop."""
+        return STOP_SIGNALS[signal.Signals(self.signum)] if self.by_signal else "failed"
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum if self.by_signal else 1
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.by_signal else "write error"
+
+
+class StopRequest:
+    """Notes stop signals (after `install()`) and a write error (`note_write_error`); `agreed(comm)`
+    is collective and returns the same `Stop` (or None) on every rank of `comm`."""
+
+    def __init__(self, speaks: bool = False):
+        self.speaks = speaks      # this rank prints the one line of a second-signal abort
+        self.signum = 0
+        self.first_at = 0.0
+        self.write_error = None
+        self._previous = {}
+        self._mine = np.zeros(1, np.int32)
+        self._agreed = np.zeros(1, np.int32)
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+    def _note(self, signum, frame) -> None:
+        now = time.monotonic()
+        if not self.signum:
+            self.signum, self.first_at = signum, now
+            return
+        if now - self.first_at >= SECOND_SIGNAL_S:  # a second request: stop waiting for a step boundary
+            if self.speaks:
+                os.write(sys.stderr.fileno(), f"cnnpar: {signal.Signals(signum).name} again: aborting at once; "
+                                              f"the log keeps what was flushed\n".encode())
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def note_write_error(self, err) -> None:
+        """Rank 0's log or checkpoint write failed: the run stops at the next agreement."""
+        if self.write_error is None:
+            self.write_error = err
+
+    def local_code(self) -> int:
+        return WRITE_ERROR_CODE if self.write_error is not None else int(self.signum)
+
+    def agreed(self, comm) -> Stop | None:
+        """Collective over `comm`: the stop every rank makes now, or None to carry on."""
+        from mpi4py import MPI
+
+        self._mine[0] = self.local_code()
+        comm.Allreduce(self._mine, self._agreed, op=MPI.MAX)
+        code = int(self._agreed[0])
+        if code == 0:
+            return None
+        return Stop(0 if code == WRITE_ERROR_CODE else code)
