@@ -76,6 +76,8 @@ class Config:
     log_window: int = _opt(512, "steps of per-rank statistics gathered to rank 0 at once")
     checkpoint_every: str = _opt("", "write a checkpoint every N steps ('500') or epochs ('1e'); '' = never")
     resume: str = _opt("", "continue from a checkpoint: its path, or 'auto' = the latest one for --log")
+    checkpoint_on_signal: bool = _opt(False, "on SIGINT, SIGTERM or SIGUSR1 write a checkpoint before stopping "
+                                      "even without --checkpoint-every (with it, one is always written)")
     quiet: bool = _opt(False, "print nothing but the final summary line")
     progress: str = _opt("auto", "rank 0's progress display: 'bar' (redrawn in place), 'lines' (one every 5 s), "
                          "'none', or 'auto' = a bar when stderr ends on a terminal, also through mpirun/srun's "

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .config import Config, parse_config, build_parser  # noqa: E402
-from .errors import EXIT_USER_ERROR, UserError  # noqa: E402
+from .errors import EXIT_USER_ERROR, EXIT_WRITE_ERROR, UserError, WriteError  # noqa: E402
 from .progress import Speaker, milestone, write_milestones  # noqa: E402
 
 milestone("imported")
@@ -71,6 +71,7 @@ def train(argv) -> int:
     with _dist.collective_check(world):  # numba is imported later, after the first note: it takes a while
         config = parse_config(argv)
         _check_world(config, world.Get_size())
+    started = world.bcast(datetime.datetime.now().astimezone(), root=0)  # names the log and stamps `created`
 
     # --- ranks, nodes, seeds: with --folds k, k groups of ranks train the k folds at once ---
     fold = world.Get_rank() * config.folds // world.Get_size()
@@ -85,7 +86,7 @@ def train(argv) -> int:
         say.line(warning)
 
     # --- data and model, and every check that needs them: all before anything is written ---
-    dataset, network, log_path, resume = _data_and_model(config, world, dist, fold, say)
+    dataset, network, log_path, resume = _data_and_model(config, world, dist, fold, say, started)
     if resume is not None and resume.get("complete"):
         say.summary(f"nothing to resume: {log_path} is already complete")
         return 0
@@ -97,7 +98,7 @@ def train(argv) -> int:
     exchange = make_exchange(config, dist, network.n_params, network=network)
     milestone("exchange")
     try:
-        run = _start(config, dist, dataset, network, exchange, log_path, resume, say)
+        run = _start(config, dist, dataset, network, exchange, log_path, resume, say, started)
         result = _train_and_log(run, world, fold, resume)
     finally:
         exchange.close()
@@ -139,7 +140,7 @@ def _compile_kernels(config: Config, dist, network, dataset, say) -> None:
     warmup.prepare(dist, plan, say)
 
 
-def _data_and_model(config: Config, world, dist, fold: int, say):
+def _data_and_model(config: Config, world, dist, fold: int, say, started):
     """Load the data and build the network on every rank; rank 0 checks the log path and any checkpoint.
     Collective: a user error anywhere ends every rank with one line before anything is written."""
     from . import data, model as model_lib
@@ -156,7 +157,7 @@ def _data_and_model(config: Config, world, dist, fold: int, say):
         if global_batch > n_train:
             raise UserError("--samples-per-rank", f"{dist.size} ranks x {config.samples_per_rank} samples = "
                             f"{global_batch} per step, more than the {n_train} training samples")
-        log_path = _log_path(config, world)
+        log_path = _log_path(config, world, started)
         if world.Get_rank() == 0:
             resume = _resume_state(config, log_path, dist.size, network.n_params)
     if notice:
@@ -180,13 +181,14 @@ class Run:
     saver: "_Checkpointer"
     steps_per_epoch: int
     total_steps: int
+    stop: object             # cnnpar.signals.StopRequest: signals and write errors, agreed at window flushes
 
 
-def _start(config, dist, dataset, network, exchange, log_path, resume, say) -> Run:
+def _start(config, dist, dataset, network, exchange, log_path, resume, say, started) -> Run:
     """Params (fresh or from the checkpoint), the optimizer, the log (new or continued) and the checkpointer."""
     from mpi4py import MPI
 
-    from . import data, model as model_lib, optim, runlog
+    from . import data, model as model_lib, optim, runlog, signals
 
     params = network.init_params(config.seed)
     if resume is not None:
@@ -201,25 +203,31 @@ def _start(config, dist, dataset, network, exchange, log_path, resume, say) -> R
     steps_per_epoch = data.steps_per_epoch(len(dataset.train_labels), dist.size, config.samples_per_rank)
     total_steps = config.steps or config.epochs * steps_per_epoch
     log = None
-    if dist.world.Get_rank() == 0:
-        if resume is None:
+    with _dist.collective_check(dist.world):  # a full disk here ends every rank with one line
+        if dist.world.Get_rank() == 0 and resume is None:
             log = runlog.RunLogWriter(log_path, config.to_json(), _config_fields(config),
                                       _environment(dist, MPI), _layout_rows(network), dist.size,
-                                      dataset.n_classes)
-        else:
+                                      dataset.n_classes, created=runlog.utc_stamp(started),
+                                      world_ranks=dist.world.Get_size())
+        elif dist.world.Get_rank() == 0:
             log = runlog.RunLogWriter.reopen(log_path, int(resume["log_steps"]), int(resume["log_epochs"]))
     saver = _Checkpointer(config, log_path, steps_per_epoch, dist.size, optimizer)
     return Run(config=config, dist=dist, dataset=dataset, network=network, params=params, grads=grads,
                exchange=exchange, optimizer=optimizer, log=log, say=say, saver=saver,
-               steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               stop=signals.StopRequest(speaks=dist.world.Get_rank() == 0))
 
 
 def _train_and_log(run: Run, world, fold: int, resume) -> dict:
     """The loop and the final evaluation, then the log's /final and its closing status."""
     log = run.log
     try:
-        result = _loop(run, _Position.restored(resume, run.dist.rank))
+        with run.stop:  # from here a signal is only noted; the ranks act on it together at a window flush
+            result = _loop(run, _Position.restored(resume, run.dist.rank))
         result.update(_gather_folds(run.config, world, run.dist, fold, result))
+    except _Stopped as halt:
+        _close_stopped(log, halt, world.Get_rank() == 0)
+        raise SystemExit(halt.stop.exit_status)
     except _Diverged as div:
         if log is not None:
             log.close("diverged", str(div))
@@ -231,14 +239,55 @@ def _train_and_log(run: Run, world, fold: int, resume) -> dict:
             log.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
                       f"{type(exc).__name__}: {exc}")
         raise
+    failure = None
     if log is not None:
         if run.config.folds > 1:
             log.write_folds(result["fold_acc"], result["fold_loss"])
         log.write_final(run.params, result["confusion"], test_acc=result["test_acc"],
                         test_loss=result["test_loss"], train_time_s=result["train_time_s"],
                         samples=result["samples"], samples_per_s=result["samples_per_s"], steps=run.total_steps)
-        log.close("complete")
+        try:
+            log.close("complete")
+        except WriteError as err:
+            failure = err.line()
+    failure = world.bcast(failure, root=0)  # every rank exits with rank 0's outcome
+    if failure is not None:
+        if world.Get_rank() == 0:
+            print(failure, file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_WRITE_ERROR)
     return result
+
+
+class _Stopped(Exception):
+    """Every rank agreed to stop at a step boundary (a signal, or rank 0's failed write)."""
+
+    def __init__(self, stop, steps_done: int, total_steps: int, checkpoint: str, checkpoint_error=None):
+        super().__init__(stop.name)
+        self.stop, self.steps_done, self.total_steps = stop, steps_done, total_steps
+        self.checkpoint, self.checkpoint_error = checkpoint, checkpoint_error
+
+
+def _close_stopped(log, halt: _Stopped, speaks: bool) -> None:
+    """Rank 0 closes the log with the stop's status and says, in one line, what happened and what is kept."""
+    stop = halt.stop
+    if log is None and not speaks:
+        return
+    if stop.by_signal:
+        kept = (f"checkpoint {halt.checkpoint} written: continue with --resume auto" if halt.checkpoint else
+                f"checkpoint failed ({halt.checkpoint_error.message})" if halt.checkpoint_error else
+                "no checkpoint (--checkpoint-every or --checkpoint-on-signal make one)")
+        message = f"stopped by {stop.name} after step {halt.steps_done} of {halt.total_steps}; {kept}"
+        line = f"cnnpar: {message}"
+    else:
+        message = f"write error: {halt.checkpoint_error.message}"
+        line = halt.checkpoint_error.line()
+    if log is not None:
+        try:
+            log.close(stop.status, message)
+        except WriteError as err:
+            line = err.line() if stop.by_signal else line
+    if speaks:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _summary_line(config: Config, result: dict, log_path: str) -> str:
@@ -403,7 +452,8 @@ def _loop(run: Run, start: _Position) -> dict:
         steps_done = step + 1
         last_of_epoch = step_in_epoch == steps_per_epoch or steps_done == total_steps
         checkpoint_due = saver.due(steps_done) and steps_done < total_steps
-        if len(window.rows) == window.size or last_of_epoch or checkpoint_due:
+        flushed = len(window.rows) == window.size or last_of_epoch or checkpoint_due
+        if flushed:
             if progress is not None:
                 progress.update(step, samples_done - samples_at_start, window.rows)
             _flush_window(window, comm, log, exchange)
@@ -420,7 +470,7 @@ def _loop(run: Run, start: _Position) -> dict:
                 if log is not None:
                     log.append_epoch(epoch, steps_done, train_loss, train_acc, test_loss, test_acc,
                                      train_time_s, samples_done)
-                    log.flush()
+                    _noting_write_errors(run.stop, log.flush)
                 if progress is not None:
                     progress.epoch(epoch, train_loss, train_acc, test_loss, test_acc)
                 result.update(test_loss=test_loss, test_acc=test_acc, confusion=confusion)
@@ -430,8 +480,13 @@ def _loop(run: Run, start: _Position) -> dict:
             train_time_s += time.perf_counter() - loop_start
             # Rank 0 saves the epoch's running sums over all ranks, so a resumed epoch reports the same figures.
             summed = comm.reduce(np.array([epoch_loss, epoch_correct, epoch_count], np.float64), root=0)
-            saver.save(log, params, steps_done, summed, train_time_s, samples_done)
+            _noting_write_errors(run.stop, saver.save, log, params, steps_done, summed, train_time_s, samples_done)
             loop_start = time.perf_counter()
+        if flushed and (halt := run.stop.agreed(comm)) is not None and (steps_done < total_steps
+                                                                        or not halt.by_signal):
+            train_time_s += time.perf_counter() - loop_start
+            summed = np.array([epoch_loss, epoch_correct, epoch_count], np.float64)
+            raise _stop_here(run, halt, steps_done, checkpoint_due, summed, train_time_s, samples_done)
 
     milestone("trained")
     _check_replicas(comm, params, total_steps - 1, log, exchange)
@@ -443,6 +498,27 @@ def _loop(run: Run, start: _Position) -> dict:
     result.update(train_time_s=train_time_s, samples=samples_done,
                   samples_per_s=samples_done / train_time_s if train_time_s > 0 else 0.0)
     return result
+
+
+def _noting_write_errors(stop, write, *args) -> None:
+    """Rank 0's log or checkpoint write; a failure stops every rank at the next agreement, not this one."""
+    try:
+        write(*args)
+    except WriteError as err:
+        stop.note_write_error(err)
+
+
+def _stop_here(run: Run, halt, steps_done, checkpointed, epoch_sums, train_time_s, samples_done) -> "_Stopped":
+    """Collective: the stop every rank agreed on, after a checkpoint when one is wanted and possible."""
+    saver, config = run.saver, run.config
+    # by_signal is agreed: no rank had noted a write error, so every rank takes the same branch
+    if halt.by_signal and (saver.every_steps or config.checkpoint_on_signal) and not checkpointed:
+        summed = run.dist.comm.reduce(epoch_sums, root=0)
+        _noting_write_errors(run.stop, saver.save, run.log, run.params, steps_done, summed, train_time_s,
+                             samples_done)
+    error = run.stop.write_error
+    wanted = halt.by_signal and (saver.every_steps or config.checkpoint_on_signal)
+    return _Stopped(halt, steps_done, run.total_steps, saver.path if wanted and error is None else "", error)
 
 
 def _warn_if_not_learning(run: Run, result: dict) -> None:
@@ -547,12 +623,11 @@ def _learning_rate_constant_from(config: Config) -> int:
     return config.warmup_steps if config.lr_scaling != "none" else 0
 
 
-def _log_path(config: Config, world) -> str:
+def _log_path(config: Config, world, started) -> str:
     """The log's path (default runs/<date-time>-n<ranks>-<mode>.h5), checked writable before training."""
     path = config.log
     if not path:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        stamp = world.bcast(stamp, root=0)
+        stamp = started.strftime("%Y%m%d-%H%M%S")
         path = os.path.join("runs", f"{stamp}-n{world.Get_size()}-{config.mode}.h5")
     if world.Get_rank() == 0:
         _check_log_path(path, make_folder=not config.log, resuming=bool(config.resume))
@@ -613,10 +688,10 @@ def _environment(dist, MPI) -> dict:
         "cnnpar": __version__, "python": platform.python_version(), "numpy": np.__version__,
         "numba": numba.__version__, "mpi4py": mpi4py.__version__, "h5py": h5py.__version__,
         "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
-        "hostnames": list(dist.hostnames), "ranks": dist.size, "cores": dist.cores,
+        "hostnames": list(dist.hostnames), "ranks": dist.world.Get_size(), "cores": dist.cores,
         "physical_cores": _physical_cores(), "nodes": dist.n_nodes, "oversubscribed": dist.oversubscribed,
         "wait": "yield" if dist.yield_when_waiting else "spin",
-        "threads_per_rank": os.environ.get("NUMBA_NUM_THREADS", ""),
+        "threads_per_rank": int(numba.config.NUMBA_NUM_THREADS),
     }
 
 

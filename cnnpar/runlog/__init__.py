@@ -6,9 +6,10 @@ says what a log holds and in what state. This package does no MPI. docs/runlog.m
 Nothing is ever pickled: the config is stored as its JSON text plus one attribute per field.
 """
 
+from ._h5 import utc_now, utc_stamp
 from .reader import RunLog, is_complete_log, open_log, summarize
 from .schema import FORMAT, FORMAT_VERSION, SCHEMA, STATUSES
 from .writer import PENDING_ROWS, RunLogWriter
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "STATUSES", "SCHEMA", "PENDING_ROWS", "RunLogWriter", "RunLog",
-           "open_log", "is_complete_log", "summarize"]
+           "open_log", "is_complete_log", "summarize", "utc_now", "utc_stamp"]

@@ -87,7 +87,7 @@ SCHEMA: tuple[Entry, ...] = (
        "one more attribute per field repeats it for `h5ls -v` (bools as uint8 0/1, `None` omitted)",
        "create"),
     _e("/env@json", "str", "()", "", "software and machine as JSON (authoritative): versions, "
-       "`mpi_library`, `hostnames` (per world rank), `ranks` (world), `nodes`, `cores`, `physical_cores`, "
+       "`mpi_library`, `hostnames` (per rank of `/@ranks`), `ranks` (the job's), `nodes`, `cores`, `physical_cores`, "
        "`oversubscribed`, `wait`, `threads_per_rank` (int); each repeated as an attribute", "create"),
     # parameter layout
     _e("/layout/names", "str", "(n,)", "", "parameter tensor names, in the order of the flat vector",

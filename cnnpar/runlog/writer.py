@@ -1,22 +1,29 @@
 """Writes one run's log (rank 0 only). The schema is `schema.SCHEMA`; docs/runlog.md explains it.
 
-The file is closed between flushes. Appended rows, the final result and status changes wait in the
-writer's memory; `flush()` opens the file, writes them, updates `/committed_rows`, and closes it again.
-So a job killed at any moment outside a flush (SIGKILL, node failure, MPI_Abort) leaves a plain,
-closed HDF5 file that any HDF5 1.10+ tool opens, holding everything up to the last flush. While the
-writer lives it holds a lock (`lock.WriterLock`) by which readers tell a live run from a dead one.
+HDF5 never writes to the disk here. The writer keeps the log's bytes in memory (an HDF5 file image);
+appended rows, the final result and status changes wait there for `flush()`, which writes them into
+the image, then writes the whole image to `<log>.flush-tmp`, syncs it and renames it over the log.
+So the log on disk is at every moment a closed, complete HDF5 file as of the last flush, whatever
+kills the job and when (SIGKILL, node failure, MPI_Abort, even mid-flush), and any HDF5 1.10+ tool
+opens it plainly. A write that fails (disk full, quota, I/O error) fails in plain Python I/O on the
+temporary file, so it leaves the log as it was and HDF5's state untouched: it becomes one
+`WriteError` naming the file and the cause. While the writer lives it holds a lock on the log
+(`lock.WriterLock`) by which readers tell a live run from a dead one.
 
-Every failed write (disk full, quota, I/O error) becomes one `WriteError` naming the file and the
-cause; after one, the writer writes nothing more except, on close, a best-effort `failed` status.
 A log is marked `complete` only after `/final` and every row were written and read back intact.
+The cost is one write of the whole file per flush (the trainer flushes once per epoch, per
+checkpoint and at the end); docs/faults.md gives the measured cost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
+
+import errno
 
 import numpy as np
 
@@ -28,7 +35,7 @@ from .schema import (BY_PATH, CHUNK_ROWS, COMMITTED, FINAL_ATTRS, FINAL_EXTRA_BY
                      LIBVER, MESSAGE_BYTES, STATUS_BYTES, TABLES, WRITTEN_STATUSES, columns)
 
 PENDING_ROWS = 65536   # rows of one table that may wait in memory before a flush is forced
-METADATA_SLACK_BYTES = 256 << 10  # room HDF5 may need beyond the raw data of one flush
+WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 
 
 class RunLogWriter:
@@ -56,27 +63,21 @@ class RunLogWriter:
         if folds is None:
             folds = int(config_fields.get("folds", 1) or 1) > 1
         json.loads(config_json)  # must be valid JSON
+        if os.path.lexists(self.path):
+            raise UserError(self.path, "a file already exists there; the run log will not overwrite it")
+        self._image = io.BytesIO()
+        with h5py.File(self._image, "w", libver=LIBVER) as f:
+            _build(f, config_json, config_fields, env, layout, ranks, n_classes, audit, folds,
+                   created or _h5.utc_now(), _resume_count, world_ranks or ranks)
         try:
-            f = h5py.File(self.path, "x", libver=LIBVER, locking=False)
-        except FileExistsError:
-            raise UserError(self.path, "a file already exists there; the run log will not overwrite it") from None
+            self._publish(exclusive=True)
         except OSError as err:
-            if _is_write_failure(err):
+            if err.errno == errno.EEXIST:
+                raise UserError(self.path, "a file already exists there; the run log will not overwrite it") \
+                    from None
+            if err.errno in WRITE_FAILURES:
                 raise WriteError("--log", f"{self.path}: {_h5.write_failure_cause(err)}") from None
-            raise UserError(self.path, f"cannot create the run log: {_h5.h5_reason(err)}") from None
-        try:
-            try:
-                _build(f, config_json, config_fields, env, layout, ranks, n_classes, audit, folds,
-                       created or _h5.utc_now(), _resume_count, world_ranks or ranks)
-            finally:
-                f.close()
-            self._lock = WriterLock(self.path)
-        except BaseException as err:
-            with contextlib.suppress(OSError):
-                os.remove(self.path)
-            if isinstance(err, Exception) and not isinstance(err, (UserError, ValueError, TypeError)):
-                raise WriteError("--log", f"{self.path}: {_h5.write_failure_cause(err)}") from None
-            raise
+            raise UserError(self.path, f"cannot create the run log: {err.strerror or err}") from None
         self.ranks, self.n_classes = ranks, n_classes
         self._tables = {t for t in TABLES if (t != "audit" or audit) and (t != "folds" or folds)}
         self._start({t: 0 for t in TABLES}, final_written=False, n_params=max([o + z for _, _, o, z in layout],
@@ -298,8 +299,7 @@ class RunLogWriter:
     def _write_session(self) -> None:
         import h5py
 
-        _check_free_space(self.path, self._pending_bytes())
-        with h5py.File(self.path, "r+", locking=False) as f:
+        with h5py.File(self._image, "r+") as f:
             for table in list(self._pending):
                 self._write_rows(f, table)
             if self._folds_stats is not None:
@@ -315,16 +315,42 @@ class RunLogWriter:
                 status, message = self._status
                 f.attrs.modify("status", _h5.fixed_str(status, STATUS_BYTES))
                 f.attrs.modify("status_message", _h5.fixed_str(message, MESSAGE_BYTES))
-        # closed: the row counts that make the rows visible reach the file after the rows themselves
+        self._publish()
         if self._final is not None:
             self._final_written, self._final = True, None
         if self._status is not None:
             self._file_status, self._status = self._status[0], None
 
-    def _pending_bytes(self) -> int:
-        rows = sum(a.nbytes for arrays in self._pending.values() for chunk in arrays for a in chunk.values())
-        final = 0 if self._final is None else self._final[0].nbytes + self._final[1].nbytes
-        return rows + final
+    def _publish(self, exclusive: bool = False) -> None:
+        """Replace the log on disk by the image, atomically: written and synced beside it, then renamed
+        (`exclusive`: linked, so that an existing file is never replaced). Plain OS errors only."""
+        data = self._image.getbuffer()
+        _check_free_space(self.path, len(data))
+        tmp = f"{self.path}.flush-tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                view, done = memoryview(data), 0
+                while done < len(view):
+                    done += os.write(fd, view[done:])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            lock = WriterLock(tmp)  # before the rename: a reader never sees the new file unlocked
+            try:
+                if exclusive:
+                    os.link(tmp, self.path)
+                else:
+                    os.replace(tmp, self.path)
+            except BaseException:
+                lock.release()
+                raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        if self._lock is not None:
+            self._lock.release()
+        self._lock = lock
 
     def _write_rows(self, f, table: str) -> None:
         pending = self._pending[table]
@@ -353,7 +379,7 @@ class RunLogWriter:
             group["params"][...] = params
 
     def _verify_final(self, params, confusion) -> None:
-        """Read the file back: every row and the final result must be there, bit for bit."""
+        """Read the file on disk back: every row and the final result must be there, bit for bit."""
         import h5py
 
         with h5py.File(self.path, "r", locking=False) as f:
@@ -404,15 +430,19 @@ class RunLogWriter:
             self._release()
 
     def _mark_failed_after_write_error(self) -> None:
-        """Rewrite the fixed-size status attributes in place (no new space is needed, so this often works
-        on a full disk); rows that were not flushed are not retried."""
+        """Best effort: the log as of its last good flush, with status `failed`. This needs the file's
+        size in free space; where even that fails the log stays `running`, which readers report as
+        `incomplete` once this process is gone."""
         import h5py
 
         with contextlib.suppress(Exception):
-            with h5py.File(self.path, "r+", locking=False) as f:
+            with open(self.path, "rb") as disk:
+                self._image = io.BytesIO(disk.read())
+            with h5py.File(self._image, "r+") as f:
                 f.attrs.modify("status", _h5.fixed_str("failed", STATUS_BYTES))
                 f.attrs.modify("status_message", _h5.fixed_str(f"write error: {self.write_error.message}",
                                                                MESSAGE_BYTES))
+            self._publish()
 
     def _release(self) -> None:
         self._closed = True
@@ -439,21 +469,14 @@ class RunLogWriter:
             self._release()
 
 
-def _is_write_failure(err: OSError) -> bool:
-    return "errno = 28" in str(err) or getattr(err, "errno", None) in (28, 122, 27, 5)  # ENOSPC EDQUOT EFBIG EIO
-
-
 def _check_free_space(path: str, nbytes: int) -> None:
-    """Refuse a flush that cannot fit before touching the file, so a full disk leaves the log exactly as
-    it was at the last flush rather than half-written."""
+    """A flush that cannot fit fails before writing a byte, with the figures in its message."""
     try:
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
     except OSError:
         return
-    needed = nbytes + METADATA_SLACK_BYTES
-    if free < needed:
-        raise WriteError("--log", f"{path}: no space left on device ({free} bytes free, the flush needs "
-                                  f"about {needed})")
+    if free < nbytes:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free} bytes free, the log needs {nbytes})")
 
 
 def _create_dataset(group, path: str, **kwargs):
