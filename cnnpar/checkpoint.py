@@ -4,16 +4,17 @@ A checkpoint holds the flat params, the optimizer's flat velocity, the data
 position (global step; the sample order is a pure function of seed and epoch,
 so no RNG state has to be carried), the running epoch statistics, the time and
 samples accounted so far, the config, the rank count, and how many rows of the
-run log belong to it. Rank 0 writes it atomically (temporary file, then
-rename, after syncing it and reading it back), so a kill or a full disk at any moment leaves the
-previous checkpoint intact. No
-pickle anywhere: opening a checkpoint cannot run code.
+run log belong to it. Rank 0 writes it atomically (a temporary file, synced
+and read back, then renamed), so a kill or a full disk at any moment leaves the
+previous checkpoint intact. No pickle anywhere: opening a checkpoint cannot run
+code.
 
 The checkpoint of a log lives beside it: `<log>.ckpt`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -83,9 +84,8 @@ def _fsync(path: str) -> None:
 def _check_free_space(path: str, nbytes: int) -> None:
     free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
     needed = nbytes + (64 << 10)  # HDF5 metadata and attributes
-    if free < needed:
-        raise WriteError("--checkpoint-every", f"{path}: no space left on device ({free} bytes free, the "
-                                               f"checkpoint needs about {needed})")
+    if free < needed:  # fail before writing a byte
+        raise OSError(errno.ENOSPC, f"{free} bytes free, the checkpoint needs about {needed}")
 
 
 def load(path: str) -> dict:

@@ -250,7 +250,8 @@ def _load(f, path: str) -> RunLog:
     log.writer_alive = writer_alive(path) if log.status == "running" else False
     if log.status == "running" and log.writer_alive is False and version >= 2:
         log.status = "incomplete"
-        log.status_message = "the writer stopped without closing the log (killed, or its node failed)"
+        log.status_message = ("no writer holds it and it was never closed: the job was killed, its node "
+                              "failed, or its disk filled up")
     log.cnnpar_version = str(_attr(f.attrs, "cnnpar_version"))
     log.ranks = _int_attr(f.attrs, "ranks", 1)
     log.world_ranks = int(_attr(f.attrs, "world_ranks", required=False, default=log.ranks))

@@ -285,6 +285,8 @@ class RunLogWriter:
         self._check_open()
         if self.write_error is not None:
             raise self.write_error
+        if not (self._pending or self._final is not None or self._status is not None or self._folds_stats):
+            return  # nothing new: the file on disk is current
         try:
             self._write_session()
         except Exception as err:  # noqa: BLE001 - whatever broke the write, the log is now what it was
@@ -305,6 +307,7 @@ class RunLogWriter:
             if self._folds_stats is not None:
                 f["folds"].attrs.modify("mean_acc", self._folds_stats[0])
                 f["folds"].attrs.modify("sd_acc", self._folds_stats[1])
+                self._folds_stats = None
             final_now = self._final is not None
             if final_now:
                 self._write_final(f)

@@ -1,0 +1,352 @@
+"""The fault matrix of docs/faults.md: full disks, signals and killed ranks, each checked for the exit
+status, the time to exit, the one line printed, the log's status, that plain HDF5 (h5py and Debian's
+h5dump) opens the log, that its flushed rows equal an uninterrupted run's, and that `--resume auto`
+then finishes bit-identical to the uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from cnnpar.runlog import open_log
+from mpi_util import REPO, mpiexec, run_mpi, run_train
+
+sys.path.insert(0, str(REPO / "launch"))
+from soak import rank_pids  # noqa: E402
+
+H5DUMP = shutil.which("h5dump")
+DISK_FLAGS = ["--dataset", "mnist-5k", "--seed", "7", "--momentum", "0.5", "--epochs", "3",
+              "--checkpoint-every", "1e", "--quiet"]
+SIGNAL_FLAGS = ["--dataset", "mnist-5k", "--seed", "7", "--momentum", "0.5", "--epochs", "4",
+                "--checkpoint-every", "1e", "--quiet"]
+SIGNAL_RANKS = 4
+EXIT_WITHIN_S = 10.0
+
+
+def _h5dump_reads(path) -> None:
+    if H5DUMP is None:
+        return  # the skip is visible in test_h5dump_reads_complete_interrupted_and_killed_logs
+    done = subprocess.run([H5DUMP, "-H", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def _plain_open(path) -> None:
+    with h5py.File(path, "r") as f:  # no swmr, no special flags: what any user or tool does
+        assert f.attrs["format"] == b"cnnpar-runlog"
+
+
+def _lines(stderr: str) -> list:
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+def _same_prefix(log, reference) -> int:
+    """The log's flushed rows are the reference run's first rows, bit for bit; returns how many."""
+    n = len(log.steps["step"])
+    for key, values in log.steps.items():
+        if key not in ("compute_s", "exchange_s", "wait_s"):  # timings differ between runs
+            assert np.array_equal(values, reference.steps[key][:n]), key
+    for key in ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "samples"):
+        assert np.array_equal(log.epochs[key], reference.epochs[key][: len(log.epochs["epoch"])]), key
+    return n
+
+
+def _resume_matches(n, flags, path, reference) -> None:
+    resumed = run_train(n, *flags, "--log", path, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    with open_log(path) as log:
+        assert log.complete
+        assert np.array_equal(log.final["params"], reference.final["params"])
+        assert np.array_equal(log.steps["loss"], reference.steps["loss"])
+        assert np.array_equal(log.steps["step"], np.arange(len(reference.steps["step"])))
+        assert np.array_equal(log.epochs["test_acc"], reference.epochs["test_acc"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# full disks
+
+
+def _tmpfs(size: str):
+    """A fresh small tmpfs, or None where mounting is not allowed (then the driver uses RLIMIT_FSIZE)."""
+    folder = tempfile.mkdtemp(prefix="cnnpar-full-")
+    if os.geteuid() == 0 and shutil.which("mount"):
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder], capture_output=True)
+        if done.returncode == 0:
+            return folder
+    os.rmdir(folder)
+    return None
+
+
+@pytest.fixture(scope="module")
+def disk_reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "ref.h5"
+    done = run_train(2, *DISK_FLAGS, "--log", path)
+    assert done.returncode == 0, done.stderr
+    return open_log(path)
+
+
+# moment of the fault, whether a checkpoint is left to resume from, which file the line names
+DISK_ROWS = [("publish:2", False, "log"),     # the first flush (epoch 1)
+             ("publish:3", True, "log"),      # a middle flush (epoch 2; epoch 1's checkpoint is kept)
+             ("final", True, "log"),          # the closing write of /final
+             ("checkpoint:2", True, "ckpt")]  # the second checkpoint (the first survives)
+
+
+@pytest.mark.parametrize("how", ["fill", "rlimit"])
+@pytest.mark.parametrize("moment, resumable, culprit", DISK_ROWS, ids=[r[0] for r in DISK_ROWS])
+def test_disk_full(tmp_path, disk_reference, moment, resumable, culprit, how):
+    """`fill`: a real 8 MB tmpfs filled up just before the write; `rlimit`: the write fails with EFBIG
+    (RLIMIT_FSIZE), a real failing write where no tmpfs can be mounted."""
+    folder = _tmpfs("8m") if how == "fill" else str(tmp_path)
+    if folder is None:
+        pytest.skip("mount -t tmpfs is not allowed here; the rlimit rows stand in")
+    try:
+        path = os.path.join(folder, "a.h5")
+        started = time.monotonic()
+        done = run_mpi(2, [REPO / "tests" / "mpi_fault_driver.py", *DISK_FLAGS, "--log", path],
+                       env={"FAULT_DISK": moment, "FAULT_DISK_HOW": how}, timeout=180)
+        elapsed_s = time.monotonic() - started
+        cause = "no space left on device" if how == "fill" else "file too large"
+        named = f"{path}.ckpt" if culprit == "ckpt" else path
+        flag = "--checkpoint-every" if culprit == "ckpt" else "--log"
+        assert done.returncode == 1, done.stderr
+        assert _lines(done.stderr) == [f"cnnpar: error: {flag}: {named}: {cause}"], done.stderr
+        assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+        assert elapsed_s < 120
+        with open_log(path) as log:
+            assert log.status in ("failed", "incomplete") and log.final is None
+            flushed = _same_prefix(log, disk_reference)
+        assert flushed > 0 or moment == "publish:2"
+        _plain_open(path)
+        _h5dump_reads(path)
+        if os.path.exists(os.path.join(folder, "filler")):
+            os.remove(os.path.join(folder, "filler"))  # the user frees space, then continues
+        leftovers = sorted(name for name in os.listdir(folder) if name not in ("a.h5", "a.h5.ckpt"))
+        assert leftovers == [], leftovers  # no temporary file is left behind
+        if resumable:
+            assert os.path.exists(f"{path}.ckpt")
+            _resume_matches(2, DISK_FLAGS, path, disk_reference)
+        else:
+            assert not os.path.exists(f"{path}.ckpt")
+    finally:
+        if how == "fill":
+            subprocess.run(["umount", folder], check=False)
+            os.rmdir(folder)
+
+
+def test_the_issue_reproduction_a_300k_tmpfs_gives_one_line(tmp_path):
+    """docs/faults.md's first example: a disk too small for the log."""
+    folder = _tmpfs("300k")
+    if folder is None:
+        pytest.skip("mount -t tmpfs is not allowed here (the rlimit rows of test_disk_full stand in)")
+    try:
+        path = os.path.join(folder, "a.h5")
+        done = run_train(2, "--dataset", "mnist-5k", "--epochs", "3", "--log", path, "--quiet")
+        assert done.returncode == 1
+        assert _lines(done.stderr) == [f"cnnpar: error: --log: {path}: no space left on device"], done.stderr
+        with open_log(path) as log:
+            assert not log.complete and log.final is None
+        _plain_open(path)
+        _h5dump_reads(path)
+    finally:
+        subprocess.run(["umount", folder], check=False)
+        os.rmdir(folder)
+
+
+# ----------------------------------------------------------------------------------------------------
+# signals and kills, at 4 ranks, repeated
+
+
+@pytest.fixture(scope="module")
+def signal_reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "ref.h5"
+    done = run_train(SIGNAL_RANKS, *SIGNAL_FLAGS, "--log", path)
+    assert done.returncode == 0, done.stderr
+    return open_log(path)
+
+
+def _start(path, tag, flags):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CNNPAR_TEST_TAG=tag)
+    command = [mpiexec(), "-n", str(SIGNAL_RANKS), sys.executable, "-m", "cnnpar.train", *flags, "--log", str(path)]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group, as a terminal's job is
+
+
+def _wait_for_epochs(path, epochs: int, job, timeout_s=180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert job.poll() is None, job.communicate()
+        try:
+            if len(open_log(path).epochs["epoch"]) >= epochs:
+                return
+        except Exception:  # noqa: BLE001 - not created yet
+            pass
+        time.sleep(0.02)
+    pytest.fail("no epoch completed in time")
+
+
+def _rank_pids(tag):
+    deadline = time.monotonic() + 60
+    found = {}
+    while time.monotonic() < deadline and len(found) < SIGNAL_RANKS:
+        found = rank_pids(tag, "CNNPAR_TEST_TAG")
+        time.sleep(0.02)
+    assert len(found) == SIGNAL_RANKS, found
+    return found
+
+
+# how the signal is delivered, the signal, exit status, log status, the line's start (None: no line)
+SIGNAL_ROWS = [
+    ("mpirun", signal.SIGINT, 130, "interrupted", "cnnpar: stopped by SIGINT after step "),
+    ("group", signal.SIGINT, 130, "interrupted", "cnnpar: stopped by SIGINT after step "),
+    ("mpirun", signal.SIGTERM, 143, "preempted", "cnnpar: stopped by SIGTERM after step "),
+    ("rank 2", signal.SIGTERM, 143, "preempted", "cnnpar: stopped by SIGTERM after step "),
+    ("mpirun", signal.SIGUSR1, 138, "preempted", "cnnpar: stopped by SIGUSR1 after step "),
+    ("rank 0", signal.SIGKILL, None, "incomplete", None),
+    ("rank 1", signal.SIGKILL, None, "incomplete", None),
+]
+REPEATS = 3
+
+
+@pytest.mark.parametrize("attempt", range(REPEATS))
+@pytest.mark.parametrize("to, signum, exit_status, status, line", SIGNAL_ROWS,
+                         ids=[f"{r[1].name}-to-{r[0].replace(' ', '')}" for r in SIGNAL_ROWS])
+def test_signal(tmp_path, signal_reference, to, signum, exit_status, status, line, attempt):
+    path = tmp_path / "sig.h5"
+    tag = f"sig-{os.getpid()}-{signum}-{to.replace(' ', '')}-{attempt}"
+    job = _start(path, tag, SIGNAL_FLAGS)
+    try:
+        pids = _rank_pids(tag)
+        _wait_for_epochs(path, 1, job)
+        time.sleep(random.uniform(0.0, 0.6))  # somewhere in the second epoch
+        sent_at = time.monotonic()
+        if to == "mpirun":
+            os.kill(job.pid, signum)
+        elif to == "group":
+            os.killpg(job.pid, signum)  # a terminal's ^C: mpiexec and every rank at once
+        else:
+            os.kill(pids[int(to.split()[1])], signum)
+        _, stderr = job.communicate(timeout=60)
+        exit_s = time.monotonic() - sent_at
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert exit_s <= EXIT_WITHIN_S, exit_s
+    assert "Traceback" not in stderr
+    if exit_status is not None:
+        assert job.returncode == exit_status, stderr
+        lines = _lines(stderr)
+        assert len(lines) == 1 and lines[0].startswith(line), stderr
+        assert "checkpoint" in lines[0] and "--resume auto" in lines[0]
+    else:
+        assert job.returncode != 0
+        assert not any(text.startswith("cnnpar:") for text in _lines(stderr)), stderr
+    with open_log(path) as log:
+        assert log.status == status, log.status_message
+        flushed = _same_prefix(log, signal_reference)
+        assert flushed >= len(signal_reference.steps["step"]) // 4  # at least the first epoch
+        if exit_status is not None:  # stopped at a step boundary that is also a window flush
+            assert log.status_message.startswith(line[len("cnnpar: "):])
+    _plain_open(path)
+    _h5dump_reads(path)
+    if attempt == 0:
+        _resume_matches(SIGNAL_RANKS, SIGNAL_FLAGS, path, signal_reference)
+
+
+def test_signal_without_checkpointing_says_so_and_checkpoint_on_signal_makes_one(tmp_path):
+    flags = ["--dataset", "mnist-5k", "--epochs", "4", "--quiet"]
+    for extra, expect_checkpoint in (([], False), (["--checkpoint-on-signal"], True)):
+        path = tmp_path / f"plain{len(extra)}.h5"
+        tag = f"plain-{os.getpid()}-{len(extra)}"
+        job = _start(path, tag, flags + extra)
+        try:
+            _rank_pids(tag)
+            _wait_for_epochs(path, 1, job)
+            os.kill(job.pid, signal.SIGTERM)
+            _, stderr = job.communicate(timeout=60)
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+        assert job.returncode == 143
+        lines = _lines(stderr)
+        assert len(lines) == 1, stderr
+        assert os.path.exists(f"{path}.ckpt") == expect_checkpoint
+        assert ("--resume auto" in lines[0]) == expect_checkpoint
+        assert open_log(path).status == "preempted"
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+    """The first ^C waits for the next window flush; with windows as long as an epoch, a second ^C a
+    few seconds later does not wait for it."""
+    path = tmp_path / "twice.h5"
+    tag = f"twice-{os.getpid()}"
+    flags = ["--dataset", "mnist-5k", "--arch", "lenet", "--epochs", "3", "--log-window", "100000", "--quiet"]
+    job = _start(path, tag, flags)
+    try:
+        _rank_pids(tag)
+        _wait_for_epochs(path, 1, job, timeout_s=400)
+        os.killpg(job.pid, signal.SIGINT)
+        time.sleep(1.5)
+        assert job.poll() is None, "the run stopped before the second ^C: make its epochs longer"
+        second_at = time.monotonic()
+        os.killpg(job.pid, signal.SIGINT)
+        _, stderr = job.communicate(timeout=30)
+        abort_s = time.monotonic() - second_at
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert abort_s < 3.0, abort_s
+    assert job.returncode != 0 and "Traceback" not in stderr
+    assert "cnnpar: SIGINT again: aborting at once" in stderr
+    with open_log(path) as log:
+        assert log.status == "incomplete" and len(log.epochs["epoch"]) >= 1
+    _plain_open(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# HDF5 1.10 tools
+
+
+def test_h5dump_reads_complete_interrupted_and_killed_logs(tmp_path):
+    if H5DUMP is None:
+        pytest.skip("h5dump not found: install Debian's hdf5-tools to check HDF5 1.10 compatibility")
+    complete = tmp_path / "complete.h5"
+    assert run_train(2, "--dataset", "mnist-5k", "--steps", "300", "--log", complete, "--quiet").returncode == 0
+    interrupted = tmp_path / "interrupted.h5"
+    tag = f"dump-{os.getpid()}"
+    job = _start(interrupted, tag, ["--dataset", "mnist-5k", "--epochs", "4", "--quiet", "--race-audit",
+                                    "--mode", "race"])
+    _rank_pids(tag)
+    _wait_for_epochs(interrupted, 1, job)
+    os.kill(job.pid, signal.SIGINT)
+    job.communicate(timeout=60)
+    killed = tmp_path / "killed.h5"
+    tag = f"dumpk-{os.getpid()}"
+    job = _start(killed, tag, ["--dataset", "mnist-5k", "--epochs", "4", "--quiet"])
+    pids = _rank_pids(tag)
+    _wait_for_epochs(killed, 1, job)
+    os.kill(pids[0], signal.SIGKILL)
+    job.communicate(timeout=60)
+    for path, status in ((complete, "complete"), (interrupted, "interrupted"), (killed, "incomplete")):
+        assert open_log(path).status == status
+        done = subprocess.run([H5DUMP, str(path)], capture_output=True, text=True, timeout=120)  # every dataset
+        assert done.returncode == 0 and "ERROR" not in done.stdout, (path, done.stderr[-2000:])
+        listing = subprocess.run(["h5ls", "-r", str(path)], capture_output=True, text=True, timeout=60)
+        assert listing.returncode == 0 and "*ERROR*" not in listing.stdout, listing.stdout
+        with h5py.File(path, "r") as f:
+            names = []
+            f.visit(names.append)
+            datasets = [n for n in names if isinstance(f[n], h5py.Dataset)]
+            for name in datasets:  # every dataset is self-describing
+                assert "units" in f[name].attrs and "description" in f[name].attrs, name
+                assert f[name].attrs["description"], name
