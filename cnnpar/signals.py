@@ -9,8 +9,8 @@ boundary even when only one rank got the signal (`kill` of one rank) or only ran
 SIGINT (Ctrl-C) ends the run as `interrupted` (exit 130); SIGTERM (a scheduler's preemption or time
 limit, `scancel`) and SIGUSR1 (Slurm's `--signal=USR1@T` warning) end it as `preempted` (exit 143 and
 138). A second stop signal at least `SECOND_SIGNAL_S` after the first kills the process at once with
-the default action: the launcher may forward a terminal's Ctrl-C to ranks that got it already, and
-that copy, milliseconds later, is not a second request.
+the signal's default action; copies within that second are ignored, because the launcher forwards a
+terminal's Ctrl-C to ranks that got it already, milliseconds later.
 
 MPICH's hydra mpiexec forwards SIGINT, SIGTERM and SIGUSR1 to every rank. Open MPI's mpirun turns
 SIGINT and SIGTERM into SIGTERM for every rank and sends SIGKILL a few seconds later, and forwards
@@ -19,9 +19,7 @@ SIGUSR1 and SIGUSR2; so under Open MPI a run stops as `preempted` whichever of t
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -61,8 +59,7 @@ class StopRequest:
     """Notes stop signals (after `install()`) and a write error (`note_write_error`); `agreed(comm)`
     is collective and returns the same `Stop` (or None) on every rank of `comm`."""
 
-    def __init__(self, speaks: bool = False):
-        self.speaks = speaks      # this rank prints the one line of a second-signal abort
+    def __init__(self):
         self.signum = 0
         self.first_at = 0.0
         self.write_error = None
@@ -77,6 +74,8 @@ class StopRequest:
         return self
 
     def restore(self) -> None:
+        if signal.SIGALRM in self._previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
@@ -89,16 +88,18 @@ class StopRequest:
         return False
 
     def _note(self, signum, frame) -> None:
-        now = time.monotonic()
-        if not self.signum:
-            self.signum, self.first_at = signum, now
-            return
-        if now - self.first_at >= SECOND_SIGNAL_S:  # a second request: stop waiting for a step boundary
-            if self.speaks:
-                os.write(sys.stderr.fileno(), f"cnnpar: {signal.Signals(signum).name} again: aborting at once; "
-                                              f"the log keeps what was flushed\n".encode())
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        if self.signum:
+            return  # a copy of the first (see SECOND_SIGNAL_S)
+        self.signum, self.first_at = signum, time.monotonic()
+        # From SECOND_SIGNAL_S on, a stop signal takes its default action, in the kernel: it kills at
+        # once even while this rank sits in a long C call (an MPI wait, a kernel) where no Python
+        # handler could run.
+        self._previous.setdefault(signal.SIGALRM, signal.signal(signal.SIGALRM, self._arm_second))
+        signal.setitimer(signal.ITIMER_REAL, SECOND_SIGNAL_S)
+
+    def _arm_second(self, signum, frame) -> None:
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, signal.SIG_DFL)
 
     def note_write_error(self, err) -> None:
         """Rank 0's log or checkpoint write failed: the run stops at the next agreement."""

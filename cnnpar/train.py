@@ -215,7 +215,7 @@ def _start(config, dist, dataset, network, exchange, log_path, resume, say, star
     return Run(config=config, dist=dist, dataset=dataset, network=network, params=params, grads=grads,
                exchange=exchange, optimizer=optimizer, log=log, say=say, saver=saver,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               stop=signals.StopRequest(speaks=dist.world.Get_rank() == 0))
+               stop=signals.StopRequest())
 
 
 def _train_and_log(run: Run, world, fold: int, resume) -> dict:

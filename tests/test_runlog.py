@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -414,3 +415,70 @@ def test_fuzzed_bytes_give_a_user_error_or_a_log_never_another_exception(good_lo
     else:
         assert log.status in ("running", "complete", "failed", "diverged", "interrupted")
     assert is_complete_log(path) in (True, False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the schema as data
+
+
+def test_docs_embed_the_schema_table_verbatim():
+    from cnnpar.runlog.schema import markdown_table
+
+    text = (REPO / "docs" / "runlog.md").read_text()
+    embedded = text.split("<!-- schema:begin -->\n", 1)[1].split("\n<!-- schema:end -->", 1)[0]
+    assert embedded == markdown_table(), "docs/runlog.md differs from cnnpar.runlog.schema: paste " \
+                                         "`python -m cnnpar.runlog schema` between the schema markers"
+
+
+def test_the_file_matches_the_schema_and_every_dataset_describes_itself(tmp_path):
+    from cnnpar.runlog.schema import SCHEMA
+
+    path = tmp_path / "full.h5"
+    _write_full_log(path)
+    with h5py.File(path, "r") as f:
+        names = []
+        f.visit(names.append)
+        datasets = {"/" + n for n in names if isinstance(f[n], h5py.Dataset)}
+        documented = {e.path for e in SCHEMA if not e.is_attribute}
+        assert datasets == documented  # a log with every optional group holds exactly the schema's datasets
+        for entry in SCHEMA:
+            if entry.is_attribute:
+                group = f[entry.group]
+                assert entry.name in group.attrs, entry.path
+                value = group.attrs[entry.name]
+                if entry.dtype.startswith("str"):
+                    assert isinstance(value, bytes), entry.path
+                else:
+                    assert np.asarray(value).dtype == np.dtype(entry.dtype), entry.path
+                continue
+            dset = f[entry.path]
+            assert dset.attrs["units"].decode() == entry.units, entry.path
+            assert dset.attrs["description"].decode() == entry.description, entry.path
+            assert dset.ndim == entry.ndim, entry.path
+            if not entry.dtype.startswith("str"):
+                assert dset.dtype == np.dtype(entry.dtype), entry.path
+        assert f["final/params"].maxshape == f["final/params"].shape  # fixed-shape
+        assert f["consistency/ok"].dtype == np.uint8
+        assert f["config"].attrs["race_audit"].dtype == np.uint8  # no bool enum anywhere
+
+
+def test_reader_refuses_a_dataset_of_the_wrong_dtype(tmp_path, good_log):
+    bad = tmp_path / "retyped.h5"
+    shutil.copy(good_log, bad)
+    with h5py.File(bad, "r+") as f:
+        del f["steps/loss"]
+        f["steps"].create_dataset("loss", data=np.zeros(len(f["steps/step"]), np.float64))
+    _assert_user_error(bad, "/steps/loss", "float64")
+
+
+def test_info_says_what_a_log_holds(tmp_path):
+    path = tmp_path / "full.h5"
+    _write_full_log(path)
+    done = subprocess.run([sys.executable, "-m", "cnnpar.runlog", "info", str(path)], capture_output=True,
+                          text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{path}: complete\n")
+    assert "80 steps, last step 79, 2 epochs" in done.stdout and "no writer holds it" in done.stdout
+    missing = subprocess.run([sys.executable, "-m", "cnnpar.runlog", "info", str(tmp_path / "nope.h5")],
+                             capture_output=True, text=True, cwd=REPO)
+    assert missing.returncode == 2 and missing.stderr.strip() == f"cnnpar: error: {tmp_path / 'nope.h5'}: no such file"
