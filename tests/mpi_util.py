@@ -34,3 +34,19 @@ def run_mpi(n: int, args: list, timeout: float = 120, env: dict | None = None, c
 
 def run_train(n: int, *flags, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
     return run_mpi(n, ["-m", "cnnpar.train", *flags], timeout=timeout, env=env)
+
+
+def wait_for_rank_pids(tag: str, ranks: int, variable: str = "CNNPAR_TEST_TAG", timeout_s: float = 60) -> dict:
+    """rank -> pid of a just-started job's ranks, found by the tag in their environment."""
+    import time
+
+    sys.path.insert(0, str(REPO / "launch"))
+    from soak import rank_pids
+
+    deadline = time.monotonic() + timeout_s
+    found = {}
+    while time.monotonic() < deadline and len(found) < ranks:
+        found = rank_pids(tag, variable)
+        time.sleep(0.02)
+    assert len(found) == ranks, found
+    return found

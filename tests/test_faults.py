@@ -19,10 +19,7 @@ import numpy as np
 import pytest
 
 from cnnpar.runlog import open_log
-from mpi_util import REPO, mpiexec, run_mpi, run_train
-
-sys.path.insert(0, str(REPO / "launch"))
-from soak import rank_pids  # noqa: E402
+from mpi_util import REPO, mpiexec, run_mpi, run_train, wait_for_rank_pids
 
 H5DUMP = shutil.which("h5dump")
 DISK_FLAGS = ["--dataset", "mnist-5k", "--seed", "7", "--momentum", "0.5", "--epochs", "3",
@@ -204,16 +201,6 @@ def _wait_until_no_writer(path, timeout_s=10.0) -> None:
         time.sleep(0.02)
 
 
-def _rank_pids(tag):
-    deadline = time.monotonic() + 60
-    found = {}
-    while time.monotonic() < deadline and len(found) < SIGNAL_RANKS:
-        found = rank_pids(tag, "CNNPAR_TEST_TAG")
-        time.sleep(0.02)
-    assert len(found) == SIGNAL_RANKS, found
-    return found
-
-
 # how the signal is delivered, the signal, exit status, log status, the line's start (None: no line)
 SIGNAL_ROWS = [
     ("mpirun", signal.SIGINT, 130, "interrupted", "cnnpar: stopped by SIGINT after step "),
@@ -235,7 +222,7 @@ def test_signal(tmp_path, signal_reference, to, signum, exit_status, status, lin
     tag = f"sig-{os.getpid()}-{signum}-{to.replace(' ', '')}-{attempt}"
     job = _start(path, tag, SIGNAL_FLAGS)
     try:
-        pids = _rank_pids(tag)
+        pids = wait_for_rank_pids(tag, SIGNAL_RANKS)
         _wait_for_epochs(path, 1, job)
         time.sleep(random.uniform(0.0, 0.6))  # somewhere in the second epoch
         sent_at = time.monotonic()
@@ -281,7 +268,7 @@ def test_signal_without_checkpointing_says_so_and_checkpoint_on_signal_makes_one
         tag = f"plain-{os.getpid()}-{len(extra)}"
         job = _start(path, tag, flags + extra)
         try:
-            _rank_pids(tag)
+            wait_for_rank_pids(tag, SIGNAL_RANKS)
             _wait_for_epochs(path, 1, job)
             os.kill(job.pid, signal.SIGTERM)
             _, stderr = job.communicate(timeout=60)
@@ -306,7 +293,7 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, to):
     flags = ["--dataset", "mnist-5k", "--arch", "lenet", "--epochs", "3", "--log-window", "100000", "--quiet"]
     job = _start(path, tag, flags)
     try:
-        pids = _rank_pids(tag)
+        pids = wait_for_rank_pids(tag, SIGNAL_RANKS)
 
         def interrupt():
             if to == "group":
@@ -349,14 +336,14 @@ def test_h5dump_reads_complete_interrupted_and_killed_logs(tmp_path):
     tag = f"dump-{os.getpid()}"
     job = _start(interrupted, tag, ["--dataset", "mnist-5k", "--epochs", "4", "--quiet", "--race-audit",
                                     "--mode", "race"])
-    _rank_pids(tag)
+    wait_for_rank_pids(tag, SIGNAL_RANKS)
     _wait_for_epochs(interrupted, 1, job)
     os.kill(job.pid, signal.SIGINT)
     job.communicate(timeout=60)
     killed = tmp_path / "killed.h5"
     tag = f"dumpk-{os.getpid()}"
     job = _start(killed, tag, ["--dataset", "mnist-5k", "--epochs", "4", "--quiet"])
-    pids = _rank_pids(tag)
+    pids = wait_for_rank_pids(tag, SIGNAL_RANKS)
     _wait_for_epochs(killed, 1, job)
     os.kill(pids[0], signal.SIGKILL)
     job.communicate(timeout=60)

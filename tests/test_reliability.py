@@ -12,10 +12,7 @@ import numpy as np
 import pytest
 
 from cnnpar.runlog import open_log
-from mpi_util import REPO, mpiexec, run_mpi, run_train
-
-sys.path.insert(0, str(REPO / "launch"))
-from soak import rank_pids  # noqa: E402  (finds an MPI job's rank processes; the soak check uses it too)
+from mpi_util import REPO, mpiexec, run_mpi, run_train, wait_for_rank_pids
 
 BASE = ["--dataset", "mnist-5k", "--seed", "5", "--quiet", "--momentum", "0.5"]
 
@@ -70,7 +67,7 @@ def test_killed_rank_ends_the_job_promptly_and_resume_finishes(tmp_path):
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=dict(env, CNNPAR_TEST_TAG="pending"))
     try:
-        pids = _rank_pids_by_tag("pending")
+        pids = wait_for_rank_pids("pending", 3)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # wait for the first completed epoch, reading the live log
             if os.path.exists(path):
@@ -101,16 +98,6 @@ def test_killed_rank_ends_the_job_promptly_and_resume_finishes(tmp_path):
         steps_per_epoch = -(-4000 // 3)
         assert np.array_equal(log.steps["step"], np.arange(8 * steps_per_epoch))
         assert list(log.epochs["epoch"]) == list(range(8))
-
-
-def _rank_pids_by_tag(tag, ranks=3):
-    deadline = time.monotonic() + 60
-    found = {}
-    while time.monotonic() < deadline and len(found) < ranks:
-        found = rank_pids(tag, "CNNPAR_TEST_TAG")
-        time.sleep(0.05)
-    assert len(found) == ranks, found
-    return found
 
 
 def test_divergence_stops_with_one_line_naming_the_step_and_keeps_the_log(tmp_path):
