@@ -136,3 +136,21 @@ def test_resume_with_another_rank_count_is_refused(tmp_path):
     again = run_train(3, *BASE, "--steps", "300", "--checkpoint-every", "100", "--log", path, "--resume", "auto")
     assert again.returncode == 2
     assert "2 ranks" in again.stderr and "3" in again.stderr and again.stderr.count("cnnpar: error") == 1
+
+
+def test_the_log_records_the_job_and_the_replica_and_its_start(tmp_path):
+    """With --folds 2 on 2 ranks the per-rank tables hold fold 0's one rank; the job had 2. `created` is
+    the instant the default file name is stamped with (the start, not after compilation)."""
+    import datetime
+
+    done = run_mpi(2, ["-m", "cnnpar.train", "--dataset", "mnist-5k", "--folds", "2", "--steps", "50", "--quiet"],
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (path,) = (tmp_path / "runs").iterdir()
+    with open_log(path) as log:
+        assert log.ranks == 1 and log.world_ranks == 2 and log.steps["compute_s"].shape[1] == 1
+        assert log.env["ranks"] == 2 and isinstance(log.env["threads_per_rank"], int)
+        stamp = datetime.datetime.strptime(path.name.split("-n2-")[0], "%Y%m%d-%H%M%S").astimezone()
+        created = datetime.datetime.strptime(log.created, "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=datetime.timezone.utc)
+        assert created == stamp.astimezone(datetime.timezone.utc)

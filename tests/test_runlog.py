@@ -35,7 +35,7 @@ def _config(**over):
 
 ENV = {"cnnpar": "0.1.0", "python": "3.11.7", "numpy": "2.0", "numba": "0.60", "mpi4py": "4.0",
        "mpi_library": "MPICH Version: 4.2", "hostnames": ["node-a", "node-b", "node-b"], "ranks": 3, "cores": 12,
-       "physical_cores": 6, "oversubscribed": False, "threads_per_rank": "", "nested": {"k": [1, 2]},
+       "physical_cores": 6, "oversubscribed": False, "threads_per_rank": 1, "nested": {"k": [1, 2]},
        "nothing": None}
 
 

@@ -1,8 +1,9 @@
 """Writes one run's log (rank 0 only). The schema is `schema.SCHEMA`; docs/runlog.md explains it.
 
-HDF5 never writes to the disk here. The writer keeps the log's bytes in memory (an HDF5 file image);
-appended rows, the final result and status changes wait there for `flush()`, which writes them into
-the image, then writes the whole image to `<log>.flush-tmp`, syncs it and renames it over the log.
+HDF5 never writes to the disk here. The writer keeps the log open as an in-memory HDF5 file (the core
+driver without a backing store); appended rows, the final result and status changes wait for
+`flush()`, which writes them into it, then writes the whole file image to `<log>.flush-tmp` and renames
+it over the log (the closing write is also synced to the device).
 So the log on disk is at every moment a closed, complete HDF5 file as of the last flush, whatever
 kills the job and when (SIGKILL, node failure, MPI_Abort, even mid-flush), and any HDF5 1.10+ tool
 opens it plainly. A write that fails (disk full, quota, I/O error) fails in plain Python I/O on the
@@ -18,7 +19,7 @@ checkpoint and at the end); docs/faults.md gives the measured cost.
 from __future__ import annotations
 
 import contextlib
-import io
+import itertools
 import json
 import os
 import shutil
@@ -65,10 +66,9 @@ class RunLogWriter:
         json.loads(config_json)  # must be valid JSON
         if os.path.lexists(self.path):
             raise UserError(self.path, "a file already exists there; the run log will not overwrite it")
-        self._image = io.BytesIO()
-        with h5py.File(self._image, "w", libver=LIBVER) as f:
-            _build(f, config_json, config_fields, env, layout, ranks, n_classes, audit, folds,
-                   created or _h5.utc_now(), _resume_count, world_ranks or ranks)
+        self._h5 = _in_memory_file("w")
+        _build(self._h5, config_json, config_fields, env, layout, ranks, n_classes, audit, folds,
+               created or _h5.utc_now(), _resume_count, world_ranks or ranks)
         try:
             self._publish(exclusive=True)
         except OSError as err:
@@ -153,7 +153,7 @@ class RunLogWriter:
         self._release()
         other = type(self)._rewrite(self.path, open_log(self.path), step_count, epoch_count, None)
         self.__dict__.update(other.__dict__)
-        other._closed, other._lock = True, None  # its lock and state now belong to self
+        other._closed, other._lock, other._h5 = True, None, None  # its lock and file now belong to self
 
     # -- appending --------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -279,7 +279,7 @@ class RunLogWriter:
             raise ValueError(f"status must be one of {', '.join(WRITTEN_STATUSES)}, got {status!r}")
         self._status = (status, message)
 
-    def flush(self) -> None:
+    def flush(self, _closing: bool = False) -> None:
         """Write everything appended so far and make it visible to readers (at least once per epoch).
         A failed write raises WriteError (every later flush raises the same one)."""
         self._check_open()
@@ -288,7 +288,7 @@ class RunLogWriter:
         if not (self._pending or self._final is not None or self._status is not None or self._folds_stats):
             return  # nothing new: the file on disk is current
         try:
-            self._write_session()
+            self._write_session(_closing)
         except Exception as err:  # noqa: BLE001 - whatever broke the write, the log is now what it was
             self.write_error = err if isinstance(err, WriteError) else \
                 WriteError("--log", f"{self.path}: {_h5.write_failure_cause(err)}")
@@ -298,36 +298,39 @@ class RunLogWriter:
         with contextlib.suppress(WriteError):
             self.flush()  # a failure is kept in write_error and raised by the caller's next flush()
 
-    def _write_session(self) -> None:
-        import h5py
-
-        with h5py.File(self._image, "r+") as f:
-            for table in list(self._pending):
-                self._write_rows(f, table)
-            if self._folds_stats is not None:
-                f["folds"].attrs.modify("mean_acc", self._folds_stats[0])
-                f["folds"].attrs.modify("sd_acc", self._folds_stats[1])
-                self._folds_stats = None
-            final_now = self._final is not None
-            if final_now:
-                self._write_final(f)
-            f.flush()  # rows first ...
-            counts = [self._written[t] for t in COMMITTED[:-1]] + [int(self._final_written or final_now)]
-            f["committed_rows"][...] = np.asarray(counts, np.int64)
-            if self._status is not None:
-                status, message = self._status
-                f.attrs.modify("status", _h5.fixed_str(status, STATUS_BYTES))
-                f.attrs.modify("status_message", _h5.fixed_str(message, MESSAGE_BYTES))
-        self._publish()
+    def _write_session(self, closing: bool) -> None:
+        """Write what waits into the in-memory file, then the whole file to the disk at once; the
+        closing write is synced, and a `complete` one is read back and checked before it replaces the log."""
+        f = self._h5
+        final = self._final
+        for table in list(self._pending):
+            self._write_rows(f, table)
+        if self._folds_stats is not None:
+            f["folds"].attrs.modify("mean_acc", self._folds_stats[0])
+            f["folds"].attrs.modify("sd_acc", self._folds_stats[1])
+            self._folds_stats = None
+        final_now = self._final is not None
+        if final_now:
+            self._write_final(f)
+        counts = [self._written[t] for t in COMMITTED[:-1]] + [int(self._final_written or final_now)]
+        f["committed_rows"][...] = np.asarray(counts, np.int64)
+        if self._status is not None:
+            status, message = self._status
+            f.attrs.modify("status", _h5.fixed_str(status, STATUS_BYTES))
+            f.attrs.modify("status_message", _h5.fixed_str(message, MESSAGE_BYTES))
+        complete = self._status is not None and self._status[0] == "complete"
+        self._publish(sync=closing, check=(lambda path: self._verify(path, final)) if complete else None)
         if self._final is not None:
             self._final_written, self._final = True, None
         if self._status is not None:
             self._file_status, self._status = self._status[0], None
 
-    def _publish(self, exclusive: bool = False) -> None:
-        """Replace the log on disk by the image, atomically: written and synced beside it, then renamed
-        (`exclusive`: linked, so that an existing file is never replaced). Plain OS errors only."""
-        data = self._image.getbuffer()
+    def _publish(self, exclusive: bool = False, sync: bool = False, check=None) -> None:
+        """Replace the log on disk by the image, atomically: written beside it (`sync`: and synced to the
+        device; `check(path)`: and read back), then renamed (`exclusive`: linked, so that an existing
+        file is never replaced). Plain OS errors only, raised before the log is touched."""
+        self._h5.flush()
+        data = self._h5.id.get_file_image()
         _check_free_space(self.path, len(data))
         tmp = f"{self.path}.flush-tmp"
         try:
@@ -336,9 +339,12 @@ class RunLogWriter:
                 view, done = memoryview(data), 0
                 while done < len(view):
                     done += os.write(fd, view[done:])
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
+            if check is not None:
+                check(tmp)
             lock = WriterLock(tmp)  # before the rename: a reader never sees the new file unlocked
             try:
                 if exclusive:
@@ -381,26 +387,26 @@ class RunLogWriter:
         else:
             group["params"][...] = params
 
-    def _verify_final(self, params, confusion) -> None:
-        """Read the file on disk back: every row and the final result must be there, bit for bit."""
+    def _verify(self, path: str, final) -> None:
+        """Read a written file back: every row count and, when written now, `/final`, bit for bit."""
         import h5py
 
-        with h5py.File(self.path, "r", locking=False) as f:
+        with h5py.File(path, "r", locking=False) as f:
             counts = f["committed_rows"][...]
-            expected = [self._written[t] for t in COMMITTED[:-1]] + [1]
+            expected = [self._written[t] for t in COMMITTED[:-1]] + [int(self._final_written or final is not None)]
             if list(counts) != expected:
-                raise WriteError("--log", f"{self.path}: read back {list(counts)} committed rows, wrote {expected}")
-            if not (np.array_equal(f["final/params"][...], params)
-                    and np.array_equal(f["final/confusion"][...], confusion)):
-                raise WriteError("--log", f"{self.path}: /final reads back different from what was written")
+                raise OSError(errno.EIO, f"read back {list(counts)} committed rows, wrote {expected}")
+            if final is not None and not (np.array_equal(f["final/params"][...], final[0])
+                                          and np.array_equal(f["final/confusion"][...], final[1])):
+                raise OSError(errno.EIO, "/final reads back different from what was written")
 
     def close(self, status: str | None = None, message: str = "") -> None:
         """Flush, set the final status, close. status None: keep it, but a log still "running" becomes
         "interrupted" (it was closed before the run said how it ended). Closing twice does nothing.
 
-        "complete" is written only after everything else was written and read back intact; when a write
-        fails the log is left as it was at the last good flush, with a best-effort "failed" status, and
-        WriteError is raised."""
+        The closing write is synced to the device. "complete" replaces the log only after that file was
+        read back with every row count and `/final` intact; when a write fails the log is left as it was
+        at the last good flush, with a best-effort "failed" status, and WriteError is raised."""
         if self._closed:
             return
         try:
@@ -409,23 +415,10 @@ class RunLogWriter:
             if self.write_error is not None:
                 self._mark_failed_after_write_error()
                 raise self.write_error
-            final = self._final
-            if status == "complete":
-                self.flush()
-                if final is not None:
-                    try:
-                        self._verify_final(final[0], final[1])
-                    except WriteError as err:
-                        self.write_error = err
-                        raise
-                    except Exception as err:  # noqa: BLE001
-                        self.write_error = WriteError("--log", f"{self.path}: reading back: "
-                                                               f"{_h5.write_failure_cause(err)}")
-                        raise self.write_error from None
             if status is not None:
                 self.set_status(status, message)
             try:
-                self.flush()
+                self.flush(_closing=True)
             except WriteError:
                 self._mark_failed_after_write_error()
                 raise
@@ -439,16 +432,18 @@ class RunLogWriter:
         import h5py
 
         with contextlib.suppress(Exception):
-            with open(self.path, "rb") as disk:
-                self._image = io.BytesIO(disk.read())
-            with h5py.File(self._image, "r+") as f:
-                f.attrs.modify("status", _h5.fixed_str("failed", STATUS_BYTES))
-                f.attrs.modify("status_message", _h5.fixed_str(f"write error: {self.write_error.message}",
-                                                               MESSAGE_BYTES))
+            self._h5.close()
+            self._h5 = _in_memory_file("r+", self.path)  # the file as it is on disk
+            self._h5.attrs.modify("status", _h5.fixed_str("failed", STATUS_BYTES))
+            self._h5.attrs.modify("status_message", _h5.fixed_str(f"write error: {self.write_error.message}",
+                                                                  MESSAGE_BYTES))
             self._publish()
 
     def _release(self) -> None:
         self._closed = True
+        if getattr(self, "_h5", None) is not None:
+            self._h5.close()
+            self._h5 = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -470,6 +465,18 @@ class RunLogWriter:
     def __del__(self):
         with contextlib.suppress(Exception):
             self._release()
+
+
+_IMAGES = itertools.count()
+
+
+def _in_memory_file(mode: str, path: str | None = None):
+    """An HDF5 file that lives in memory only (the core driver without a backing store): new, or a copy
+    of the file at `path`. Nothing HDF5 does to it touches the disk."""
+    import h5py
+
+    name = path or f"cnnpar-runlog-image-{os.getpid()}-{next(_IMAGES)}"
+    return h5py.File(name, mode, driver="core", backing_store=False, libver=LIBVER)
 
 
 def _check_free_space(path: str, nbytes: int) -> None:
