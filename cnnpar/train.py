@@ -470,7 +470,7 @@ def _loop(run: Run, start: _Position) -> dict:
                 if log is not None:
                     log.append_epoch(epoch, steps_done, train_loss, train_acc, test_loss, test_acc,
                                      train_time_s, samples_done)
-                    _noting_write_errors(run.stop, log.flush)
+                    _noting_write_errors(run.stop, log.flush_due)
                 if progress is not None:
                     progress.epoch(epoch, train_loss, train_acc, test_loss, test_acc)
                 result.update(test_loss=test_loss, test_acc=test_acc, confusion=confusion)

@@ -171,7 +171,7 @@ BY_PATH = {entry.path: entry for entry in SCHEMA}
 COMMITTED = ("steps", "audit", "epochs", "consistency", "folds", "final")
 TABLES = ("steps", "audit", "epochs", "consistency", "folds")
 OPTIONAL_GROUPS = {"audit": "race_audit", "folds": "folds > 1"}
-CHUNK_ROWS = {"steps": 2048, "audit": 2048, "epochs": 64, "consistency": 256, "folds": 16}
+CHUNK_ROWS = {"steps": 512, "audit": 512, "epochs": 64, "consistency": 256, "folds": 16}
 FINAL_ATTRS = {e.name: e.dtype for e in SCHEMA if e.group == "/final" and e.is_attribute and e.name != "extra_json"}
 
 

@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import shutil
+import time
 
 import errno
 
@@ -36,6 +37,7 @@ from .schema import (BY_PATH, CHUNK_ROWS, COMMITTED, FINAL_ATTRS, FINAL_EXTRA_BY
                      LIBVER, MESSAGE_BYTES, STATUS_BYTES, TABLES, WRITTEN_STATUSES, columns)
 
 PENDING_ROWS = 65536   # rows of one table that may wait in memory before a flush is forced
+FLUSH_EVERY_S = 10.0   # `flush_due()` writes when this long has passed since the last write ...
 WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 
 
@@ -67,6 +69,7 @@ class RunLogWriter:
         if os.path.lexists(self.path):
             raise UserError(self.path, "a file already exists there; the run log will not overwrite it")
         self._h5 = _in_memory_file("w")
+        self._datasets = {}
         _build(self._h5, config_json, config_fields, env, layout, ranks, n_classes, audit, folds,
                created or _h5.utc_now(), _resume_count, world_ranks or ranks)
         try:
@@ -294,6 +297,14 @@ class RunLogWriter:
                 WriteError("--log", f"{self.path}: {_h5.write_failure_cause(err)}")
             raise self.write_error from None
 
+    def flush_due(self) -> None:
+        """`flush()` when the log has not been written for FLUSH_EVERY_S, or holds no rows yet: the
+        trainer asks at every epoch end, and an epoch of a small run is shorter than a flush is worth
+        (each one rewrites the whole file). The first rows are always written at once, so a new run
+        shows up in its log, and a disk too small for it fails, at the first epoch."""
+        if time.monotonic() - self._published_at >= FLUSH_EVERY_S or not any(self._written.values()):
+            self.flush()
+
     def _flush_deferring_errors(self) -> None:
         with contextlib.suppress(WriteError):
             self.flush()  # a failure is kept in write_error and raised by the caller's next flush()
@@ -360,6 +371,7 @@ class RunLogWriter:
         if self._lock is not None:
             self._lock.release()
         self._lock = lock
+        self._published_at = time.monotonic()
 
     def _write_rows(self, f, table: str) -> None:
         pending = self._pending[table]
@@ -368,9 +380,11 @@ class RunLogWriter:
         for entry in columns(table):
             values = pending[0][entry.name] if len(pending) == 1 else \
                 np.concatenate([chunk[entry.name] for chunk in pending])
-            dset = f[entry.path]
+            dset = self._datasets.get(entry.path)
+            if dset is None:  # h5py's lookup by path costs more than the write: once per dataset
+                dset = self._datasets[entry.path] = f[entry.path]
             dset.resize(start + len(values), axis=0)
-            dset[start:start + len(values)] = values
+            dset.write_direct(values, dest_sel=np.s_[start:start + len(values)])
             n = len(values)
         self._written[table] = start + n
         del self._pending[table]
@@ -434,6 +448,7 @@ class RunLogWriter:
         with contextlib.suppress(Exception):
             self._h5.close()
             self._h5 = _in_memory_file("r+", self.path)  # the file as it is on disk
+            self._datasets = {}
             self._h5.attrs.modify("status", _h5.fixed_str("failed", STATUS_BYTES))
             self._h5.attrs.modify("status_message", _h5.fixed_str(f"write error: {self.write_error.message}",
                                                                   MESSAGE_BYTES))
