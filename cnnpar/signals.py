@@ -109,12 +109,18 @@ class StopRequest:
     def local_code(self) -> int:
         return WRITE_ERROR_CODE if self.write_error is not None else int(self.signum)
 
-    def agreed(self, comm) -> Stop | None:
-        """Collective over `comm`: the stop every rank makes now, or None to carry on."""
+    def agreed(self, comm, wait=None) -> Stop | None:
+        """Collective over `comm`: the stop every rank makes now, or None to carry on. `wait(request)`
+        completes the reduction (dist.wait: ranks that outnumber the cores yield theirs meanwhile, so
+        that rank 0, which may be flushing the log, is not slowed by ranks spinning in the reduction)."""
         from mpi4py import MPI
 
         self._mine[0] = self.local_code()
-        comm.Allreduce(self._mine, self._agreed, op=MPI.MAX)
+        request = comm.Iallreduce(self._mine, self._agreed, op=MPI.MAX)
+        if wait is None:
+            request.Wait()
+        else:
+            wait(request)
         code = int(self._agreed[0])
         if code == 0:
             return None

@@ -250,8 +250,9 @@ def _train_and_log(run: Run, world, fold: int, resume) -> dict:
             log.close("complete")
         except WriteError as err:
             failure = err.line()
-    failure = world.bcast(failure, root=0)  # every rank exits with rank 0's outcome
-    if failure is not None:
+    failed = np.array([failure is not None], np.int32)  # every rank exits with rank 0's outcome, and
+    run.dist.wait(world.Ibcast(failed, root=0))        # yields its core to rank 0 while that writes
+    if failed[0]:
         if world.Get_rank() == 0:
             print(failure, file=sys.stderr, flush=True)
         raise SystemExit(EXIT_WRITE_ERROR)
@@ -482,7 +483,7 @@ def _loop(run: Run, start: _Position) -> dict:
             summed = comm.reduce(np.array([epoch_loss, epoch_correct, epoch_count], np.float64), root=0)
             _noting_write_errors(run.stop, saver.save, log, params, steps_done, summed, train_time_s, samples_done)
             loop_start = time.perf_counter()
-        if flushed and (halt := run.stop.agreed(comm)) is not None and (steps_done < total_steps
+        if flushed and (halt := run.stop.agreed(comm, dist.wait)) is not None and (steps_done < total_steps
                                                                         or not halt.by_signal):
             train_time_s += time.perf_counter() - loop_start
             summed = np.array([epoch_loss, epoch_correct, epoch_count], np.float64)
