@@ -53,6 +53,17 @@ def _child(argv) -> int:
         return wrapper
 
     writer.flush, writer.close = timed("flush", writer.flush), timed("close", writer.close)
+    spent["fsync_s"] = 0.0
+    fsync = os.fsync
+
+    def timed_fsync(fd):  # the share of the device sync in the closing write
+        started = time.perf_counter()
+        try:
+            return fsync(fd)
+        finally:
+            spent["fsync_s"] += time.perf_counter() - started
+
+    os.fsync = timed_fsync
     status = main(argv)
     if MPI.COMM_WORLD.Get_rank() == 0:
         print("BENCH " + json.dumps(spent), flush=True)
@@ -104,8 +115,8 @@ def main() -> int:
                     results[(name, n)].append(_run(tree, n, flags, folder, f"{name}-{n}-{repeat}"))
                     last = results[(name, n)][-1]
                     print(f"repeat {repeat + 1} n={n} {name}: train {last['train_time_s']:.3f} s, flush+close "
-                          f"{1000 * (last['flush_s'] + last['close_s']):.1f} ms ({last['flushes']} flushes)",
-                          flush=True)
+                          f"{1000 * (last['flush_s'] + last['close_s']):.1f} ms ({last['flushes']} flushes; "
+                          f"fsync {1000 * last.get('fsync_s', 0.0):.1f} ms)", flush=True)
     summary = {"flags": flags, "repeats": args.repeats, "against": str(trees["other"]), "points": []}
     for n in args.ranks:
         point = {"ranks": n}
@@ -114,7 +125,9 @@ def main() -> int:
             train = statistics.median(r["train_time_s"] for r in rows)
             io_s = statistics.median(r["flush_s"] + r["close_s"] for r in rows)
             share = statistics.median((r["flush_s"] + r["close_s"]) / r["train_time_s"] for r in rows)
+            fsync_s = statistics.median(r.get("fsync_s", 0.0) for r in rows)
             point[name] = {"train_time_s": round(train, 4), "flush_close_s": round(io_s, 5),
+                           "fsync_s": round(fsync_s, 5),
                            "flush_close_share": round(share, 5), "format_version": rows[0]["format_version"],
                            "flushes": rows[0]["flushes"]}
         ratios = [a["train_time_s"] / b["train_time_s"] for a, b in zip(results[("this", n)], results[("other", n)])]
@@ -124,6 +137,7 @@ def main() -> int:
         print(f"n={n}: flush+close {1000 * point['this']['flush_close_s']:.1f} ms = "
               f"{100 * point['this']['flush_close_share']:.2f}% of training (other tree: "
               f"{1000 * point['other']['flush_close_s']:.1f} ms = {100 * point['other']['flush_close_share']:.2f}%); "
+              f"of which fsync {1000 * point['this']['fsync_s']:.1f} ms; "
               f"training time this/other {point['train_time_ratio_median']:.3f} "
               f"({point['train_time_ratio_range'][0]:.3f}-{point['train_time_ratio_range'][1]:.3f})", flush=True)
     print(json.dumps(summary))

@@ -288,9 +288,16 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, to):
     """The first ^C waits for the next window flush; with windows as long as an epoch, a second ^C a
     second or more later does not wait for it. To the process group (a terminal), hydra's mpiexec
     answers the second ^C itself by killing the job; to the ranks alone, cnnpar's handler does."""
+    from cnnpar import data
+
+    try:
+        data.resolve_dataset("fashion-mnist", None)
+    except Exception:  # noqa: BLE001
+        pytest.skip("needs Fashion-MNIST (Debian's dataset-fashion-mnist) for epochs long enough to wait in")
     path = tmp_path / "twice.h5"
     tag = f"twice-{os.getpid()}-{to}"
-    flags = ["--dataset", "mnist-5k", "--arch", "lenet", "--epochs", "3", "--log-window", "100000", "--quiet"]
+    # 15,000 steps per epoch at 4 ranks and no window flush before the epoch ends: the first ^C waits long
+    flags = ["--dataset", "fashion-mnist", "--arch", "lenet", "--epochs", "1", "--log-window", "100000", "--quiet"]
     job = _start(path, tag, flags)
     try:
         pids = wait_for_rank_pids(tag, SIGNAL_RANKS)
@@ -302,7 +309,11 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, to):
                 for pid in pids.values():
                     os.kill(pid, signal.SIGINT)
 
-        _wait_for_epochs(path, 1, job, timeout_s=400)
+        deadline = time.monotonic() + 300
+        while not path.exists() and time.monotonic() < deadline:  # created just before the loop starts
+            assert job.poll() is None, job.communicate()
+            time.sleep(0.02)
+        time.sleep(1.0)
         interrupt()
         time.sleep(1.5)
         assert job.poll() is None, "the run stopped before the second ^C: make its epochs longer"
@@ -318,7 +329,7 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, to):
     assert not any(line.startswith("cnnpar:") for line in _lines(stderr)), stderr  # nothing waited to speak
     _wait_until_no_writer(path)
     with open_log(path) as log:
-        assert log.status == "incomplete" and len(log.epochs["epoch"]) >= 1
+        assert log.status == "incomplete"
     _plain_open(path)
     _h5dump_reads(path)
 
