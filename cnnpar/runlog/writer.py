@@ -37,7 +37,8 @@ from .schema import (BY_PATH, CHUNK_ROWS, COMMITTED, FINAL_ATTRS, FINAL_EXTRA_BY
                      LIBVER, MESSAGE_BYTES, STATUS_BYTES, TABLES, WRITTEN_STATUSES, columns)
 
 PENDING_ROWS = 65536   # rows of one table that may wait in memory before a flush is forced
-FLUSH_EVERY_S = 10.0   # `flush_due()` writes when this long has passed since the last write ...
+FLUSH_EVERY_S = 10.0   # `flush_due()` writes when this long has passed since the last write, ...
+FLUSH_COST_SHARE = 0.01  # ... or longer, so that rewriting a large log takes at most this share of the time
 WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 
 
@@ -298,11 +299,12 @@ class RunLogWriter:
             raise self.write_error from None
 
     def flush_due(self) -> None:
-        """`flush()` when the log has not been written for FLUSH_EVERY_S, or holds no rows yet: the
+        """`flush()` when the log has not been written for FLUSH_EVERY_S (or for 1 / FLUSH_COST_SHARE times
+        as long as the last write took, for a large log), or holds no rows yet: the
         trainer asks at every epoch end, and an epoch of a small run is shorter than a flush is worth
         (each one rewrites the whole file). The first rows are always written at once, so a new run
         shows up in its log, and a disk too small for it fails, at the first epoch."""
-        if time.monotonic() - self._published_at >= FLUSH_EVERY_S or not any(self._written.values()):
+        if time.monotonic() >= self._flush_due_at or not any(self._written.values()):
             self.flush()
 
     def _flush_deferring_errors(self) -> None:
@@ -337,6 +339,12 @@ class RunLogWriter:
             self._file_status, self._status = self._status[0], None
 
     def _publish(self, exclusive: bool = False, sync: bool = False, check=None) -> None:
+        started = time.monotonic()
+        self._publish_once(exclusive, sync, check)
+        took_s = time.monotonic() - started
+        self._flush_due_at = started + took_s + max(FLUSH_EVERY_S, took_s / FLUSH_COST_SHARE)
+
+    def _publish_once(self, exclusive: bool, sync: bool, check) -> None:
         """Replace the log on disk by the image, atomically: written beside it (`sync`: and synced to the
         device; `check(path)`: and read back), then renamed (`exclusive`: linked, so that an existing
         file is never replaced). Plain OS errors only, raised before the log is touched."""
@@ -371,7 +379,6 @@ class RunLogWriter:
         if self._lock is not None:
             self._lock.release()
         self._lock = lock
-        self._published_at = time.monotonic()
 
     def _write_rows(self, f, table: str) -> None:
         pending = self._pending[table]
