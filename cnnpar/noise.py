@@ -20,13 +20,21 @@ trainer holds them before the learning rate is applied.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 
+@numba.njit(cache=True, nogil=True)
+def _sum_of_squares(flat):
+    total = 0.0  # float64: float32 squares summed in float32 would lose digits
+    for x in flat:
+        total += np.float64(x) * np.float64(x)
+    return total
+
+
 def squared_norm(values: np.ndarray) -> float:
-    """|v|^2 in float64 (the gradients are float32; their squares would lose digits summed in float32)."""
-    flat = values.reshape(-1).astype(np.float64, copy=False)
-    return float(np.dot(flat, flat))
+    """|v|^2, accumulated in float64 in index order (so equal vectors give equal bits, whatever the path)."""
+    return float(_sum_of_squares(values.reshape(-1)))
 
 
 def step_terms(unit_sq_sums: np.ndarray, unit_counts: np.ndarray, total_sq_sum: np.ndarray) -> tuple:
@@ -93,3 +101,74 @@ def per_sample_forward_backward(forward_backward_at, params, grads, scratch, ord
         sq[i - start] = squared_norm(scratch)
         grads += scratch
     return loss_sum, correct, sq
+
+
+class NoiseMeter:
+    """The trainer's per-step bookkeeping for the estimate (no communication here: the trainer gathers
+    `take_rows()` of every rank with its window of step statistics and hands them to `window_summary`).
+
+    Per step each rank keeps one row of ROW_FIELDS: the sum over its units of |s_u / b_u|^2, the sum of
+    1/b_u, the number of units, and (rank 0) |sum over the step|^2. A unit is the rank's batch, or with a
+    single rank each of its samples (B_small = 1), whose gradients are then computed one at a time."""
+
+    ROW_FIELDS = ("small_sq_sum", "inv_batch_sum", "units", "total_sq")
+
+    def __init__(self, n_params: int, ranks: int, samples_per_rank: int, is_root: bool):
+        self.per_sample = ranks == 1
+        self.scratch = np.zeros(n_params, np.float32) if self.per_sample else None
+        self.is_root = is_root
+        self.rows = []
+        self._small = (0.0, 0.0, 0)
+        self.epoch_g2, self.epoch_trace, self.epoch_steps = 0.0, 0.0, 0
+
+    def forward_backward(self, forward_backward_at, params, grads, order, start: int, stop: int):
+        """The step's forward/backward, noting this rank's small-batch terms before the exchange."""
+        if self.per_sample:
+            loss_sum, correct, sq = per_sample_forward_backward(forward_backward_at, params, grads,
+                                                                self.scratch, order, start, stop)
+            self._small = (float(sq.sum()), float(len(sq)), len(sq))
+        else:
+            loss_sum, correct = forward_backward_at(params, grads, order, start, stop)
+            count = stop - start
+            self._small = ((squared_norm(grads) / count ** 2, 1.0 / count, 1) if count else (0.0, 0.0, 0))
+        return loss_sum, correct
+
+    def after_exchange(self, summed_grads) -> None:
+        total = squared_norm(summed_grads) if self.is_root else float("nan")
+        self.rows.append(self._small + (total,))
+
+    def take_rows(self) -> np.ndarray:
+        rows = np.array(self.rows, np.float64).reshape(len(self.rows), len(self.ROW_FIELDS))
+        self.rows.clear()
+        return rows
+
+    def window_summary(self, gathered: list, step_counts) -> dict:
+        """Rank 0: the window's estimates from every rank's rows (steps x fields each) and the steps'
+        global batch sizes; adds them to the epoch's running sums."""
+        per_rank = np.stack(gathered, axis=1)  # (steps, ranks, fields)
+        units = per_rank[:, :, 2].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            small_sq = per_rank[:, :, 0].sum(axis=1) / units
+            small_inv = per_rank[:, :, 1].sum(axis=1) / units
+            big_batch = np.asarray(step_counts, np.float64)
+            big_sq = per_rank[:, 0, 3] / big_batch ** 2
+        g2, trace = unbiased_estimates(small_sq, small_inv, big_sq, 1.0 / big_batch)
+        keep = np.isfinite(g2) & np.isfinite(trace)
+        self.epoch_g2 += float(g2[keep].sum())
+        self.epoch_trace += float(trace[keep].sum())
+        self.epoch_steps += int(keep.sum())
+        n = max(int(keep.sum()), 1)
+        return {"steps": int(keep.sum()), "b_small": float(np.mean(1.0 / small_inv[keep])) if keep.any()
+                else float("nan"), "b_big": float(np.mean(big_batch)),
+                "g2": float(g2[keep].sum()) / n if keep.any() else float("nan"),
+                "trace": float(trace[keep].sum()) / n if keep.any() else float("nan"),
+                "b_simple": b_simple(g2, trace)}
+
+    def epoch_summary(self) -> dict:
+        """Rank 0: the epoch's mean estimates and B_simple (the ratio of the means); resets the sums."""
+        n = self.epoch_steps
+        g2 = self.epoch_g2 / n if n else float("nan")
+        trace = self.epoch_trace / n if n else float("nan")
+        self.epoch_g2, self.epoch_trace, self.epoch_steps = 0.0, 0.0, 0
+        return {"steps": n, "g2": g2, "trace": trace,
+                "b_simple": trace / g2 if n and g2 > 0 else float("nan")}

@@ -55,13 +55,23 @@ EPOCH_COLUMNS = {"epoch": ("i4", False), "step": ("i8", False), "train_loss": ("
                  "train_time_s": ("f8", False), "samples": ("i8", False)}
 CONSISTENCY_COLUMNS = {"step": ("i8", False), "checksum": ("u8", False), "ok": ("?", False)}
 FOLD_COLUMNS = {"fold": ("i4", False), "test_acc": ("f8", False), "test_loss": ("f8", False)}
+# --noise-scale (cnnpar/noise.py): one row per window of steps, and one per epoch; "step" is the window's
+# last step / the steps done at the epoch's end, g2 = mean |G|^2 and trace = mean tr(Sigma) estimates.
+NOISE_COLUMNS = {"step": ("i8", False), "first_step": ("i8", False), "steps": ("i4", False),
+                 "b_small": ("f8", False), "b_big": ("f8", False), "g2": ("f8", False), "trace": ("f8", False),
+                 "b_simple": ("f8", False)}
+NOISE_EPOCH_COLUMNS = {"epoch": ("i4", False), "step": ("i8", False), "steps": ("i4", False),
+                       "g2": ("f8", False), "trace": ("f8", False), "b_simple": ("f8", False)}
 TABLES = {"steps": STEP_COLUMNS, "audit": AUDIT_COLUMNS, "epochs": EPOCH_COLUMNS,
-          "consistency": CONSISTENCY_COLUMNS, "folds": FOLD_COLUMNS}
+          "consistency": CONSISTENCY_COLUMNS, "folds": FOLD_COLUMNS, "noise": NOISE_COLUMNS,
+          "noise_epochs": NOISE_EPOCH_COLUMNS}
 BUFFERED_TABLES = ("steps", "audit", "consistency")  # appended rows wait in memory for flush() ...
 PENDING_ROWS = 65536  # ... up to this many rows per table
 # /committed_rows index of each table; "final" is 1 once write_final has been flushed.
-COMMITTED = ("steps", "audit", "epochs", "consistency", "folds", "final")
-CHUNK_ROWS = {"steps": 2048, "audit": 2048, "epochs": 64, "consistency": 256, "folds": 16}
+# Logs made before --noise-scale have the first six names only: the file's own `tables` attribute says which.
+COMMITTED = ("steps", "audit", "epochs", "consistency", "folds", "noise", "noise_epochs", "final")
+CHUNK_ROWS = {"steps": 2048, "audit": 2048, "epochs": 64, "consistency": 256, "folds": 16, "noise": 256,
+              "noise_epochs": 64}
 # /final attributes: name -> dtype (pre-created as NaN / -1, rewritten in place by write_final).
 FINAL_ATTRS = {"test_acc": "f8", "test_loss": "f8", "train_time_s": "f8", "samples": "i8",
                "samples_per_s": "f8", "steps": "i8"}
@@ -206,7 +216,8 @@ class RunLogWriter:
         self._tables = {name: f[name] for name in TABLES if name in f}
         self._rows = {name: f[name]["step" if name != "folds" else "fold"].shape[0] for name in self._tables}
         self._committed = f["committed_rows"]
-        self._final_written = bool(self._committed[COMMITTED.index("final")])
+        self._committed_names = _committed_names(self._committed)
+        self._final_written = bool(self._committed[self._committed_names.index("final")])
         self.ranks = int(f.attrs["ranks"])
         self.n_classes = int(f["final/confusion"].shape[0])
 
@@ -356,6 +367,16 @@ class RunLogWriter:
                                     test_loss=test_loss, test_acc=test_acc, train_time_s=train_time_s,
                                     samples=samples))
 
+    def append_noise(self, first_step, step, steps, b_small, b_big, g2, trace, b_simple):
+        """One window's noise-scale estimates (--noise-scale)."""
+        self._append("noise", dict(step=step, first_step=first_step, steps=steps, b_small=b_small, b_big=b_big,
+                                   g2=g2, trace=trace, b_simple=b_simple))
+
+    def append_noise_epoch(self, epoch, step, steps, g2, trace, b_simple):
+        """One epoch's mean estimates and its B_simple (--noise-scale)."""
+        self._append("noise_epochs", dict(epoch=epoch, step=step, steps=steps, g2=g2, trace=trace,
+                                          b_simple=b_simple))
+
     def append_consistency(self, step, checksum, ok):
         self._append("consistency", dict(step=step, checksum=checksum, ok=ok))
 
@@ -434,7 +455,7 @@ class RunLogWriter:
         for table in list(self._pending):
             self._write_pending(table)
         self._f.flush()  # rows first ...
-        counts = [self._rows.get(name, 0) for name in COMMITTED[:-1]] + [int(self._final_written)]
+        counts = [self._rows.get(name, 0) for name in self._committed_names[:-1]] + [int(self._final_written)]
         self._committed[...] = np.asarray(counts, np.int64)
         self._f.flush()  # ... then the row counts that make them visible
 
@@ -526,7 +547,8 @@ def _build(f, config_json, config_fields, env, layout, ranks, n_classes, audit, 
     n_params = max([o + z for _, _, o, z in rows], default=-1)
 
     for table, spec in TABLES.items():
-        if (table == "audit" and not audit) or (table == "folds" and not folds):
+        if (table == "audit" and not audit) or (table == "folds" and not folds) or \
+                (table.startswith("noise") and not config_fields.get("noise_scale", False)):
             continue
         group = f.create_group(table)
         chunk = CHUNK_ROWS[table]
@@ -578,6 +600,8 @@ class RunLog:
     steps: dict
     epochs: dict
     audit: dict | None
+    noise: dict | None
+    noise_epochs: dict | None
     consistency: dict
     folds: dict | None
     has_folds: bool
@@ -798,9 +822,11 @@ def _load(f, path: str) -> RunLog:
         log.layout.append((_decode(name), shape, int(offset), int(size)))
 
     committed = _read(f["committed_rows"], file_size)
-    if committed.shape != (len(COMMITTED),) or committed.dtype.kind not in "iu" or np.any(committed < 0):
+    names = _committed_names(f["committed_rows"])
+    if committed.shape != (len(names),) or committed.dtype.kind not in "iu" or np.any(committed < 0):
         raise _Corrupt("/committed_rows is malformed")
-    counts = dict(zip(COMMITTED, (int(c) for c in committed)))
+    counts = dict.fromkeys(COMMITTED, 0)
+    counts.update(zip(names, (int(c) for c in committed)))
 
     def table(name):
         group = f[name]
@@ -817,6 +843,8 @@ def _load(f, path: str) -> RunLog:
     log.epochs = table("epochs")
     log.consistency = table("consistency")
     log.audit = table("audit") if "audit" in f else None
+    log.noise = table("noise") if "noise" in f else None
+    log.noise_epochs = table("noise_epochs") if "noise_epochs" in f else None
     log.has_folds = "folds" in f
     log.folds = None
     if log.has_folds and counts["folds"]:
@@ -838,6 +866,17 @@ def _load(f, path: str) -> RunLog:
         attrs.update(_json_dict(str(_attr(final.attrs, "extra_json")), "/final extra_json"))
         log.final = {"params": params, "confusion": confusion, "attrs": attrs}
     return log
+
+
+def _committed_names(dataset) -> tuple:
+    """The tables /committed_rows counts, in order: its `tables` attribute (older logs have fewer)."""
+    raw = dataset.attrs.get("tables")
+    if raw is None:
+        return COMMITTED[:5] + ("final",)
+    names = tuple(_decode(v) for v in np.asarray(raw).tolist())
+    if names[-1:] != ("final",) or not set(names) <= set(COMMITTED):
+        raise _Corrupt(f"/committed_rows names unknown tables {names}")
+    return names
 
 
 def _int_attr(attrs, name, minimum) -> int:

@@ -87,8 +87,13 @@ def test_b_simple_is_a_ratio_of_means_and_says_nothing_when_the_signal_is_not_po
 
 
 def test_squared_norm_sums_in_float64():
-    values = np.full(1_000_000, 1.0001, np.float32)
-    assert noise.squared_norm(values) == pytest.approx(1_000_000 * float(np.float32(1.0001)) ** 2, rel=1e-12)
+    """A million float32 squares: exact to float64 rounding (a float32 running sum would be off by ~1e-3)."""
+    import math
+
+    values = np.random.default_rng(0).uniform(0.5, 1.5, 1_000_000).astype(np.float32)
+    exact = math.fsum(float(v) * float(v) for v in values.tolist())
+    assert noise.squared_norm(values) == pytest.approx(exact, rel=1e-10)
+    assert noise.squared_norm(values.reshape(1000, 1000)) == noise.squared_norm(values)
 
 
 def test_per_sample_forward_backward_is_the_batched_call_bit_for_bit():
@@ -108,3 +113,72 @@ def test_per_sample_forward_backward_is_the_batched_call_bit_for_bit():
     alone = np.zeros_like(params)
     forward_backward_at(params, alone, order, 103, 104)
     assert sq[3] == noise.squared_norm(alone) and sq.shape == (7,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the trainer's --noise-scale
+
+
+def _noise_tables(path):
+    from cnnpar.runlog import open_log
+
+    log = open_log(path)
+    assert log.complete, log.status_message
+    return log, log.noise, log.noise_epochs
+
+
+@pytest.mark.parametrize("n, allreduce", [(2, "shm"), (3, "auto")])
+def test_n_ranks_one_sample_and_one_rank_n_samples_give_the_same_estimate(tmp_path, n, allreduce):
+    """Rank r's one-sample gradient is sample r's gradient inside the one rank, and both paths sum them in
+    the same order: the estimates (and the training, which --noise-scale must not change) agree bit for bit."""
+    from mpi_util import run_train
+
+    flags = ["--dataset", "mnist-5k", "--steps", "600", "--lr", "0.05", "--reduce", "mean", "--seed", "2",
+             "--quiet", "--log-window", "128", "--noise-scale"]
+    wide = run_train(n, *flags, "--allreduce", allreduce, "--log", tmp_path / "wide.h5")
+    deep = run_train(1, *flags, "--samples-per-rank", str(n), "--log", tmp_path / "deep.h5")
+    plain = run_train(1, *flags[:-1], "--samples-per-rank", str(n), "--log", tmp_path / "plain.h5")
+    for done in (wide, deep, plain):
+        assert done.returncode == 0, done.stderr
+    wide_log, wide_windows, wide_epochs = _noise_tables(tmp_path / "wide.h5")
+    deep_log, deep_windows, deep_epochs = _noise_tables(tmp_path / "deep.h5")
+    assert len(wide_windows["step"]) == 5 and list(wide_windows["step"]) == [127, 255, 383, 511, 599]
+    for name in wide_windows:
+        assert np.array_equal(wide_windows[name], deep_windows[name], equal_nan=True), name
+    for name in wide_epochs:
+        assert np.array_equal(wide_epochs[name], deep_epochs[name], equal_nan=True), name
+    assert (wide_windows["b_small"] == 1).all() and (wide_windows["b_big"] == n).all()
+    assert np.isfinite(wide_windows["trace"]).all() and (wide_windows["trace"] > 0).all()
+    assert len(wide_epochs["epoch"]) == 1 and np.isfinite(wide_epochs["b_simple"][0])
+    from cnnpar.runlog import open_log
+
+    plain_log = open_log(tmp_path / "plain.h5")
+    assert plain_log.noise is None
+    assert np.array_equal(plain_log.final["params"], deep_log.final["params"])
+    assert np.array_equal(wide_log.final["params"], deep_log.final["params"])
+
+
+def test_two_ranks_of_two_samples_measure_at_the_ranks_batch(tmp_path):
+    from mpi_util import run_train
+
+    done = run_train(2, "--dataset", "mnist-5k", "--steps", "300", "--samples-per-rank", "2", "--noise-scale",
+                     "--quiet", "--log", tmp_path / "run.h5")
+    assert done.returncode == 0, done.stderr
+    _, windows, epochs = _noise_tables(tmp_path / "run.h5")
+    assert (windows["b_small"] == 2).all() and (windows["b_big"] == 4).all()
+    assert windows["steps"].sum() == 300 and len(epochs["epoch"]) == 1
+
+
+@pytest.mark.parametrize("n, flags, says", [
+    (1, [], "two batch sizes"),
+    (2, ["--mode", "race"], "--mode sync"),
+])
+def test_noise_scale_user_errors(tmp_path, n, flags, says):
+    from mpi_util import run_train
+
+    done = run_train(n, "--dataset", "mnist-5k", "--steps", "10", "--noise-scale", *flags, "--log",
+                     tmp_path / "run.h5")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cnnpar: error: --noise-scale") and says in lines[0], lines
+    assert not (tmp_path / "run.h5").exists()
