@@ -63,6 +63,8 @@ class Run:
     acc_pct: float
     path: str
     params: object = None
+    noise: dict | None = None          # /noise (per window) of a --noise-scale run
+    noise_epochs: dict | None = None   # /noise_epochs
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,8 @@ def load_map(folder: Path, with_params: bool = False) -> list:
             acc = 100.0 * final_accuracy(log) if log.status == "complete" else 100.0 / log.n_classes
             setting = Setting(c["dataset"], budget, c["mode"], window, c["reduce"], _lr_text(c["lr"]))
             params = log.final["params"] if with_params and log.final else None
-            runs.append(Run(setting, ranks, int(c["seed"]), how, log.status, acc, str(path), params))
+            runs.append(Run(setting, ranks, int(c["seed"]), how, log.status, acc, str(path), params,
+                            getattr(log, "noise", None), getattr(log, "noise_epochs", None)))
     return runs
 
 
@@ -221,7 +224,7 @@ def completion_points(folder: Path) -> list:
 
     all_curves = curves(load_map(folder))
     points = []
-    for hyp in HYPOTHESES:
+    for hyp in (h for h in HYPOTHESES if h.mode == "sync"):  # the race part covers every rank count itself
         for dataset in sorted({s.dataset for s in all_curves}):
             scored = []
             for setting in _members(hyp, all_curves, dataset):
@@ -233,11 +236,10 @@ def completion_points(folder: Path) -> list:
                 scored.append((rms_to_paper(stats[1], present), setting, stats[0]))
             for _, setting, seeds in sorted(scored, key=lambda t: t[0])[:CANDIDATES_TO_COMPLETE]:
                 missing = [n for n in range(1, 13) if n not in all_curves[setting]]
-                how = "one-process" if setting.mode == "sync" else "real-ranks"
                 for seed in seeds:
                     for n in missing:
                         points.append(MapPoint(setting.dataset, setting.budget, n, setting.reduce, setting.lr,
-                                               seed, setting.mode, setting.window, how, "fit-completion"))
+                                               seed, part="fit-completion"))
     return points
 
 
@@ -320,7 +322,7 @@ def plot_rank_maps(plt, all_curves, dataset, out: Path) -> str:
     fig, axes = plt.subplots(1, len(combos), figsize=(3.6 * len(combos), 4.2), squeeze=False)
     for ax, (budget, reduce) in zip(axes[0], combos):
         lrs, ranks, acc = grid_of(all_curves, dataset, budget, reduce)
-        ax.imshow(acc, aspect="auto", cmap="viridis", vmin=0, vmax=100, origin="lower")
+        image = ax.imshow(acc, aspect="auto", cmap="viridis", vmin=0, vmax=100, origin="lower")
         ax.set_xticks(range(len(ranks)), ranks, fontsize=7)
         ax.set_yticks(range(len(lrs)), lrs, fontsize=7)
         ax.set_xlabel("ranks")
@@ -328,6 +330,7 @@ def plot_rank_maps(plt, all_curves, dataset, out: Path) -> str:
     axes[0, 0].set_ylabel("--lr")
     fig.suptitle(f"{dataset}: test accuracy (%), mean over seeds", fontsize=10)
     fig.tight_layout()
+    fig.colorbar(image, ax=list(axes[0]), fraction=0.015, pad=0.01)
     name = f"map-ranks-{dataset}.png"
     fig.savefig(out / name, dpi=110)
     plt.close(fig)
@@ -357,6 +360,78 @@ def plot_fits(plt, fits, out: Path) -> str:
     fig.savefig(out / name, dpi=110)
     plt.close(fig)
     return name
+
+
+def noise_runs(runs) -> list:
+    return sorted((r for r in runs if r.how == "noise" and r.noise is not None),
+                  key=lambda r: (r.setting.dataset, r.setting.reduce, float(r.setting.lr), r.ranks))
+
+
+def plot_noise(plt, runs, out: Path) -> str | None:
+    """B_simple per window over the epoch, per --noise-scale run, against the global batch sizes."""
+    from map import TRAIN_SIZES
+
+    measured = noise_runs(runs)
+    if not measured:
+        return None
+    datasets = sorted({r.setting.dataset for r in measured})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.4 * len(datasets), 4.6), squeeze=False)
+    markers = {2: "o", 4: "s", 12: "^"}
+    for ax, dataset in zip(axes[0], datasets):
+        mine = [r for r in measured if r.setting.dataset == dataset]
+        settings = sorted({(r.setting.reduce, r.setting.lr) for r in mine}, key=lambda t: (t[0], float(t[1])))
+        colors = plt.cm.tab10(np.linspace(0, 1, 10))
+        for r in mine:
+            color = colors[settings.index((r.setting.reduce, r.setting.lr)) % 10]
+            seen = (r.noise["step"] + 1) * r.ranks / TRAIN_SIZES.get(dataset, 1)
+            b = np.where(r.noise["b_simple"] > 0, r.noise["b_simple"], np.nan)
+            ax.plot(seen, b, marker=markers.get(r.ranks, "."), ms=3, lw=0.8, color=color,
+                    label=f"{r.setting.reduce} lr {r.setting.lr}, n={r.ranks} ({r.acc_pct:.0f}%)")
+        for batch in sorted({r.ranks for r in mine} | {1}):
+            ax.axhline(batch, color="grey", ls=":", lw=0.8)
+            ax.text(1.0, batch, f" B={batch}", va="center", fontsize=7, color="grey",
+                    transform=ax.get_yaxis_transform())
+        ax.set_yscale("log")
+        ax.set_xlabel("epochs of training data seen")
+        ax.set_ylabel("B_simple = tr(Sigma) / |G|^2 (per window)")
+        ax.set_title(f"gradient noise scale, {dataset} (same epochs)", fontsize=10)
+        ax.legend(fontsize=6, ncol=2, loc="lower left")
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    name = "noise-scale.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _noise_section(runs, figure) -> list:
+    measured = noise_runs(runs)
+    if not measured:
+        return []
+    twins = {(r.setting, r.ranks, r.seed): r for r in runs if r.how == "one-process"}
+    identical = [r for r in measured if (t := twins.get((r.setting, r.ranks, r.seed))) is not None
+                 and r.params is not None and t.params is not None and np.array_equal(r.params, t.params)]
+    with_twin = [r for r in measured if (r.setting, r.ranks, r.seed) in twins]
+    lines = ["## Gradient noise scale", "",
+             "`--noise-scale` reruns of map settings (one process, so B_small = 1 sample and B_big = N, the "
+             "global batch), one estimate per 50-step window. B_simple is tr(Sigma)/|G|^2 from the means "
+             "of the unbiased per-step estimates (McCandlish et al. 2018, appendix A.1); a window whose mean "
+             f"|G|^2 estimate is not positive has none. {len(identical)} of {len(with_twin)} reruns end with "
+             "parameters bit-identical to the map's run of the same point (the flag does not change training).",
+             ""]
+    if figure:
+        lines += [f"![noise scale]({figure})", ""]
+    lines += ["| dataset | reduce | lr | N (global batch) | accuracy | B_simple, epoch | windows: median "
+              "B_simple | windows with an estimate | N / B_simple |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in measured:
+        epoch_b = float(r.noise_epochs["b_simple"][-1]) if r.noise_epochs is not None and \
+            len(r.noise_epochs["b_simple"]) else math.nan
+        window_b = r.noise["b_simple"]
+        finite = window_b[np.isfinite(window_b) & (window_b > 0)]
+        lines.append(f"| {r.setting.dataset} | {r.setting.reduce} | {r.setting.lr} | {r.ranks} | {r.acc_pct:.1f} | "
+                     f"{epoch_b:.1f} | {np.median(finite) if len(finite) else math.nan:.1f} | "
+                     f"{len(finite)}/{len(window_b)} | {r.ranks / epoch_b:.2f} |")
+    return lines + [""]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -394,7 +469,9 @@ def write_report(folder: Path, out: Path) -> dict:
     figures = {d: plot_heatmaps(plt, all_curves, d, out) + [plot_rank_maps(plt, all_curves, d, out)]
                for d in datasets}
     fit_figure = plot_fits(plt, fits, out) if fits else None
+    noise_figure = plot_noise(plt, runs, out)
     lines = _report_lines(folder, runs, all_curves, fits, table, figures, fit_figure)
+    lines += _noise_section(runs, noise_figure)
     (out / "explain.md").write_text("\n".join(lines) + "\n")
     return table
 
