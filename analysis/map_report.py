@@ -42,11 +42,13 @@ class Setting:
     window: str
     reduce: str
     lr: str
+    steps: int = 0     # the step budget; 0 = one epoch
 
     def flags(self) -> list:
         from map import MapPoint
 
-        return MapPoint(self.dataset, self.budget, 1, self.reduce, self.lr, 0, self.mode, self.window).flags()
+        return MapPoint(self.dataset, self.budget, 1, self.reduce, self.lr, 0, self.mode, self.window,
+                        steps=self.steps).flags()
 
     def label(self) -> str:
         mode = "sync" if self.mode == "sync" else f"{self.mode} ({self.window} window)"
@@ -99,8 +101,10 @@ def load_map(folder: Path, with_params: bool = False) -> list:
     from cnnpar.runlog import open_log
 
     runs = []
-    for how in ("one-process", "real-ranks", "noise"):
-        for path in sorted((folder / how).glob("*.h5")):
+    places = [("one-process", folder / "one-process"), ("real-ranks", folder / "real-ranks"),
+              ("noise", folder / "noise"), ("real-ranks", folder)]  # the last: `sweep.py --preset map` logs
+    for how, place in places:
+        for path in sorted(place.glob("*.h5")):
             try:
                 log = open_log(path)
             except UserError as err:
@@ -114,9 +118,11 @@ def load_map(folder: Path, with_params: bool = False) -> list:
             window = c.get("race_window", "") if c["mode"] != "sync" else ""
             ranks = log.ranks * int(c.get("samples_per_rank", 1)) if c["mode"] == "sync" else log.ranks
             acc = 100.0 * final_accuracy(log) if log.status == "complete" else 100.0 / log.n_classes
-            setting = Setting(c["dataset"], budget, c["mode"], window, c["reduce"], _lr_text(c["lr"]))
+            setting = Setting(c["dataset"], budget, c["mode"], window, c["reduce"], _lr_text(c["lr"]),
+                              int(c.get("steps", 0)))
             params = log.final["params"] if with_params and log.final else None
-            runs.append(Run(setting, ranks, int(c["seed"]), how, log.status, acc, str(path), params,
+            made = "noise" if c.get("noise_scale") else how
+            runs.append(Run(setting, ranks, int(c["seed"]), made, log.status, acc, str(path), params,
                             getattr(log, "noise", None), getattr(log, "noise_epochs", None)))
     return runs
 
@@ -125,16 +131,18 @@ def _lr_text(lr: float) -> str:
     return f"{float(lr):.3g}"
 
 
-def curves(runs, how=("one-process", "real-ranks")) -> dict:
-    """setting -> {ranks: {seed: acc_pct}} over the runs made the given ways (race: real ranks only)."""
+def curves(runs) -> dict:
+    """setting -> {ranks: {seed: acc_pct}}: a sync point's one-process run where there is one, else its real
+    N-rank run (the `check` twins, or every run of a `sweep.py --preset map` folder); race: real ranks."""
     out = defaultdict(lambda: defaultdict(dict))
-    for run in runs:
-        if run.how in how and not (run.setting.mode == "sync" and run.how == "real-ranks"):
-            out[run.setting][run.ranks][run.seed] = run.acc_pct
+    for run in sorted(runs, key=lambda r: r.how != "one-process"):
+        if run.how == "noise" or run.seed in out[run.setting][run.ranks]:
+            continue
+        out[run.setting][run.ranks][run.seed] = run.acc_pct
     # A step budget's 1-rank point is the 1-rank one-epoch run: the map runs it once, for both budgets.
     for setting in [s for s in out if s.budget == "steps"]:
         twin = out.get(Setting(setting.dataset, "epochs", setting.mode, setting.window, setting.reduce,
-                               setting.lr))
+                               setting.lr, 0))
         if twin is not None and 1 in twin and 1 not in out[setting]:
             out[setting][1] = twin[1]
     return out
@@ -239,7 +247,7 @@ def completion_points(folder: Path) -> list:
                 for seed in seeds:
                     for n in missing:
                         points.append(MapPoint(setting.dataset, setting.budget, n, setting.reduce, setting.lr,
-                                               seed, part="fit-completion"))
+                                               seed, part="fit-completion", steps=setting.steps))
     return points
 
 

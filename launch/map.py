@@ -47,19 +47,9 @@ for _path in (REPO, REPO / "launch"):
 
 from cnnpar.errors import UserError, exit_on_user_error  # noqa: E402
 
-# Learning rates: a quarter-decade log grid 0.001 .. 1 (13 values), and a finer one where one rank's
-# averaged-gradient run stops training on mnist-5k.
-LRS = ["0.001", "0.00178", "0.00316", "0.00562", "0.01", "0.0178", "0.0316", "0.0562", "0.1", "0.178", "0.316",
-       "0.562", "1"]
-FINE_LRS = ["0.133", "0.15", "0.2", "0.237", "0.266"]
-# The 60,000-image set: 10 of the 13 (three of the low ones left out: nothing rises there on mnist-5k).
-LRS_LARGE_SET = ["0.001", "0.00316", "0.01", "0.0316", "0.0562", "0.1", "0.178", "0.316", "0.562", "1"]
-ALL_RANKS = list(range(1, 13))
-MAP_RANKS = [1, 2, 3, 4, 6, 8, 12]
 TRAIN_SIZES = {"mnist-5k": 4000, "fashion-mnist": 60000, "mnist": 60000}
-REDUCES = ["sum", "mean"]
-NOISE_WINDOW_STEPS = 50  # the noise part's --log-window: one estimate per 50 steps
-RACE_WINDOWS = ["shared", "rma"]
+# the train flags a map group may set (launch/presets.py); anything else would go unrecorded in the names
+MAP_FLAGS = {"dataset", "epochs", "steps", "reduce", "lr", "race_window", "noise_scale", "log_window", "allreduce"}
 # Seconds per sample and per run (start, data, evaluation), measured on this 2-core machine, for the estimate
 # before any run of a kind has finished.
 PRIOR_S_PER_SAMPLE = {"sync": 45e-6, "race": 1.2e-3}
@@ -78,11 +68,13 @@ class MapPoint:
     race_window: str = ""
     how: str = "one-process"   # or 'real-ranks', or 'noise' (one process, with --noise-scale)
     part: str = ""
+    steps: int = 0             # the step budget ('steps'); the 'epochs' budget is one epoch
+    log_window: str = ""       # noise runs: one estimate per this many steps
 
     def flags(self) -> list:
         """cnnpar.train flags other than -n/--seed/--log that reproduce the point."""
         out = ["--dataset", self.dataset, "--reduce", self.reduce, "--lr", self.lr]
-        out += ["--epochs", "1"] if self.budget == "epochs" else ["--steps", str(TRAIN_SIZES[self.dataset])]
+        out += ["--epochs", "1"] if self.budget == "epochs" else ["--steps", str(self.steps)]
         if self.mode != "sync":
             out += ["--mode", self.mode, "--race-window", self.race_window]
         return out
@@ -94,8 +86,7 @@ class MapPoint:
                 f"{self.reduce}.h5")
 
     def samples(self) -> int:
-        per_rank_step = self.ranks if self.budget == "steps" else 1
-        return TRAIN_SIZES[self.dataset] * per_rank_step
+        return self.steps * self.ranks if self.budget == "steps" else TRAIN_SIZES.get(self.dataset, 60000)
 
     def run_args(self, log_path) -> list:
         """Arguments of the run that computes this point: one process with N samples per rank, or N ranks."""
@@ -103,7 +94,7 @@ class MapPoint:
         if self.how in ("one-process", "noise"):
             args += ["--samples-per-rank", str(self.ranks)]
         if self.how == "noise":
-            args += ["--noise-scale", "--log-window", str(NOISE_WINDOW_STEPS)]
+            args += ["--noise-scale"] + (["--log-window", self.log_window] if self.log_window else [])
         return args
 
 
@@ -114,67 +105,36 @@ class Part:
     points: tuple
 
 
-def _grid(part, datasets, budgets, ranks, reduces, lrs, seeds, mode="sync", windows=("",), how="one-process"):
+def points_of(group) -> tuple:
+    """A preset group's points (launch/presets.py), seed outermost. How each runs: --noise-scale -> 'noise';
+    race modes, and groups that name an --allreduce (they exist to test the exchange) -> 'real-ranks';
+    other sync points -> 'one-process'."""
     points = []
-    for seed in seeds:  # seed outermost: a complete picture of seed 1 comes first
-        for dataset in datasets:
-            for budget in budgets:
-                for reduce in reduces:
-                    for lr in lrs:
-                        for window in windows:
-                            for n in ranks:
-                                if budget == "steps" and n == 1:
-                                    continue  # the same run as the one-epoch point at 1 rank
-                                points.append(MapPoint(dataset, budget, n, reduce, lr, seed, mode, window, how,
-                                                       part))
+    for seed in group.seeds:
+        for mode in group.modes:
+            for setting in group.settings:
+                flags = dict(group.base, **group.mode_base.get(mode, {}), **setting)
+                unknown = sorted(set(flags) - MAP_FLAGS)
+                if unknown:
+                    raise UserError(f"preset group {group.name}", f"launch/map.py does not run --{unknown[0]}")
+                how = ("noise" if flags.get("noise_scale") == "true" else
+                       "real-ranks" if mode != "sync" or "allreduce" in flags else "one-process")
+                if flags.get("epochs", "1") != "1":
+                    raise UserError(f"preset group {group.name}", "the map's epoch budget is one epoch")
+                for n in group.ranks:
+                    points.append(MapPoint(flags["dataset"], "steps" if "steps" in flags else "epochs", n,
+                                           flags["reduce"], flags["lr"], seed, mode, flags.get("race_window", ""),
+                                           how, group.name, int(flags.get("steps", 0)),
+                                           flags.get("log_window", "")))
     return tuple(points)
 
 
 def parts(tiny: bool = False) -> list:
-    """The map, in the order it runs: the most important (and cheapest) first."""
-    if tiny:
-        return [Part("tiny", "CI: mnist-5k, same epochs, mean, two learning rates, ranks 1,2,3, seed 1",
-                     _grid("tiny", ["mnist-5k"], ["epochs"], [1, 2, 3], ["mean"], ["0.01", "0.178"], [1])),
-                Part("tiny-check", "CI: one real 2-rank run beside its one-process twin, and a --noise-scale rerun",
-                     _grid("tiny-check", ["mnist-5k"], ["epochs"], [2], ["mean"], ["0.178"], [1],
-                           how="real-ranks")
-                     + _grid("tiny-check", ["mnist-5k"], ["epochs"], [2], ["mean"], ["0.178"], [1], how="noise"))]
-    seeds3 = [1, 2, 3]
-    race_lrs = ["0.01", "0.0316", "0.1"]
-    return [
-        Part("mnist-epochs", "mnist-5k, one epoch at every rank count 1..12, 13 lr x sum/mean x 3 seeds",
-             _grid("mnist-epochs", ["mnist-5k"], ["epochs"], ALL_RANKS, REDUCES, LRS, seeds3)),
-        Part("mnist-steps", "mnist-5k, 4000 SGD steps at ranks 2,3,4,6,8,12 (1 rank: the epoch point)",
-             _grid("mnist-steps", ["mnist-5k"], ["steps"], MAP_RANKS, REDUCES, LRS, seeds3)),
-        Part("mnist-epochs-fine", "mnist-5k, one epoch, mean, the lr between 0.1 and 0.316 where n=1 stops "
-                                  "training, ranks 1..12, 3 seeds",
-             _grid("mnist-epochs-fine", ["mnist-5k"], ["epochs"], ALL_RANKS, ["mean"], FINE_LRS, seeds3)),
-        Part("check", "real N-rank sync runs beside their one-process twins (mnist-5k, same epochs)",
-             _grid("check", ["mnist-5k"], ["epochs"], [2, 4, 12], ["mean"], ["0.178"], [1], how="real-ranks")
-             + _grid("check", ["mnist-5k"], ["epochs"], [3, 8], ["sum"], ["0.01"], [1], how="real-ranks")),
-        Part("race", f"--mode race, shared and rma windows, summed, same epochs, lr {'/'.join(race_lrs)}, "
-                     "ranks 1..12, seeds 1,2 (real ranks)",
-             _grid("race", ["mnist-5k"], ["epochs"], ALL_RANKS, ["sum"], race_lrs, [1, 2], mode="race",
-                   windows=RACE_WINDOWS, how="real-ranks")),
-        Part("fashion-epochs", "fashion-mnist (60,000), one epoch, ranks 1..12, 10 lr x sum/mean, seed 1",
-             _grid("fashion-epochs", ["fashion-mnist"], ["epochs"], ALL_RANKS, REDUCES, LRS_LARGE_SET, [1])),
-        Part("fashion-steps", "fashion-mnist, 60,000 steps at ranks 2,3,4,6,8,12, 10 lr x sum/mean, seed 1",
-             _grid("fashion-steps", ["fashion-mnist"], ["steps"], MAP_RANKS, REDUCES, LRS_LARGE_SET, [1])),
-        Part("noise", "--noise-scale reruns of map settings (one process, B_small = 1 sample, B_big = N): "
-                      "same epochs, ranks 2,4,12, seed 1",
-             _grid("noise", ["mnist-5k"], ["epochs"], [2, 4, 12], ["mean"], ["0.01", "0.0562", "0.178", "0.316"],
-                   [1], how="noise")
-             + _grid("noise", ["mnist-5k"], ["epochs"], [2, 4, 12], ["sum"], ["0.01", "0.0562"], [1], how="noise")
-             + _grid("noise", ["fashion-mnist"], ["epochs"], [2, 12], ["mean"], ["0.0562", "0.178", "0.316"], [1],
-                     how="noise")
-             + _grid("noise", ["fashion-mnist"], ["epochs"], [2, 12], ["sum"], ["0.01"], [1], how="noise")),
-        Part("fashion-epochs-seeds23", "fashion-mnist, one epoch: seeds 2 and 3",
-             _grid("fashion-epochs-seeds23", ["fashion-mnist"], ["epochs"], ALL_RANKS, REDUCES, LRS_LARGE_SET,
-                   [2, 3])),
-        Part("fashion-steps-seeds23", "fashion-mnist, 60,000 steps: seeds 2 and 3",
-             _grid("fashion-steps-seeds23", ["fashion-mnist"], ["steps"], MAP_RANKS, REDUCES, LRS_LARGE_SET,
-                   [2, 3])),
-    ]
+    """The map's groups (presets `map` / `map-tiny`), in the order they run: the most important first."""
+    from sweep_grid import load_presets
+
+    preset = load_presets()["map-tiny" if tiny else "map"]
+    return [Part(g.name, g.doc or g.name, points_of(g)) for g in preset.groups]
 
 
 def fit_completion(points_needed) -> Part:

@@ -40,7 +40,7 @@ def test_tiny_map_and_report_agree_with_the_logs(tmp_path):
     assert "map: part tiny: 6 points, 0 done, 6 to run" in first.stdout
     again = _run(REPO / "launch" / "map.py", "--out", folder, "--tiny", "--jobs", "1")  # resumable: nothing left
     assert "6 done, 0 to run" in again.stdout
-    assert "2 points, 2 done, 0 to run" in again.stdout
+    assert "tiny-check: 1 points, 1 done, 0 to run" in again.stdout
     _run(REPO / "analysis" / "map_report.py", folder, "--out", report)
 
     table = json.loads((report / "table1_fit.json").read_text())
