@@ -287,11 +287,8 @@ def plot_heatmaps(plt, all_curves, dataset, out: Path) -> list:
                                               f"(pp)", b) for b in budgets]
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.9 * len(panels) + 0.6), squeeze=False)
     for ax, (title, budget) in zip(axes[:, 0], panels):
-        rows, lrs = [], None
-        for reduce in ("sum", "mean"):
-            lrs_r, ranks, acc = grid_of(all_curves, dataset, budget or "epochs", reduce)
-            lrs = lrs_r if lrs is None or len(lrs_r) > len(lrs) else lrs
-            rows.append((reduce, lrs_r, ranks, acc))
+        rows = [(reduce,) + grid_of(all_curves, dataset, budget or "epochs", reduce) for reduce in ("sum", "mean")]
+        lrs = sorted({lr for _, lrs_r, _, _ in rows for lr in lrs_r}, key=float)
         values = np.full((2, len(lrs)), np.nan)
         for i, (reduce, lrs_r, ranks, acc) in enumerate(rows):
             if not ranks:
@@ -496,6 +493,7 @@ def _report_lines(folder, runs, all_curves, fits, table, figures, fit_figure) ->
         lines += [f"![{name}]({name})" for name in figures[dataset]]
         lines += [""] + _rising_table(all_curves, dataset) + [""]
     lines += _fits_section(fits, table, fit_figure)
+    lines += _why_section(fits, all_curves, runs)
     return lines
 
 
@@ -509,16 +507,26 @@ def _what_ran(runs) -> list:
     lines = ["## What ran", "", "| dataset | budget | mode | how | runs | diverged (NaN) |", "|---|---|---|---|---|---|"]
     for key in sorted(count):
         lines.append(f"| {' | '.join(key)} | {count[key]} | {diverged[key]} |")
-    settings = defaultdict(lambda: defaultdict(set))
+    # exact blocks: the learning rates that ran at exactly these rank counts and seeds
+    points = defaultdict(set)
     for r in runs:
-        settings[(r.setting.dataset, r.setting.budget, r.setting.mode)]["lr"].add(r.setting.lr)
-        settings[(r.setting.dataset, r.setting.budget, r.setting.mode)]["ranks"].add(r.ranks)
-        settings[(r.setting.dataset, r.setting.budget, r.setting.mode)]["seeds"].add(r.seed)
-    lines += ["", "| dataset | budget | mode | lr values | ranks | seeds |", "|---|---|---|---|---|---|"]
-    for key in sorted(settings):
-        v = settings[key]
-        lines.append(f"| {' | '.join(key)} | {len(v['lr'])}: {', '.join(sorted(v['lr'], key=float))} | "
-                     f"{','.join(map(str, sorted(v['ranks'])))} | {','.join(map(str, sorted(v['seeds'])))} |")
+        if r.how != "noise":
+            points[r.setting].add((r.ranks, r.seed))
+    blocks = defaultdict(list)
+    for setting, done in points.items():
+        ranks = tuple(sorted({n for n, _ in done}))
+        seeds = tuple(sorted({seed for _, seed in done}))
+        full = len(done) == len(ranks) * len(seeds)
+        key = (setting.dataset, setting.budget, setting.mode + (f" ({setting.window})" if setting.window else ""),
+               setting.reduce, ranks, seeds, full)
+        blocks[key].append(setting.lr)
+    lines += ["", "Every block below ran in full (each lr x each rank count x each seed) unless marked:", "",
+              "| dataset | budget | mode | reduce | lr values | ranks | seeds |", "|---|---|---|---|---|---|---|"]
+    for key in sorted(blocks, key=lambda k: (k[0], k[1], k[2], k[3], -len(k[4]))):
+        dataset, budget, mode, reduce, ranks, seeds, full = key
+        lrs = sorted(blocks[key], key=float)
+        lines.append(f"| {dataset} | {budget} | {mode} | {reduce} | {len(lrs)}: {', '.join(lrs)} | "
+                     f"{','.join(map(str, ranks))} | {','.join(map(str, seeds))}{'' if full else ' (partly)'} |")
     lines += ["", "*How*: `one-process` = a sync point with N ranks run as 1 rank x N samples per rank (bit for "
               "bit the same training, see below); `real-ranks` = `mpiexec -n N`. Same epochs = `--epochs 1`; "
               "same steps = `--steps` = the training set's size (one 1-rank epoch) at every rank count.", ""]
@@ -593,6 +601,74 @@ def _fits_section(fits, table, fit_figure) -> list:
     if fit_figure:
         lines += [f"![Table I fits]({fit_figure})", ""]
     return lines
+
+
+def max_gain(all_curves, dataset, mode, reduce, budget) -> tuple:
+    """(largest seed-mean gain n=1 -> largest n over the lr values of one slice, its lr, largest n)."""
+    best = (-math.inf, None, None)
+    for s, by_rank in all_curves.items():
+        if (s.dataset, s.mode, s.reduce, s.budget) != (dataset, mode, reduce, budget) or 1 not in by_rank:
+            continue
+        top = max(by_rank)
+        gain = np.mean(list(by_rank[top].values())) - np.mean(list(by_rank[1].values()))
+        if gain > best[0]:
+            best = (float(gain), s.lr, top)
+    return best
+
+
+def _why_section(fits, all_curves, runs) -> list:
+    """The answer, from the numbers: what they support, what they rule out, what they cannot decide."""
+    if not fits:
+        return []
+    by_name = {(h.name, d): r for h, d, _, r in fits}
+    datasets = sorted({d for _, d, _, _ in fits})
+    best_hyp, best_dataset, best_ranks, best = min(fits, key=lambda f: f[3]["rms_pp"])
+    parts = []
+    gains = {d: {h.name: max_gain(all_curves, d, h.mode, h.reduce, h.budget) for h in HYPOTHESES}
+             for d in datasets}
+
+    def gain_text(name):
+        items = [f"{gains[d][name][0]:+.1f} pp ({d}, lr {gains[d][name][1]})" for d in datasets
+                 if gains[d][name][1] is not None]
+        return ", ".join(items) if items else "not measured"
+
+    b = best["mean"]
+    parts.append(f"**Supported.** The rise appears in this trainer when one rank cannot train: with averaged "
+                 f"gradients (`--reduce mean`) at a learning rate too high for single-sample SGD, n=1 ends at "
+                 f"{b[0]:.1f}% while a few ranks train ({best_hyp.name}, {best_dataset}, lr "
+                 f"{best['setting'].lr}: {', '.join(f'n={n} {v:.1f}%' for n, v in list(zip(best_ranks, b))[:4])}"
+                 f", n={best_ranks[-1]} {b[-1]:.1f}%). The largest 1->12 gains per hypothesis are H2 "
+                 f"{gain_text('H2')}; H5 {gain_text('H5')}.")
+    measured = [r for r in noise_runs(runs) if r.noise_epochs is not None and len(r.noise_epochs["b_simple"])
+                and r.acc_pct > 50]
+    if measured:
+        values = np.array([float(r.noise_epochs["b_simple"][-1]) for r in measured])
+        values = values[np.isfinite(values)]
+        if len(values):
+            parts.append(f"The gradient noise scale says why averaging helps: over the {len(values)} --noise-scale "
+                         f"runs that trained, B_simple per epoch is {values.min():.0f}-{values.max():.0f} samples, "
+                         f"so every global batch of the paper (1-12) sits far below it, where each extra sample "
+                         f"per step still cuts the update's noise nearly in proportion (McCandlish et al.); at a "
+                         f"fixed averaged-gradient lr, n=1 carries the full per-sample noise and n>=2-4 brings it "
+                         f"under the level at which the run trains.")
+    parts.append(f"**Ruled out (in this trainer).** The paper's own account, summed gradients at the same epochs "
+                 f"(H1), gives no rise at any learning rate: largest 1->12 gain {gain_text('H1')} (a summed step "
+                 f"over n samples moves as far as n single-sample steps, so the curve is flat where it trains and "
+                 f"falls where n x lr is unstable). More data per rank count at summed gradients (H3) gives at "
+                 f"most {gain_text('H3')}, not 26% -> 92%; the race (H4) gives {gain_text('H4')}.")
+    verdict = (f"no hypothesis reaches Table I within {GOOD_FIT_PP:.0f} pp RMS (best {best_hyp.name}, "
+               f"{best['rms_pp']:.1f} pp; shape RMS {shape_rms(best['mean'], best_ranks):.1f} pp)"
+               if best["rms_pp"] > GOOD_FIT_PP else
+               f"{best_hyp.name} fits Table I at {best['rms_pp']:.1f} pp RMS")
+    rms = "; ".join(f"{h.name} {by_name[(h.name, d)]['rms_pp']:.1f}" for d in datasets for h in HYPOTHESES
+                    if (h.name, d) in by_name)
+    parts.append(f"**Cannot decide.** {verdict[0].upper() + verdict[1:]}: our curves jump to their plateau by "
+                 f"n=2-4, where the paper's climbs steadily to n=12 (RMS per hypothesis: {rms}). Which learning "
+                 f"rate, reduction and epoch count the paper's C++ code used, how much its OpenMP race lost on "
+                 f"6 cores / 12 threads (ours runs 12 ranks on 2 cores), and whether the full 60,000-image MNIST "
+                 f"would give its gradual shape are not in the paper, so the numbers cannot tell H2 and H5 (too "
+                 f"noisy a step at n=1) from other ways to make one thread train badly.")
+    return ["## Why did the paper's accuracy rise with threads?", ""] + [" ".join(parts), ""]
 
 
 def build_parser() -> argparse.ArgumentParser:
