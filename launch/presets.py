@@ -125,6 +125,10 @@ PRESETS["map"] = {
                                   "rises), ranks 1..12, seeds 1,2,3: Table I fits on the 60,000-image set",
                    range(1, 13), [1, 2, 3], _lr_reduce(["0.1", "0.178", "0.316"], ["mean"]),
                    dict(_LARGE, **ONE_EPOCH)),
+        _map_group("fashion-steps-fit", "fashion-mnist, 60,000 steps, ranks 2..12, seed 1: sum at lr 0.001/0.01 "
+                                        "(H3), mean at 0.1/0.178 (H5)", range(2, 13), [1],
+                   _lr_reduce(["0.001", "0.01"], ["sum"]) + _lr_reduce(["0.1", "0.178"], ["mean"]),
+                   dict(_LARGE, **LARGE_SET_STEPS)),
         _map_group("noise", "--noise-scale reruns, one epoch, ranks 2,4,12 (fashion-mnist 2,12), seed 1",
                    [2, 4, 12], [1], _lr_reduce(["0.01", "0.0562", "0.178", "0.316"], ["mean"], **_NOISE)
                    + _lr_reduce(["0.01", "0.0562"], ["sum"], **_NOISE),
