@@ -372,8 +372,29 @@ def noise_runs(runs) -> list:
                   key=lambda r: (r.setting.dataset, r.setting.reduce, float(r.setting.lr), r.ranks))
 
 
+NOISE_BINS = 10  # the noise plot pools each run's windows into this many stretches of training
+
+
+def binned_b_simple(windows: dict, bins: int) -> tuple:
+    """(last step + 1, B_simple) per stretch of consecutive windows: the ratio of the stretch's step-weighted
+    mean tr(Sigma) and |G|^2 estimates (one window's ratio is too noisy to read); NaN where |G|^2 <= 0."""
+    steps = windows["steps"].astype(np.float64)
+    ok = steps > 0
+    edges = np.linspace(0, len(steps), min(bins, len(steps)) + 1).astype(int)
+    ends, values = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        keep = ok[lo:hi]
+        w = steps[lo:hi][keep]
+        g2 = float(np.sum(windows["g2"][lo:hi][keep] * w))
+        trace = float(np.sum(windows["trace"][lo:hi][keep] * w))
+        ends.append(float(windows["step"][hi - 1] + 1))
+        values.append(trace / g2 if g2 > 0 else np.nan)
+    return np.array(ends), np.array(values)
+
+
 def plot_noise(plt, runs, out: Path) -> str | None:
-    """B_simple per window over the epoch, per --noise-scale run, against the global batch sizes."""
+    """B_simple over the epoch (pooled over stretches of windows), per --noise-scale run, against the global
+    batch sizes."""
     from map import TRAIN_SIZES
 
     measured = noise_runs(runs)
@@ -388,8 +409,8 @@ def plot_noise(plt, runs, out: Path) -> str | None:
         colors = plt.cm.tab10(np.linspace(0, 1, 10))
         for r in mine:
             color = colors[settings.index((r.setting.reduce, r.setting.lr)) % 10]
-            seen = (r.noise["step"] + 1) * r.ranks / TRAIN_SIZES.get(dataset, 1)
-            b = np.where(r.noise["b_simple"] > 0, r.noise["b_simple"], np.nan)
+            seen, b = binned_b_simple(r.noise, NOISE_BINS)
+            seen = seen * r.ranks / TRAIN_SIZES.get(dataset, 1)
             ax.plot(seen, b, marker=markers.get(r.ranks, "."), ms=3, lw=0.8, color=color,
                     label=f"{r.setting.reduce} lr {r.setting.lr}, n={r.ranks} ({r.acc_pct:.0f}%)")
         for batch in sorted({r.ranks for r in mine} | {1}):
@@ -398,7 +419,7 @@ def plot_noise(plt, runs, out: Path) -> str | None:
                     transform=ax.get_yaxis_transform())
         ax.set_yscale("log")
         ax.set_xlabel("epochs of training data seen")
-        ax.set_ylabel("B_simple = tr(Sigma) / |G|^2 (per window)")
+        ax.set_ylabel(f"B_simple = tr(Sigma) / |G|^2 ({NOISE_BINS} stretches per run)")
         ax.set_title(f"gradient noise scale, {dataset} (same epochs)", fontsize=10)
         ax.legend(fontsize=6, ncol=2, loc="lower left")
         ax.grid(alpha=0.3, which="both")

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """The accuracy map of issue 13, run cheaply and resumably: where does accuracy rise with ranks?
 
-    python launch/map.py --out runs/map                # everything, in priority order (hours on 2 cores)
-    python launch/map.py --out runs/map --dry-run      # the parts, their run counts and the time estimate
+    python launch/map.py --out runs/map                # every group, in order (many hours on 2 cores)
+    python launch/map.py --out runs/map --dry-run      # the groups, their run counts and the time estimate
     python launch/map.py --out runs/map --parts mnist-epochs,race
-    python launch/map.py --out /tmp/m --tiny           # CI: a handful of points
+    python launch/map.py --out runs/map --complete-fits  # then the best settings at the rank counts skipped
+    python launch/map.py --out /tmp/m --tiny           # CI: a handful of points (preset `map-tiny`)
     python analysis/map_report.py runs/map             # the report from the logs
 
+The grid is the `map` preset of launch/presets.py: each of its groups is a part here, run in its order.
 Each map point is a training run with the flags of `mpirun -n N python -m cnnpar.train --seed S FLAGS`.
 How a point runs is a property of the point, recorded in the log folder it goes to:
 
@@ -15,8 +17,9 @@ How a point runs is a property of the point, recorded in the log folder it goes 
   as one process with `--samples-per-rank N`, and many of them run inside one Python process that calls the
   trainer's `main` again and again (start-up ~0.1 s instead of ~1 s per run). `--jobs` such processes run at
   once.
-- `real-ranks`: race points (the race's losses depend on real concurrent ranks) and a few sync points kept as
-  a check that the one-process runs agree with real N-rank runs; each is one `mpiexec -n N` launch.
+- `real-ranks`: race points (the race's losses depend on real concurrent ranks) and the groups that name an
+  --allreduce (a check that the one-process runs agree with real N-rank runs); one `mpiexec -n N` each.
+- `noise`: one-process reruns with --noise-scale (B_small = 1 sample, B_big = N).
 
 Logs: OUT/<how>/<name>.h5, name = `d<dataset>-<budget>-n<N>-<mode>-seed<S>-lr<lr>-<reduce>.h5`. Resuming: a
 point whose log is complete or diverged (the loss became NaN: a result, accuracy at chance) is skipped;
@@ -29,9 +32,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import dataclasses
 import io
-import json
 import multiprocessing
 import os
 import subprocess
@@ -47,7 +48,7 @@ for _path in (REPO, REPO / "launch"):
 
 from cnnpar.errors import UserError, exit_on_user_error  # noqa: E402
 
-TRAIN_SIZES = {"mnist-5k": 4000, "fashion-mnist": 60000, "mnist": 60000}
+from sweep_runner import TRAIN_SIZES  # noqa: E402
 # the train flags a map group may set (launch/presets.py); anything else would go unrecorded in the names
 MAP_FLAGS = {"dataset", "epochs", "steps", "reduce", "lr", "race_window", "noise_scale", "log_window", "allreduce"}
 # Seconds per sample and per run (start, data, evaluation), measured on this 2-core machine, for the estimate
