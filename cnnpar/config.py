@@ -63,6 +63,9 @@ class Config:
                             "owner rank, 'auto' shared when all ranks share a node", choices=RACE_WINDOWS)
     race_audit: bool = _opt(False, "race modes: also compute the exact sum and log how much the race lost "
                             "(its cost is excluded from step timings)")
+    noise_scale: bool = _opt(False, "sync mode: estimate the gradient noise scale B_simple (McCandlish et al. "
+                             "2018) from each rank's gradient and the step's sum (one rank: from each sample's), "
+                             "logged per window and per epoch")
     wait: str = _opt("auto", "how ranks wait for each other: 'spin', 'yield' the core (for ranks > cores), "
                      "'auto' yield when oversubscribed", choices=WAITS)
     pretend_nodes: int = _opt(0, "split one machine's ranks into this many pretend nodes (tests the multi-node "
@@ -114,6 +117,11 @@ class Config:
         if self.allreduce == "factored" and self.samples_per_rank != 1:
             raise UserError("--allreduce", f"'factored' sends one sample's dense-layer inputs per rank: it needs "
                             f"--samples-per-rank 1, not {self.samples_per_rank}; use 'shm' or 'auto'")
+        if self.noise_scale and self.mode != "sync":
+            raise UserError("--noise-scale", f"needs every rank's own gradient and their exact sum: --mode sync, "
+                                             f"not {self.mode!r}")
+        if self.noise_scale and self.resume:
+            raise UserError("--noise-scale", "a resumed run cannot continue the noise-scale sums yet")
         checkpoint_interval(self.checkpoint_every)
         if self.resume and self.resume != "auto" and not os.path.isfile(self.resume):
             raise UserError("--resume", f"no checkpoint file at {self.resume!r}")

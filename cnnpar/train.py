@@ -157,6 +157,9 @@ def _data_and_model(config: Config, world, dist, fold: int, say, started):
         if global_batch > n_train:
             raise UserError("--samples-per-rank", f"{dist.size} ranks x {config.samples_per_rank} samples = "
                             f"{global_batch} per step, more than the {n_train} training samples")
+        if config.noise_scale and global_batch < 2:
+            raise UserError("--noise-scale", "needs two batch sizes to compare: run 2 or more ranks, or give "
+                            "one rank --samples-per-rank 2 or more")
         log_path = _log_path(config, world, started)
         if world.Get_rank() == 0:
             resume = _resume_state(config, log_path, dist.size, network.n_params)
@@ -415,6 +418,11 @@ def _loop(run: Run, start: _Position) -> dict:
     lr_constant_from = _learning_rate_constant_from(config)
     lr = _learning_rate(config, lr_constant_from, global_batch)
     window = _StepWindow(config.log_window)
+    if config.noise_scale:
+        from .noise import NoiseMeter
+
+        window.noise = NoiseMeter(network.n_params, ranks, k, rank == 0)
+    noise = window.noise
     check_every = config.check_every
     first_step, train_time_s, samples_done = start.step, start.train_time_s, start.samples_done
     epoch_loss, epoch_correct, epoch_count = start.epoch_sums
@@ -435,10 +443,15 @@ def _loop(run: Run, start: _Position) -> dict:
         start_at, stop, step_count = starts[step_in_epoch], stops[step_in_epoch], step_counts[step_in_epoch]
 
         t0 = time.perf_counter()
-        loss_sum, correct = forward_backward_at(params, grads, order, start_at, stop)
+        if noise is None:
+            loss_sum, correct = forward_backward_at(params, grads, order, start_at, stop)
+        else:
+            loss_sum, correct = noise.forward_backward(forward_backward_at, params, grads, order, start_at, stop)
         t1 = time.perf_counter()
         measured_wait_s = exchange.reduce(grads)
         t2 = time.perf_counter()
+        if noise is not None:
+            noise.after_exchange(grads)
         optimizer.step(params, grads, step_count, lr, zero_grads=True)  # zeroing rides in the update's pass
 
         excluded_s = exchange.excluded_s  # the race audit is diagnostics: not counted as training time
@@ -471,6 +484,8 @@ def _loop(run: Run, start: _Position) -> dict:
                 if log is not None:
                     log.append_epoch(epoch, steps_done, train_loss, train_acc, test_loss, test_acc,
                                      train_time_s, samples_done)
+                    if noise is not None:
+                        log.append_noise_epoch(epoch, steps_done, **noise.epoch_summary())
                     _noting_write_errors(run.stop, log.flush_due)
                 if progress is not None:
                     progress.epoch(epoch, train_loss, train_acc, test_loss, test_acc)
@@ -543,6 +558,7 @@ class _StepWindow:
     def __init__(self, size: int):
         self.size = size
         self.rows = []
+        self.noise = None  # a cnnpar.noise.NoiseMeter with --noise-scale: its rows travel in the same gather
 
 
 def _flush_window(window, comm, log, exchange) -> None:
@@ -552,7 +568,9 @@ def _flush_window(window, comm, log, exchange) -> None:
     rows = np.fromiter(itertools.chain.from_iterable(window.rows), np.float64,
                        count=len(window.rows) * n_fields).reshape(len(window.rows), n_fields)
     window.rows.clear()
-    gathered = comm.gather(rows, root=0)
+    gathered = comm.gather(rows if window.noise is None else (rows, window.noise.take_rows()), root=0)
+    if window.noise is not None and comm.Get_rank() == 0:
+        gathered, noise_rows = [g[0] for g in gathered], [g[1] for g in gathered]
     audit = exchange.drain_audit()
     bad_step = -1
     if comm.Get_rank() == 0:
@@ -571,6 +589,9 @@ def _flush_window(window, comm, log, exchange) -> None:
                              wait_s.astype(np.float32), f["lr"][:, 0].astype(np.float32))
             if audit is not None:
                 log.append_audit(**audit)
+            if window.noise is not None:
+                log.append_noise(int(steps[0]), int(steps[-1]), **window.noise.window_summary(
+                    noise_rows, f["step_count"][:, 0]))
         nonfinite = ~np.isfinite(loss)
         if nonfinite.any():
             bad_step = int(steps[np.argmax(nonfinite)])

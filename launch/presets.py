@@ -60,3 +60,98 @@ PRESETS = {
         ],
     },
 }
+
+# --- the accuracy map (issue 13): launch/map.py runs these groups cheaply (a sync point of N ranks as one
+# process with N samples per rank, many runs per Python process; race points and the `check` group with
+# real ranks); `sweep.py --preset map` would run every point with real ranks instead (days on 2 cores).
+MAP_LRS = ["0.001", "0.00178", "0.00316", "0.00562", "0.01", "0.0178", "0.0316", "0.0562", "0.1", "0.178", "0.316",
+           "0.562", "1"]                      # a quarter-decade log grid
+MAP_FINE_LRS = ["0.133", "0.15", "0.2", "0.237", "0.266"]  # where one rank's averaged-gradient run stops training
+MAP_LARGE_SET_LRS = ["0.001", "0.00316", "0.01", "0.0316", "0.0562", "0.1", "0.178", "0.316", "0.562", "1"]
+MAP_LARGE_SET_MEAN_LRS = ["0.01", "0.0562", "0.1", "0.178", "0.316", "0.562"]  # the first 60k-set pass
+MAP_LARGE_SET_SUM_LRS = ["0.001", "0.00316", "0.01", "0.0316"]
+MAP_RANKS = [1, 2, 3, 4, 6, 8, 12]
+MAP_RACE_LRS = ["0.01", "0.0316", "0.1"]
+MAP_NOISE_WINDOW = "50"                       # --log-window of the --noise-scale reruns: an estimate per 50 steps
+ONE_EPOCH = {"epochs": "1"}
+MNIST_STEPS = {"steps": "4000"}               # one 1-rank epoch of mnist-5k, at every rank count
+LARGE_SET_STEPS = {"steps": "60000"}          # one 1-rank epoch of the 60,000-image set
+
+
+def _lr_reduce(lrs, reduces=("sum", "mean"), **more):
+    return [dict(more, reduce=r, lr=lr) for r in reduces for lr in lrs]
+
+
+def _map_group(name, doc, ranks, seeds, settings, named, modes=("sync",)):
+    """Dataset and budget (`named`) go into every setting, so the file names of a sweep tell groups apart;
+    log_window is not a setting (it changes no result)."""
+    window = {k: v for k, v in named.items() if k == "log_window"}
+    named = {k: v for k, v in named.items() if k != "log_window"}
+    return {"name": name, "doc": doc, "ranks": list(ranks), "modes": list(modes), "seeds": list(seeds),
+            "settings": [dict(named, **s) for s in settings], "base": window}
+
+
+_MNIST, _LARGE = {"dataset": "mnist-5k"}, {"dataset": "fashion-mnist"}
+_STEP_RANKS = [n for n in MAP_RANKS if n > 1]  # a step budget's 1-rank run is the 1-rank one-epoch run
+_NOISE = {"noise_scale": "true"}
+
+PRESETS["map"] = {
+    "doc": "the accuracy map (run it with launch/map.py, report with analysis/map_report.py): lr x sum/mean x "
+           "same epochs/same steps x ranks, mnist-5k and fashion-mnist, race with real ranks, --noise-scale "
+           "reruns. Groups:",
+    "out": "runs/map",
+    "groups": [
+        _map_group("mnist-epochs", "mnist-5k, one epoch, ranks 1..12, 13 lr x sum/mean, seeds 1,2,3",
+                   range(1, 13), [1, 2, 3], _lr_reduce(MAP_LRS), dict(_MNIST, **ONE_EPOCH)),
+        _map_group("mnist-steps", "mnist-5k, 4000 steps at ranks 2,3,4,6,8,12, 13 lr x sum/mean, seeds 1,2,3",
+                   _STEP_RANKS, [1, 2, 3], _lr_reduce(MAP_LRS), dict(_MNIST, **MNIST_STEPS)),
+        _map_group("mnist-epochs-fine", "mnist-5k, one epoch, mean, lr 0.133-0.266, ranks 1..12, seeds 1,2,3",
+                   range(1, 13), [1, 2, 3], _lr_reduce(MAP_FINE_LRS, ["mean"]), dict(_MNIST, **ONE_EPOCH)),
+        _map_group("check", "real N-rank sync runs beside their one-process twins (an --allreduce named: real "
+                            "ranks)", [2, 4, 12], [1], _lr_reduce(["0.178"], ["mean"], allreduce="auto"),
+                   dict(_MNIST, **ONE_EPOCH)),
+        _map_group("check-sum", "", [3, 8], [1], _lr_reduce(["0.01"], ["sum"], allreduce="auto"),
+                   dict(_MNIST, **ONE_EPOCH)),
+        _map_group("race", "--mode race, shared and rma windows, summed, one epoch, lr 0.01/0.0316/0.1, ranks "
+                           "1..12, seeds 1,2 (real ranks)", range(1, 13), [1, 2],
+                   [dict(s, race_window=w) for s in _lr_reduce(MAP_RACE_LRS, ["sum"]) for w in ("shared", "rma")],
+                   dict(_MNIST, **ONE_EPOCH), modes=("race",)),
+        _map_group("fashion-core", "fashion-mnist, one epoch, ranks 1,2,3,4,6,8,12, seed 1: mean at lr "
+                                   f"{'/'.join(MAP_LARGE_SET_MEAN_LRS)}, sum at {'/'.join(MAP_LARGE_SET_SUM_LRS)} "
+                                   "(what a shared 2-core machine finishes in an hour)", MAP_RANKS, [1],
+                   _lr_reduce(MAP_LARGE_SET_MEAN_LRS, ["mean"]) + _lr_reduce(MAP_LARGE_SET_SUM_LRS, ["sum"]),
+                   dict(_LARGE, **ONE_EPOCH)),
+        _map_group("fashion-fit", "fashion-mnist, one epoch, mean at lr 0.1/0.178/0.316 (where the first pass "
+                                  "rises), ranks 1..12, seeds 1,2,3: Table I fits on the 60,000-image set",
+                   range(1, 13), [1, 2, 3], _lr_reduce(["0.1", "0.178", "0.316"], ["mean"]),
+                   dict(_LARGE, **ONE_EPOCH)),
+        _map_group("fashion-steps-fit", "fashion-mnist, 60,000 steps, ranks 2..12, seed 1: sum at lr 0.001/0.01 "
+                                        "(H3), mean at 0.1/0.178 (H5)", range(2, 13), [1],
+                   _lr_reduce(["0.001", "0.01"], ["sum"]) + _lr_reduce(["0.1", "0.178"], ["mean"]),
+                   dict(_LARGE, **LARGE_SET_STEPS)),
+        _map_group("noise", "--noise-scale reruns, one epoch, ranks 2,4,12 (fashion-mnist 2,12), seed 1",
+                   [2, 4, 12], [1], _lr_reduce(["0.01", "0.0562", "0.178", "0.316"], ["mean"], **_NOISE)
+                   + _lr_reduce(["0.01", "0.0562"], ["sum"], **_NOISE),
+                   dict(_MNIST, log_window=MAP_NOISE_WINDOW, **ONE_EPOCH)),
+        _map_group("noise-large-set", "", [2, 12], [1], _lr_reduce(["0.0562", "0.178", "0.316"], ["mean"], **_NOISE)
+                   + _lr_reduce(["0.01"], ["sum"], **_NOISE), dict(_LARGE, log_window=MAP_NOISE_WINDOW, **ONE_EPOCH)),
+        _map_group("fashion-epochs", "fashion-mnist, one epoch, ranks 1..12, 10 lr x sum/mean, seeds 1,2,3",
+                   range(1, 13), [1, 2, 3], _lr_reduce(MAP_LARGE_SET_LRS, ["mean", "sum"]),
+                   dict(_LARGE, **ONE_EPOCH)),
+        _map_group("fashion-steps", "fashion-mnist, 60,000 steps at ranks 2,3,4,6,8,12, 10 lr x sum/mean, "
+                                    "seeds 1,2,3", _STEP_RANKS, [1, 2, 3], _lr_reduce(MAP_LARGE_SET_LRS),
+                   dict(_LARGE, **LARGE_SET_STEPS)),
+    ],
+}
+PRESETS["map-tiny"] = {
+    "doc": "CI's accuracy map: mnist-5k, one epoch, mean, lr 0.01/0.178, ranks 1,2,3, seed 1; one real 2-rank "
+           "twin and one --noise-scale rerun",
+    "out": "runs/map-tiny",
+    "groups": [
+        _map_group("tiny", "", [1, 2, 3], [1], _lr_reduce(["0.01", "0.178"], ["mean"]), dict(_MNIST, **ONE_EPOCH)),
+        _map_group("tiny-check", "", [2], [1], _lr_reduce(["0.178"], ["mean"], allreduce="auto"),
+                   dict(_MNIST, **ONE_EPOCH)),
+        _map_group("tiny-noise", "", [2], [1], _lr_reduce(["0.178"], ["mean"], **_NOISE),
+                   dict(_MNIST, log_window=MAP_NOISE_WINDOW, **ONE_EPOCH)),
+    ],
+}

@@ -28,7 +28,7 @@ N_PARAMS = 289
 
 def _config(**over):
     config = {"mode": "race", "lr": 0.01, "seed": 3, "race_audit": True, "folds": 2, "log": "", "quiet": False,
-              "epochs": 2, "data_dir": ""}
+              "epochs": 2, "data_dir": "", "noise_scale": True}
     config.update(over)
     return config
 
@@ -51,7 +51,7 @@ def _write_full_log(path, ranks=3, steps_per_epoch=40, epochs=2, seed=0):
     """A complete log with every group filled; returns what was written, for comparison."""
     rng = np.random.default_rng(seed)
     config = _config()
-    written = {"steps": [], "audit": [], "epochs": [], "consistency": []}
+    written = {"steps": [], "audit": [], "epochs": [], "consistency": [], "noise": [], "noise_epochs": []}
     with RunLogWriter(path, json.dumps(config, sort_keys=True), config, ENV, LAYOUT, ranks) as log:
         for epoch in range(epochs):
             start = epoch * steps_per_epoch
@@ -65,11 +65,19 @@ def _write_full_log(path, ranks=3, steps_per_epoch=40, epochs=2, seed=0):
                              frac_elements_differ=rng.random(n), lost_contributions=rng.random(n) * ranks)
                 log.append_audit(**audit)
                 written["audit"].append(audit)
+                noise = dict(first_step=start + lo, step=start + lo + n - 1, steps=n, b_small=1.0,
+                             b_big=float(ranks), g2=rng.random(), trace=rng.random() * 50, b_simple=rng.random())
+                log.append_noise(**noise)
+                written["noise"].append(noise)
             row = dict(epoch=epoch, step=start + steps_per_epoch, train_loss=1.0 / (epoch + 1),
                        train_acc=0.5 + 0.1 * epoch, test_loss=1.1 / (epoch + 1), test_acc=0.55 + 0.1 * epoch,
                        train_time_s=3.5 * (epoch + 1), samples=ranks * steps_per_epoch * (epoch + 1))
             log.append_epoch(**row)
             written["epochs"].append(row)
+            noise_epoch = dict(epoch=epoch, step=start + steps_per_epoch, steps=steps_per_epoch, g2=rng.random(),
+                               trace=rng.random() * 50, b_simple=rng.random() * 100)
+            log.append_noise_epoch(**noise_epoch)
+            written["noise_epochs"].append(noise_epoch)
             log.append_consistency(start + steps_per_epoch - 1, 0xFFFFFFFF - epoch, True)
             written["consistency"].append((start + steps_per_epoch - 1, 0xFFFFFFFF - epoch, True))
             log.flush()
@@ -419,6 +427,23 @@ def test_fuzzed_bytes_give_a_user_error_or_a_log_never_another_exception(good_lo
 
 # ----------------------------------------------------------------------------------------------------
 # the schema as data
+
+
+def test_noise_tables_round_trip(tmp_path):
+    path = tmp_path / "noise.h5"
+    written = _write_full_log(path)
+    log = open_log(path)
+    for table in ("noise", "noise_epochs"):
+        got = getattr(log, table)
+        rows = written[table]
+        assert len(got["step"]) == len(rows) > 0
+        for name in rows[0]:
+            assert np.array_equal(got[name], np.array([row[name] for row in rows]).astype(got[name].dtype)), name
+    quiet = tmp_path / "no-noise.h5"
+    with RunLogWriter(quiet, json.dumps(_config(noise_scale=False)), _config(noise_scale=False), ENV, LAYOUT,
+                      3) as plain:
+        plain.flush()
+    assert open_log(quiet).noise is None and open_log(quiet).noise_epochs is None
 
 
 def test_docs_embed_the_schema_table_verbatim():

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import UserError
 from . import _h5
 from .lock import writer_alive
-from .schema import COMMITTED, FINAL_ATTRS, FORMAT, FORMAT_VERSION, STATUSES, TABLES, columns
+from .schema import COMMITTED, COMMITTED_V1, FINAL_ATTRS, FORMAT, FORMAT_VERSION, STATUSES, TABLES, columns
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MID_FLUSH_RETRIES = 40        # a live writer's flush takes milliseconds: retry a read that met one ...
@@ -47,6 +47,8 @@ class RunLog:
     steps: dict
     epochs: dict
     audit: dict | None
+    noise: dict | None          # --noise-scale: per-window estimates
+    noise_epochs: dict | None   # --noise-scale: per-epoch estimates
     consistency: dict
     folds: dict | None
     has_folds: bool
@@ -280,9 +282,11 @@ def _load(f, path: str) -> RunLog:
         log.layout.append((_h5.decode(name), shape, int(offset), int(size)))
 
     committed = _read(f["committed_rows"], file_size)
-    if committed.shape != (len(COMMITTED),) or committed.dtype.kind not in "iu" or np.any(committed < 0):
+    names = _committed_names(f["committed_rows"])
+    if committed.shape != (len(names),) or committed.dtype.kind not in "iu" or np.any(committed < 0):
         raise _Corrupt("/committed_rows is malformed")
-    counts = dict(zip(COMMITTED, (int(c) for c in committed)))
+    counts = dict.fromkeys(COMMITTED, 0)
+    counts.update(zip(names, (int(c) for c in committed)))
     log.committed = counts
 
     def table(name):
@@ -301,6 +305,8 @@ def _load(f, path: str) -> RunLog:
     log.consistency = table("consistency")
     log.consistency["ok"] = log.consistency["ok"].astype(bool)
     log.audit = table("audit") if "audit" in f else None
+    log.noise = table("noise") if "noise" in f else None
+    log.noise_epochs = table("noise_epochs") if "noise_epochs" in f else None
     log.has_folds = "folds" in f
     log.folds = None
     if log.has_folds and counts["folds"]:
@@ -361,6 +367,17 @@ def is_complete_log(path) -> bool:
         return open_log(path).complete
     except Exception:  # noqa: BLE001
         return False
+
+
+def _committed_names(dataset) -> tuple:
+    """The tables /committed_rows counts, in order: its `tables` attribute (format-1 logs have none)."""
+    raw = dataset.attrs.get("tables")
+    if raw is None:
+        return COMMITTED_V1
+    names = tuple(_h5.decode(v) for v in np.asarray(raw).tolist())
+    if names[-1:] != ("final",) or not set(names) <= set(COMMITTED):
+        raise _Corrupt(f"/committed_rows names unknown tables {names}")
+    return names
 
 
 def truncation(log: RunLog, step_count, epoch_count) -> dict:

@@ -121,6 +121,33 @@ SCHEMA: tuple[Entry, ...] = (
        "result differs from the exact sum", "flush", "race_audit"),
     _e("/audit/lost_contributions", "float64", "(S,)", "ranks", "estimated whole rank contributions (of R) "
        "the race lost in the step", "flush", "race_audit"),
+    # gradient noise scale (--noise-scale, cnnpar/noise.py; McCandlish et al. 2018, appendix A.1)
+    _e("/noise/step", "int64", "(S,)", "steps", "last global step of the window", "flush", "noise_scale"),
+    _e("/noise/first_step", "int64", "(S,)", "steps", "first global step of the window", "flush",
+       "noise_scale"),
+    _e("/noise/steps", "int32", "(S,)", "steps", "steps in the window that had two batch sizes to compare",
+       "flush", "noise_scale"),
+    _e("/noise/b_small", "float64", "(S,)", "samples", "the small batch: samples per rank (one sample with "
+       "one rank)", "flush", "noise_scale"),
+    _e("/noise/b_big", "float64", "(S,)", "samples", "the big batch: the step's global batch", "flush",
+       "noise_scale"),
+    _e("/noise/g2", "float64", "(S,)", "nats^2", "mean over the window "
+       "of the unbiased estimate of the true gradient G's squared norm", "flush", "noise_scale"),
+    _e("/noise/trace", "float64", "(S,)", "nats^2", "mean over the window of the unbiased estimate of "
+       "tr(Sigma), the per-sample gradient covariance's trace", "flush", "noise_scale"),
+    _e("/noise/b_simple", "float64", "(S,)", "samples", "trace / g2: the simple noise scale B_simple",
+       "flush", "noise_scale"),
+    _e("/noise_epochs/epoch", "int32", "(S,)", "epochs", "epoch, 0-based", "flush", "noise_scale"),
+    _e("/noise_epochs/step", "int64", "(S,)", "steps", "global steps done at the epoch's end", "flush",
+       "noise_scale"),
+    _e("/noise_epochs/steps", "int32", "(S,)", "steps", "steps of the epoch that entered the estimates",
+       "flush", "noise_scale"),
+    _e("/noise_epochs/g2", "float64", "(S,)", "nats^2", "the epoch's mean estimate of G's squared norm", "flush",
+       "noise_scale"),
+    _e("/noise_epochs/trace", "float64", "(S,)", "nats^2", "the epoch's mean tr(Sigma) estimate",
+       "flush", "noise_scale"),
+    _e("/noise_epochs/b_simple", "float64", "(S,)", "samples", "the epoch's B_simple = trace / g2", "flush",
+       "noise_scale"),
     # per-epoch table
     _e("/epochs/epoch", "int32", "(S,)", "epochs", "evaluated epoch, 0-based", "flush"),
     _e("/epochs/step", "int64", "(S,)", "steps", "global steps done at that point", "flush"),
@@ -163,15 +190,19 @@ SCHEMA: tuple[Entry, ...] = (
     _e("/final@extra_json", "str4096", "()", "", "any other keyword given to `write_final`, as JSON",
        "final"),
     # what a reader may trust
-    _e("/committed_rows", "int64", "(6,)", "rows", "rows of steps, audit, epochs, consistency, folds complete "
-       "at the last flush, then 1 once `/final` was written; attribute `tables` names them", "flush"),
+    _e("/committed_rows", "int64", "(8,)", "rows", "rows of steps, audit, epochs, consistency, folds, noise, "
+       "noise_epochs complete at the last flush, then 1 once `/final` was written; attribute `tables` names "
+       "them (logs of format 1 have the first five and final)", "flush"),
 )
 
 BY_PATH = {entry.path: entry for entry in SCHEMA}
-COMMITTED = ("steps", "audit", "epochs", "consistency", "folds", "final")
-TABLES = ("steps", "audit", "epochs", "consistency", "folds")
-OPTIONAL_GROUPS = {"audit": "race_audit", "folds": "folds > 1"}
-CHUNK_ROWS = {"steps": 512, "audit": 512, "epochs": 64, "consistency": 256, "folds": 16}
+COMMITTED = ("steps", "audit", "epochs", "consistency", "folds", "noise", "noise_epochs", "final")
+COMMITTED_V1 = ("steps", "audit", "epochs", "consistency", "folds", "final")  # logs without a `tables` attribute
+TABLES = ("steps", "audit", "epochs", "consistency", "folds", "noise", "noise_epochs")
+OPTIONAL_GROUPS = {"audit": "race_audit", "folds": "folds > 1", "noise": "noise_scale",
+                   "noise_epochs": "noise_scale"}
+CHUNK_ROWS = {"steps": 512, "audit": 512, "epochs": 64, "consistency": 256, "folds": 16, "noise": 64,
+              "noise_epochs": 64}
 FINAL_ATTRS = {e.name: e.dtype for e in SCHEMA if e.group == "/final" and e.is_attribute and e.name != "extra_json"}
 
 

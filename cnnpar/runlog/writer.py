@@ -53,7 +53,7 @@ class RunLogWriter:
 
     def __init__(self, path, config_json: str, config_fields: dict, env: dict, layout: list,
                  ranks: int, n_classes: int = 10, *, audit: bool | None = None, folds: bool | None = None,
-                 created: str | None = None, world_ranks: int | None = None, _resume_count: int = 0):
+                 noise: bool | None = None, created: str | None = None, world_ranks: int | None = None, _resume_count: int = 0):
         import h5py
 
         self.path = os.fspath(path)
@@ -66,12 +66,15 @@ class RunLogWriter:
             audit = bool(config_fields.get("race_audit", False))
         if folds is None:
             folds = int(config_fields.get("folds", 1) or 1) > 1
+        if noise is None:
+            noise = bool(config_fields.get("noise_scale", False))
+        present = {"audit": audit, "folds": folds, "noise": noise, "noise_epochs": noise}
         json.loads(config_json)  # must be valid JSON
         if os.path.lexists(self.path):
             raise UserError(self.path, "a file already exists there; the run log will not overwrite it")
         self._h5 = _in_memory_file("w")
         self._datasets = {}
-        _build(self._h5, config_json, config_fields, env, layout, ranks, n_classes, audit, folds,
+        _build(self._h5, config_json, config_fields, env, layout, ranks, n_classes, present,
                created or _h5.utc_now(), _resume_count, world_ranks or ranks)
         try:
             self._publish(exclusive=True)
@@ -83,7 +86,7 @@ class RunLogWriter:
                 raise WriteError("--log", f"{self.path}: {_h5.write_failure_cause(err)}") from None
             raise UserError(self.path, f"cannot create the run log: {err.strerror or err}") from None
         self.ranks, self.n_classes = ranks, n_classes
-        self._tables = {t for t in TABLES if (t != "audit" or audit) and (t != "folds" or folds)}
+        self._tables = {t for t in TABLES if present.get(t, True)}
         self._start({t: 0 for t in TABLES}, final_written=False, n_params=max([o + z for _, _, o, z in layout],
                                                                                default=-1))
 
@@ -127,7 +130,8 @@ class RunLogWriter:
             os.remove(tmp)
         new = cls(tmp, log.config_json, dict(log.config), log.env if env is None else env,
                   [(n, s, o, z) for n, s, o, z in log.layout], log.ranks, log.n_classes,
-                  audit=log.audit is not None, folds=log.has_folds, created=log.created,
+                  audit=log.audit is not None, folds=log.has_folds, noise=log.noise is not None,
+                  created=log.created,
                   world_ranks=log.world_ranks, _resume_count=log.resume_count + 1)
         try:
             keep = truncation(log, step_count, epoch_count)
@@ -212,6 +216,16 @@ class RunLogWriter:
         self._append("audit", dict(step=step, rel_l2_error=rel_l2_error,
                                    frac_elements_differ=frac_elements_differ,
                                    lost_contributions=lost_contributions))
+
+    def append_noise(self, first_step, step, steps, b_small, b_big, g2, trace, b_simple):
+        """One window's gradient-noise-scale estimates (--noise-scale)."""
+        self._append("noise", dict(step=step, first_step=first_step, steps=steps, b_small=b_small, b_big=b_big,
+                                   g2=g2, trace=trace, b_simple=b_simple))
+
+    def append_noise_epoch(self, epoch, step, steps, g2, trace, b_simple):
+        """One epoch's mean estimates and its B_simple (--noise-scale)."""
+        self._append("noise_epochs", dict(epoch=epoch, step=step, steps=steps, g2=g2, trace=trace,
+                                          b_simple=b_simple))
 
     def append_epoch(self, epoch, step, train_loss, train_acc, test_loss, test_acc, train_time_s, samples):
         """One evaluated epoch (scalars) or several (arrays). Accuracies are fractions in 0..1."""
@@ -520,7 +534,7 @@ def _create_dataset(group, path: str, **kwargs):
     return dset
 
 
-def _build(f, config_json, config_fields, env, layout, ranks, n_classes, audit, folds, created, resume_count,
+def _build(f, config_json, config_fields, env, layout, ranks, n_classes, present, created, resume_count,
            world_ranks):
     """Create every group, dataset and attribute of a fresh log."""
     a = f.attrs
@@ -557,7 +571,7 @@ def _build(f, config_json, config_fields, env, layout, ranks, n_classes, audit, 
     n_params = max([o + z for _, _, o, z in rows], default=-1)
 
     for table in TABLES:
-        if (table == "audit" and not audit) or (table == "folds" and not folds):
+        if not present.get(table, True):
             continue
         group = f.create_group(table)
         chunk = CHUNK_ROWS[table]

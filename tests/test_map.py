@@ -1,0 +1,78 @@
+"""The accuracy map end to end at CI size: launch/map.py --tiny, then analysis/map_report.py, and every number
+the report and table1_fit.json give is checked against the logs themselves."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+from cnnpar.runlog import open_log
+from mpi_util import REPO
+
+
+def _run(*args, timeout=300):
+    done = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def _accuracies_from_logs(folder):
+    """(dataset, reduce, lr, ranks) -> {seed: accuracy %} for the one-process sync logs, read directly."""
+    out = defaultdict(dict)
+    for path in (folder / "one-process").glob("*.h5"):
+        log = open_log(path)
+        assert log.complete
+        c = log.config
+        out[(c["dataset"], c["reduce"], float(c["lr"]), log.ranks * c["samples_per_rank"])][c["seed"]] = \
+            100 * log.final["attrs"]["test_acc"]
+    return out
+
+
+def test_tiny_map_and_report_agree_with_the_logs(tmp_path):
+    folder, report = tmp_path / "map", tmp_path / "report"
+    first = _run(REPO / "launch" / "map.py", "--out", folder, "--tiny", "--jobs", "1")
+    assert "map: part tiny: 6 points, 0 done, 6 to run" in first.stdout
+    again = _run(REPO / "launch" / "map.py", "--out", folder, "--tiny", "--jobs", "1")  # resumable: nothing left
+    assert "6 done, 0 to run" in again.stdout
+    assert "tiny-check: 1 points, 1 done, 0 to run" in again.stdout
+    _run(REPO / "analysis" / "map_report.py", folder, "--out", report)
+
+    table = json.loads((report / "table1_fit.json").read_text())
+    assert table["paper"][0] == 26.0 and table["paper"][-1] == 91.8 and len(table["paper"]) == 12
+    logged = _accuracies_from_logs(folder)
+    (fit,) = table["hypotheses"]  # the tiny map holds only averaged gradients at one epoch: H2
+    assert fit["name"] == "H2:mnist-5k" and table["best"] == fit["name"] and fit["ranks"] == [1, 2, 3]
+    flags = fit["flags"]
+    lr = float(flags[flags.index("--lr") + 1])
+    means = []
+    for i, n in enumerate(fit["ranks"]):
+        by_seed = logged[("mnist-5k", "mean", lr, n)]
+        assert sorted(by_seed) == fit["seeds"] == [1]
+        means.append(np.mean(list(by_seed.values())))
+        assert abs(fit["accuracy_mean"][i] - means[-1]) < 1e-3
+    paper = np.array(table["paper"][:3])
+    assert abs(fit["rms_pp"] - np.sqrt(np.mean((np.array(means) - paper) ** 2))) < 1e-3
+    # it is the closest of the two learning rates the tiny map ran
+    other = 0.01 if lr == 0.178 else 0.178
+    other_means = [np.mean(list(logged[("mnist-5k", "mean", other, n)].values())) for n in (1, 2, 3)]
+    assert fit["rms_pp"] <= np.sqrt(np.mean((np.array(other_means) - paper) ** 2)) + 1e-9
+
+    text = (report / "explain.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| H2 | mnist-5k |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[4]) == round(fit["rms_pp"], 1)
+    assert [float(c) for c in cells[-3:]] == [round(m, 1) for m in fit["accuracy_mean"]]
+    assert "1 of 1 real N-rank sync runs end with final parameters bit-identical" in text
+    assert "1 of 1 reruns end with parameters bit-identical" in text
+    noise_row = next(line for line in text.splitlines() if line.startswith("| mnist-5k | mean | 0.178 | 2 |"))
+    (noise_log,) = (folder / "noise").glob("*.h5")
+    epoch_b = open_log(noise_log).noise_epochs["b_simple"][-1]
+    assert float(noise_row.split("|")[6]) == round(float(epoch_b), 1)
+    for figure in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (report / figure).stat().st_size > 1000, figure
