@@ -74,6 +74,11 @@ class StopRequest:
         return self
 
     def restore(self) -> None:
+        if self.signum:
+            # The run is ending on a stop signal: keep noting copies of it (a terminal's ^C reaches the
+            # ranks directly and again through the launcher, and the copy can land after the loop has
+            # already stopped); the armed timer still lets a real second signal kill at once.
+            return
         if signal.SIGALRM in self._previous:
             signal.setitimer(signal.ITIMER_REAL, 0)
         for signum, handler in self._previous.items():
