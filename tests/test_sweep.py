@@ -8,9 +8,11 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +209,16 @@ if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in config.log:
     w = RunLogWriter(config.log, config.to_json(), dataclasses.asdict(config), {{}}, [("w", (2,), 0, 2)], n)
     w.close("failed", "boom")
     print("line one\\nTraceback: something broke", file=sys.stderr); sys.exit(3)
+if os.environ.get("FAKE_SCHEDULER_STOP") and os.environ["FAKE_SCHEDULER_STOP"] in config.log:
+    print("srun: error: Unable to create step for job 7: Job/step already completing or completed",
+          file=sys.stderr); sys.exit(1)
+if os.environ.get("FAKE_WAIT_FOR_SIGNAL") and os.environ["FAKE_WAIT_FOR_SIGNAL"] in config.log:
+    import signal, time
+    def stop(signum, frame):
+        open(os.environ["FAKE_CALLS"] + ".signal", "w").write(signal.Signals(signum).name); sys.exit(3)
+    signal.signal(signal.SIGUSR1, stop)
+    open(os.environ["FAKE_CALLS"] + ".started", "w").write("")
+    time.sleep(60); sys.exit(4)
 if os.environ.get("FAKE_DIVERGE") and os.environ["FAKE_DIVERGE"] in config.log:
     w = RunLogWriter(config.log, config.to_json(), dataclasses.asdict(config), {{}}, [("w", (2,), 0, 2)], n)
     w.close("diverged", "the loss became NaN or infinite at step 3")
@@ -292,6 +304,61 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, fake_mpi, monk
     assert "Traceback: something broke" in text and "failed: n01-sync-seed2.h5" in text
     assert not (out / "n01-sync-seed2.h5").exists()  # its partial log is not left among the results
     assert any(p.suffix == ".txt" for p in (out / "incomplete").iterdir())
+
+
+def test_identical_failures_of_the_first_runs_stop_the_sweep_with_the_tail(tmp_path, fake_mpi, monkeypatch):
+    fake, called = fake_mpi
+    monkeypatch.setenv("FAKE_FAIL", "-sync-")  # every run fails the same way, like a wrong srun plugin
+    rc, text = _run_sweep(fake, tmp_path / "out", *GRID)
+    assert rc == 1
+    assert len(called()) == runner.STARTUP_FAILURE_LIMIT == 3
+    assert "Traceback: something broke" in text
+    assert "sweep: stopping: the first 3 runs all failed the same way (exit status 3" in text
+    assert "the other 1 would too" in text
+
+
+def test_different_first_failures_do_not_stop_the_sweep(tmp_path, fake_mpi, monkeypatch):
+    fake, called = fake_mpi
+    monkeypatch.setenv("FAKE_FAIL", "seed1")
+    monkeypatch.setenv("FAKE_DIVERGE", "n01-sync-seed2")
+    rc, text = _run_sweep(fake, tmp_path / "out", *GRID)
+    assert rc == 1 and len(called()) == 4 and "stopping" not in text
+
+
+def test_a_step_the_scheduler_ended_stops_the_sweep_as_an_interruption(tmp_path, fake_mpi, monkeypatch):
+    fake, called = fake_mpi
+    monkeypatch.setenv("FAKE_SCHEDULER_STOP", "n02-sync-seed1")
+    out = tmp_path / "out"
+    rc, text = _run_sweep(fake, out, *GRID)
+    assert rc == runner.EXIT_STOPPED == 75, text
+    assert "FAILED" not in text and "stopped by the scheduler (srun: error: Unable to create step" in text
+    assert len(called()) == 2 and not (out / "incomplete").exists()
+    monkeypatch.delenv("FAKE_SCHEDULER_STOP")
+    rc, text = _run_sweep(fake, out, *GRID)  # the requeued job resumes
+    assert rc == 0 and "1 already complete, 3 to run" in text
+
+
+def test_sigusr1_reaches_the_running_training_run_and_the_sweep_exits_75(tmp_path, fake_mpi, monkeypatch):
+    fake, called = fake_mpi
+    monkeypatch.setenv("FAKE_WAIT_FOR_SIGNAL", "n02-sync-seed1")
+    started = Path(os.environ["FAKE_CALLS"] + ".started")
+    job = subprocess.Popen([sys.executable, str(REPO / "launch" / "sweep.py"), "--launcher", str(fake), "--out",
+                            str(tmp_path / "out"), *GRID], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    try:
+        for _ in range(600):
+            if started.exists() or job.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert started.exists(), job.communicate()[0]
+        job.send_signal(signal.SIGUSR1)
+        output, _ = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 75, output
+    assert Path(os.environ["FAKE_CALLS"] + ".signal").read_text() == "SIGUSR1"
+    assert "sweep: stopped by SIGUSR1" in output and "1 of 4 runs finished" in output
 
 
 def test_a_diverged_run_is_a_result_kept_apart_and_not_rerun(tmp_path, fake_mpi, monkeypatch):
