@@ -75,7 +75,7 @@ def library_family(version_text: str) -> str:
 def library_summary(version_text: str) -> str:
     """The first line of the library's version text, without the NULs some MPIs pad it with."""
     lines = (version_text or "").replace("\0", "").strip().splitlines()
-    return lines[0].strip() if lines else "unknown MPI"
+    return " ".join(lines[0].split()) if lines else "unknown MPI"
 
 
 def srun_plugin(version_text: str) -> str | None:
@@ -129,12 +129,16 @@ def main(argv=None) -> int:
         "MPICH, Intel MPI and MVAPICH, pmix for Open MPI; empty when unknown) without initialising MPI; "
         "`check` initialises MPI on every task and prints one line, or fails with exit 2 when the launcher's "
         "task count and MPI's world size disagree."))
-    parser.add_argument("what", choices=["plugin", "library", "check"],
-                        help="plugin: srun --mpi value; library: the MPI library's first version line; "
+    parser.add_argument("what", choices=["plugin", "family", "library", "check"],
+                        help="plugin: srun --mpi value; family: mpich, openmpi, intel, mvapich or unknown; "
+                             "library: the MPI library's first version line; "
                              "check: start MPI and compare its world size with the launcher's task count")
     args = parser.parse_args(argv)
     if args.what == "plugin":
         print(srun_plugin(_library_version()) or "")
+        return 0
+    if args.what == "family":
+        print(library_family(_library_version()))
         return 0
     if args.what == "library":
         print(library_summary(_library_version()))

@@ -4,11 +4,12 @@
 #   cnnpar_setup                 venv, one compute thread per rank, Open MPI's run-as-root switch when root
 #   cnnpar_pick_launcher TASKS   sets CNNPAR_LAUNCHER ("... {n} ..."), prints the one `cnnpar: launcher:` line,
 #                                or prints one `cnnpar: error:` line and exits 1 within seconds
-#   cnnpar_run CMD...            runs CMD; a SIGUSR1 from `--signal=B:USR1@...` (or a SIGTERM) is passed on so
-#                                the trainer checkpoints, then the job requeues itself (CNNPAR_REQUEUE=0: not)
+#   cnnpar_run CMD...            runs CMD; a SIGUSR1 from `--signal=B:USR1@...` is passed on so the trainer
+#                                checkpoints, then the job requeues itself (CNNPAR_REQUEUE=0: it does not); a
+#                                SIGTERM (preemption, scontrol requeue, scancel) is passed on as well
 #
-# Variables: CNNPAR_VENV (default .venv), CNNPAR_SRUN_MPI (force srun's --mpi plugin; default: the one that
-# matches the MPI mpi4py links, from `python -m cnnpar.launcher plugin`), CNNPAR_PREFLIGHT_S (default 30: how
+# Variables: CNNPAR_VENV (default .venv), CNNPAR_SRUN_MPI (srun's --mpi plugin, and no fallback to mpiexec;
+# default: the plugin that matches the MPI mpi4py links, from `python -m cnnpar.launcher plugin`), CNNPAR_PREFLIGHT_S (default 30: how
 # long the check step may take before the next launcher is tried), CNNPAR_REQUEUE.
 
 cnnpar_setup() {
@@ -23,32 +24,45 @@ cnnpar_setup() {
   fi
 }
 
-# A launcher command for N ranks: {n} is replaced by the count.
+# Launcher commands for N ranks, best first ({n} is replaced by the count).
 _cnnpar_launchers() {
-  local plugin="$1"
-  local cpus="${SLURM_CPUS_PER_TASK:-1}"
+  local plugin="$1" srun_first="$2" srun="" exe mpiexec=""
   if [ -n "$plugin" ] && srun --mpi=list 2>&1 | grep -qw "$plugin"; then
     # --exact: a step gets exactly the CPUs it asks for, so a sweep's small runs do not spread over the node.
-    echo "srun --mpi=$plugin --ntasks={n} --cpus-per-task=$cpus --exact --kill-on-bad-exit=1"
+    srun="srun --mpi=$plugin --ntasks={n} --cpus-per-task=${SLURM_CPUS_PER_TASK:-1} --exact --kill-on-bad-exit=1"
   fi
-  # The MPI's own launcher inside the allocation (it reads Slurm's node list): the fallback where srun cannot
-  # start this MPI, e.g. the plugin is missing, or srun's PMI hangs after a requeue.
-  local exe
+  # The MPI's own launcher inside the allocation (it reads Slurm's node list): where srun cannot start this MPI.
   for exe in "$VIRTUAL_ENV/bin/mpiexec" "$(command -v mpiexec || true)" "$(command -v mpirun || true)"; do
     if [ -n "$exe" ] && [ -x "$exe" ]; then
-      echo "$exe -n {n}"
-      return
+      mpiexec="$exe -n {n}"
+      break
     fi
   done
+  if [ -n "${CNNPAR_SRUN_MPI:-}" ]; then
+    printf '%s\n' "$srun"   # the plugin was chosen by hand: that or nothing
+  elif [ "$srun_first" = 1 ]; then
+    printf '%s\n' "$srun" "$mpiexec"
+  else
+    printf '%s\n' "$mpiexec" "$srun"
+  fi
 }
 
 cnnpar_pick_launcher() {
-  local tasks="$1" library plugin candidate started took output tried=""
+  local tasks="$1" library plugin candidate started took output reason tried=""
   if ! library=$(python -m cnnpar.launcher library 2>&1); then
     echo "cnnpar: error: launcher: mpi4py cannot load an MPI library: $(echo "$library" | tail -1)"
     exit 1
   fi
   plugin="${CNNPAR_SRUN_MPI:-$(python -m cnnpar.launcher plugin)}"
+  # After a requeue the job's steps are numbered from 0 again, and MPICH names its shared memory after the
+  # PMI job step (JOB.STEP): a step that reuses the number of the one killed by the requeue finds that step's
+  # leftovers and fails in MPI_Init (seen with the mpich wheel: `UCX ERROR failed to unpack address`). Its own
+  # mpiexec names them after its own process, so a requeued MPICH job starts with mpiexec.
+  local srun_first=1 why=""
+  if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && [ "$(python -m cnnpar.launcher family)" = mpich ] \
+     && [ -z "${CNNPAR_SRUN_MPI:-}" ]; then
+    srun_first=0 why=", mpiexec first after a requeue"
+  fi
   while IFS= read -r candidate; do
     [ -n "$candidate" ] || continue
     started=$(date +%s.%N)
@@ -56,27 +70,30 @@ cnnpar_pick_launcher() {
     if output=$(timeout -k 5 "${CNNPAR_PREFLIGHT_S:-30}" ${candidate//\{n\}/$tasks} python -m cnnpar.launcher check 2>&1); then
       took=$(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
       CNNPAR_LAUNCHER="$candidate"
-      echo "cnnpar: launcher: ${candidate//\{n\}/N} for $library; $tasks ranks started in ${took} s" \
+      echo "cnnpar: launcher: ${candidate//\{n\}/N} for $library; $tasks ranks started in ${took} s$why" \
            "(job ${SLURM_JOB_ID:-?}, restart ${SLURM_RESTART_COUNT:-0}, $(date '+%F %T'))"
       return 0
     fi
-    tried="$tried${tried:+; }${candidate%% *}: $(echo "$output" | grep -v '^\s*$' | tail -1 | cut -c1-200)"
-  done < <(_cnnpar_launchers "$plugin")
-  echo "cnnpar: error: launcher: no launcher could start $tasks ranks of $library within ${CNNPAR_PREFLIGHT_S:-30} s" \
-       "(${tried:-no srun plugin '$plugin' and no mpiexec}); set CNNPAR_SRUN_MPI to a plugin from \`srun --mpi=list\`"
+    # Its first error line says why (MPI's own, or the check's `cnnpar: error:`); else its last line.
+    reason=$(echo "$output" | grep -iE -m1 'error|abort|fatal|refus|timed out' || echo "$output" | grep -v '^\s*$' | tail -1)
+    [ -n "$reason" ] || reason="no answer within ${CNNPAR_PREFLIGHT_S:-30} s"
+    tried="$tried${tried:+; }${candidate%% --ntasks*}: $(echo "$reason" | cut -c1-200)"
+  done < <(_cnnpar_launchers "$plugin" "$srun_first")
+  echo "cnnpar: error: launcher: no launcher could start $tasks ranks of $library" \
+       "(${tried:-no srun plugin '$plugin' and no mpiexec}); see launch/slurm/README.md, \`srun --mpi=list\`"
   exit 1
 }
 
 _cnnpar_forward() {
   CNNPAR_SIGNALLED="$1"
-  echo "cnnpar: job: SIG$1 from Slurm (time limit or preemption): passing it on so the run checkpoints"
+  echo "cnnpar: job: SIG$1 from Slurm ($2): passing it on so the run checkpoints"
   [ -n "${_cnnpar_child:-}" ] && kill -"$1" "$_cnnpar_child" 2>/dev/null || true
 }
 
 cnnpar_run() {
   CNNPAR_SIGNALLED=""
-  trap '_cnnpar_forward USR1' USR1
-  trap '_cnnpar_forward TERM' TERM
+  trap '_cnnpar_forward USR1 "the time limit is near"' USR1
+  trap '_cnnpar_forward TERM "preemption, requeue or scancel: Slurm requeues the job itself when it means to"' TERM
   "$@" &
   _cnnpar_child=$!
   local rc=0
@@ -86,7 +103,7 @@ cnnpar_run() {
     kill -0 "$_cnnpar_child" 2>/dev/null || break
   done
   trap - USR1 TERM
-  if [ -n "$CNNPAR_SIGNALLED" ] && [ "${CNNPAR_REQUEUE:-1}" != 0 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+  if [ "$CNNPAR_SIGNALLED" = USR1 ] && [ "${CNNPAR_REQUEUE:-1}" != 0 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
     echo "cnnpar: job: run stopped with exit $rc after SIG$CNNPAR_SIGNALLED; requeueing job $SLURM_JOB_ID" \
          "(it resumes from the checkpoint)"
     scontrol requeue "$SLURM_JOB_ID" && exit 0
