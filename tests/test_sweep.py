@@ -540,3 +540,19 @@ def test_a_preset_group_with_an_unknown_key_is_refused():
                                                           "seeds": [1], "rank": [2]}]}}
     with pytest.raises(UserError, match="unknown keys rank"):
         grid.load_presets(data)
+
+
+def test_soak_example_from_its_own_help_passes_and_names_no_deleted_log():
+    soak_py = REPO / "launch" / "soak.py"
+    help_text = subprocess.run([sys.executable, str(soak_py), "--help"], capture_output=True, text=True,
+                               timeout=60).stdout
+    example = next(line.split("#")[0].split() for line in help_text.splitlines() if "-- --mode race" in line)
+    assert example[:2] == ["python", "launch/soak.py"]
+    done = subprocess.run([sys.executable, str(soak_py), *example[2:]], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ranks"] == result["ranks_sampled"] == 4 and result["samples"] >= 2
+    assert result["live_log_read_errors"] == 0 and result["log"] is None
+    assert "log not kept (--log PATH keeps it)" in done.stdout
+    assert "cnnpar-soak-" not in done.stdout and "soak.h5" not in done.stdout
