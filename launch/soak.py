@@ -78,17 +78,19 @@ def epochs_in_log(path: str, reads: list, errors: list) -> int | None:
         return None
 
 
-def watch(job, tag: str, log_path: str) -> tuple:
-    """Samples (epochs done, {rank: rss bytes}): the first one seen at each epoch count, then the last one
-    before the run ended; and the live reads and their errors."""
+def watch(job, tag: str, log_path: str, ranks: int) -> tuple:
+    """Samples (epochs done, {rank: rss bytes}) of all `ranks` ranks: the first one seen at each epoch count,
+    then the last one before the run ended (ranks that already exited do not count); and the live reads and
+    their errors."""
     samples, reads, errors, latest = [], [], [], None
     while job.poll() is None:
         epochs_done = epochs_in_log(log_path, reads, errors)
         try:
             rss = {rank: rss_bytes(pid) for rank, pid in rank_pids(tag).items()}
+            rss = {rank: size for rank, size in rss.items() if size > 0}  # an exited rank has no VmRSS
         except OSError:  # a rank ended between listing and reading
             rss = {}
-        if epochs_done is not None and rss:
+        if epochs_done is not None and len(rss) == ranks:
             latest = (epochs_done, rss)
             if not samples or samples[-1][0] != epochs_done:
                 samples.append(latest)
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         started = time.monotonic()
         try:
-            samples, reads, read_errors = watch(job, tag, log_path)
+            samples, reads, read_errors = watch(job, tag, log_path, args.ranks)
         except KeyboardInterrupt:
             job.terminate()
             raise

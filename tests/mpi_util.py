@@ -51,9 +51,18 @@ def cnnpar_lines(text: str) -> list[str]:
     return kept
 
 
+def clean_env(**extra) -> dict:
+    """The environment this process started with, plus `extra`, for a child that launches MPI itself.
+
+    An Open MPI singleton (mpi4py initialised inside the test process) adds PMIx and ORTE variables to the
+    C environment, which a child inherits when no env is given; a child `mpirun` then takes itself for part
+    of that singleton's job and exits 1 without a word. os.environ is the copy taken at start-up."""
+    return dict(os.environ, **extra)
+
+
 def run_mpi(n: int, args: list, timeout: float = 120, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
     """`mpiexec -n N python ARGS...`, output captured as text."""
-    full_env = dict(os.environ)
+    full_env = clean_env()
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     if env:
         full_env.update(env)

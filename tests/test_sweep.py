@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from cnnpar.errors import UserError
-from mpi_util import REPO
+from mpi_util import REPO, clean_env
 
 _spec = importlib.util.spec_from_file_location("sweep", REPO / "launch" / "sweep.py")
 sweep = importlib.util.module_from_spec(_spec)
@@ -344,7 +344,7 @@ def test_sigusr1_reaches_the_running_training_run_and_the_sweep_exits_75(tmp_pat
     started = Path(os.environ["FAKE_CALLS"] + ".started")
     job = subprocess.Popen([sys.executable, str(REPO / "launch" / "sweep.py"), "--launcher", str(fake), "--out",
                             str(tmp_path / "out"), *GRID], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+                           text=True, env=clean_env())
     try:
         for _ in range(600):
             if started.exists() or job.poll() is not None:
@@ -393,7 +393,7 @@ def test_dry_run_cli_with_open_mpi_adds_oversubscribe(tmp_path):
     fake = _fake_program(tmp_path / "mpirun", f"print({OPENMPI4_TEXT!r})\n")
     done = subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), "--preset", "smoke", "--ranks",
                            "1,64", "--dry-run", "--launcher", str(fake), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=clean_env())
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
     assert "(openmpi 4.1.2)" in done.stdout
@@ -403,7 +403,7 @@ def test_dry_run_cli_with_open_mpi_adds_oversubscribe(tmp_path):
 
 def test_cli_user_error_is_one_line_exit_2():
     done = subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), "--set", "nope=1", "--dry-run"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=clean_env())
     assert done.returncode == 2
     assert done.stderr.strip().startswith("cnnpar: error: --set nope=1: no training flag --nope")
     assert len(done.stderr.strip().splitlines()) == 1
@@ -484,7 +484,7 @@ def test_smoke_preset_end_to_end_then_table_and_plots(tmp_path):
 
     out = tmp_path / "smoke"
     done = subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), "--preset", "smoke", "--out",
-                           str(out)], capture_output=True, text=True, timeout=180)
+                           str(out)], capture_output=True, text=True, timeout=180, env=clean_env())
     assert done.returncode == 0, done.stdout + done.stderr
     logs = sorted(out.glob("*.h5"))
     modes = ["sync", "race"]
@@ -497,7 +497,7 @@ def test_smoke_preset_end_to_end_then_table_and_plots(tmp_path):
 
     # a second run finds everything done
     again = subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), "--preset", "smoke", "--out",
-                            str(out)], capture_output=True, text=True, timeout=60)
+                            str(out)], capture_output=True, text=True, timeout=60, env=clean_env())
     assert again.returncode == 0 and "nothing to run" in again.stdout
 
     csv_path, md_path = tmp_path / "table.csv", tmp_path / "table.md"
@@ -549,7 +549,7 @@ def test_soak_example_from_its_own_help_passes_and_names_no_deleted_log():
     example = next(line.split("#")[0].split() for line in help_text.splitlines() if "-- --mode race" in line)
     assert example[:2] == ["python", "launch/soak.py"]
     done = subprocess.run([sys.executable, str(soak_py), *example[2:]], capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
+                          timeout=600, cwd=REPO, env=clean_env())
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["ranks"] == result["ranks_sampled"] == 4 and result["samples"] >= 2
