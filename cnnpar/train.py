@@ -57,6 +57,7 @@ def main(argv=None) -> int:
 def train(argv) -> int:
     from mpi4py import MPI
 
+    from . import launcher
     from .exchange import make_exchange
 
     world = MPI.COMM_WORLD
@@ -69,6 +70,7 @@ def train(argv) -> int:
             build_parser(model_lib.ARCH_HELP).print_help()
         return 0
     with _dist.collective_check(world):  # numba is imported later, after the first note: it takes a while
+        launcher.check_world_size(world.Get_size(), MPI.Get_library_version())  # not N one-rank jobs
         config = parse_config(argv)
         _check_world(config, world.Get_size())
     started = world.bcast(datetime.datetime.now().astimezone(), root=0)  # names the log and stamps `created`
@@ -709,7 +711,7 @@ def _environment(dist, MPI) -> dict:
     return {
         "cnnpar": __version__, "python": platform.python_version(), "numpy": np.__version__,
         "numba": numba.__version__, "mpi4py": mpi4py.__version__, "h5py": h5py.__version__,
-        "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
+        "mpi_library": MPI.Get_library_version().replace("\0", "").strip().splitlines()[0],
         "hostnames": list(dist.hostnames), "ranks": dist.world.Get_size(), "cores": dist.cores,
         "physical_cores": _physical_cores(), "nodes": dist.n_nodes, "oversubscribed": dist.oversubscribed,
         "wait": "yield" if dist.yield_when_waiting else "spin",

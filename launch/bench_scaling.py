@@ -678,7 +678,7 @@ def main(argv=None) -> int:
     try:
         from mpi4py import MPI  # noqa: F401 - only for the library version; no MPI job in this process
 
-        meta["mpi"] = MPI.Get_library_version().strip().splitlines()[0]
+        meta["mpi"] = MPI.Get_library_version().replace("\0", "").strip().splitlines()[0]
     except Exception:  # pragma: no cover
         pass
 

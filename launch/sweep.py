@@ -23,10 +23,12 @@ whose loss became NaN (status "diverged") is a result, not a failure: its log go
 sweep says so, and a resumed sweep does not run it again.
 
 Runs are sequential by default (--jobs 1): they compete for the same cores, and their timings are results.
-A failed run is reported with the tail of its output, the sweep goes on, and it exits 1 at the end.
+A failed run is reported with the tail of its output, the sweep goes on, and it exits 1 at the end; when the
+first 3 runs all fail the same way, it stops there. SIGUSR1/SIGTERM (a scheduler's time limit or
+preemption), or a job step the scheduler ended, stop it as an interruption: exit 75, resumable.
 
 The launcher is the `mpiexec` next to this Python (the `mpich` wheel's) when there is one, else `mpiexec` /
-`mpirun` from PATH, or `--launcher "srun --mpi=pmix"` (or any launcher; `{n}` in it is replaced by the rank
+`mpirun` from PATH, or `--launcher "srun --mpi=pmi2"` (or any launcher; `{n}` in it is replaced by the rank
 count, otherwise `-n N` is appended). Its flavour comes from `--version`: Open MPI gets `--oversubscribe`
 when a run has more ranks than this machine has cores (MPICH needs nothing).
 
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a training flag and its values: one grid dimension, encoded in the file names "
                              "(repeatable): --set lr=0.01,0.05 --set reduce=sum,mean")
     parser.add_argument("--out", help="folder for the logs (default: runs/<preset>, or runs/sweep)")
-    parser.add_argument("--launcher", help="MPI launcher command, e.g. \"srun --mpi=pmix\" or \"mpirun "
+    parser.add_argument("--launcher", help="MPI launcher command, e.g. \"srun --mpi=pmi2\" (MPICH; pmix for Open MPI) or \"mpirun "
                         "--bind-to none\"; {n} is replaced by the rank count, else -n N is appended "
                         "(default: the mpiexec next to this Python, else on PATH)")
     parser.add_argument("--python", default=sys.executable, help="Python that runs cnnpar.train "

@@ -16,7 +16,7 @@ from cnnpar.errors import UserError
 
 @dataclass
 class Launcher:
-    argv: list            # e.g. ['/venv/bin/mpiexec'] or ['srun', '--mpi=pmix']
+    argv: list            # e.g. ['/venv/bin/mpiexec'] or ['srun', '--mpi=pmi2']
     flavour: str          # 'mpich', 'openmpi', 'intel', 'slurm' or 'unknown'
     version: str = ""
     cores: int = 1

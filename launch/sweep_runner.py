@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -30,6 +31,25 @@ TRAIN_SIZES = {"mnist-5k": 4000, "mnist": 60000, "fashion-mnist": 60000}
 TIMES_FILE = "sweep-times.json"
 DIVERGED_DIR = "diverged"
 TAIL_LINES = 15
+# The sweep gives up when its first runs all fail the same way: a launcher or install problem, which every
+# later run would hit too (a sweep under the wrong srun plugin used to fail all 72 runs, one by one).
+STARTUP_FAILURE_LIMIT = 3
+# Exit status of a sweep that a signal or the scheduler stopped (EX_TEMPFAIL): the job scripts requeue it.
+EXIT_STOPPED = 75
+# What srun prints when the scheduler ends the step or the job under it: an interruption, not a failure.
+SCHEDULER_STOP = re.compile(r"DUE TO (?:TIME LIMIT|PREEMPTION|NODE FAILURE)|Unable to create step for job|"
+                            r"Job/step already completing")
+STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
+# How long a run stopped by a signal may take to checkpoint and exit before it is killed.
+STOP_GRACE_S = 60.0
+
+
+class Stopped(BaseException):
+    """A signal (time limit, preemption) or the scheduler stopped the sweep; `why` says which."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,6 +252,7 @@ class Outcome:
     output: str
     message: str = ""
     diverged: bool = False
+    stopped: bool = False   # the scheduler ended it (time limit, preemption): to resume, not a failure
 
 
 def tail(text: str, lines: int = TAIL_LINES) -> str:
@@ -277,6 +298,9 @@ class Runner:
             self.kill(proc)
             output, _ = proc.communicate()
             message = f"killed after the --timeout of {self.timeout:g} s"
+        except Stopped:  # pass the signal on so the run can checkpoint, then make sure it ends
+            self.kill(proc, first=signal.SIGUSR1, grace_s=STOP_GRACE_S)
+            raise
         except BaseException:  # Ctrl-C: the run is in its own session, so it must be stopped here
             self.kill(proc)
             raise
@@ -287,6 +311,8 @@ class Runner:
         rc = proc.returncode
         if self.stopping:
             return Outcome(point, False, seconds, rc, output or "", "interrupted")
+        if rc != 0 and SCHEDULER_STOP.search(output or ""):
+            return Outcome(point, False, seconds, rc, output or "", "stopped by the scheduler", stopped=True)
         ok = rc == 0 and not message and runlog.is_complete_log(path)
         if not ok and not message and path.exists():
             try:
@@ -308,24 +334,40 @@ class Runner:
         return Outcome(point, ok, seconds, rc, output or "", message)
 
     @staticmethod
-    def kill(proc) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+    def kill(proc, first=signal.SIGTERM, grace_s: float = 5.0) -> None:
+        for sig, wait_s in ((first, grace_s), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(proc.pid, sig)
             except (ProcessLookupError, PermissionError):
                 return
             try:
-                proc.wait(timeout=5)
+                proc.wait(timeout=wait_s)
                 return
             except subprocess.TimeoutExpired:
                 continue
 
-    def stop_all(self) -> None:
+    def stop_all(self, first=signal.SIGTERM, grace_s: float = 5.0) -> None:
         with self.lock:
             self.stopping = True
             procs = list(self.procs)
         for proc in procs:
-            self.kill(proc)
+            self.kill(proc, first, grace_s)
+
+
+def failure_signature(outcome: Outcome) -> tuple:
+    """What makes two failures the same: the exit status and the first error line, numbers blanked."""
+    lines = [line.strip() for line in outcome.output.splitlines() if line.strip()]
+    first = next((line for line in lines if re.search(r"error|fatal|abort|traceback", line, re.I)),
+                 lines[-1] if lines else outcome.message)
+    return outcome.returncode, re.sub(r"\d+", "#", first)
+
+
+class GiveUp(Exception):
+    """The first runs of a sweep all failed the same way."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
 
 
 def final_accuracy(path: Path) -> float | None:
@@ -412,6 +454,7 @@ def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, tim
     runner = Runner(launcher, python, out, timeout)
     times = dict(estimator.known)
     failures, diverged = [], []
+    succeeded = []
     started = time.monotonic()
     lock = threading.Lock()
     counter = itertools.count(len(done) + 1)
@@ -429,12 +472,15 @@ def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, tim
                 acc = final_accuracy(out / p.name)
                 acc_text = f", test acc {100 * acc:.1f}%" if acc is not None else ""
                 result = f"ok in {hms(outcome.seconds)}{acc_text}"
+                succeeded.append(p)
             elif outcome.diverged:
                 diverged.append(outcome)
                 estimator.add(p, outcome.seconds)
                 times[p.name] = outcome.seconds
                 save_times(out, times)
                 result = f"{outcome.message} after {hms(outcome.seconds)}"
+            elif outcome.stopped:
+                raise Stopped(f"the scheduler ({tail(outcome.output, 1).strip(' |')})")
             else:
                 failures.append(outcome)
                 result = f"FAILED after {hms(outcome.seconds)}: {outcome.message}"
@@ -448,8 +494,16 @@ def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, tim
                 say(f"    command: {shlex.join(runner.command(p))}")
                 if outcome.output.strip():
                     say(tail(outcome.output))
+            if not succeeded and not diverged and len(failures) >= STARTUP_FAILURE_LIMIT and \
+                    len({failure_signature(f) for f in failures}) == 1:
+                raise GiveUp(f"the first {len(failures)} runs all failed the same way ({failures[0].message}: "
+                             f"{failure_signature(failures[0])[1]}), so the other {len(pending)} would too")
 
     pool = None
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in STOP_SIGNALS:
+            previous[name] = signal.signal(getattr(signal, name), _raise_stopped)
     try:
         if jobs == 1:
             for p in todo:
@@ -467,6 +521,22 @@ def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, tim
         say(f"sweep: interrupted; {len(todo) - len(pending)} of {len(todo)} runs finished. Run the same "
             "command again to resume (complete logs are kept, the interrupted one is rerun).")
         return 130
+    except Stopped as stop:
+        runner.stop_all(signal.SIGUSR1, STOP_GRACE_S)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        say(f"sweep: stopped by {stop.why} (time limit or preemption); {len(todo) - len(pending)} of {len(todo)} "
+            "runs finished. The requeued job, or the same command, resumes (complete logs are kept).")
+        return EXIT_STOPPED
+    except GiveUp as give_up:
+        runner.stop_all()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        say(f"sweep: stopping: {give_up}. Fix that and run the same command again.")
+        return 1
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
     ok = len(todo) - len(failures) - len(diverged)
     say(f"sweep: {ok} run(s) done now, {len(done)} earlier, {len(failures)} failed"

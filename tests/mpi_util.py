@@ -1,8 +1,14 @@
-"""Launch MPI programs from tests: the mpiexec that sits next to this Python (the `mpich` wheel's)."""
+"""Launch MPI programs from tests, under any MPI: the mpiexec that matches the MPI mpi4py links.
+
+The launcher is $CNNPAR_TEST_MPIEXEC when set, else the mpiexec next to this Python (the `mpich` wheel's),
+else the one on PATH (a site's or Debian's Open MPI). Open MPI's mpirun needs to be told to run as root
+(containers, CI) and to put more ranks than cores on a machine; MPICH ignores both variables.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,20 +16,53 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+os.environ.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
+if hasattr(os, "geteuid") and os.geteuid() == 0:
+    os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+
 
 def mpiexec() -> str:
+    chosen = os.environ.get("CNNPAR_TEST_MPIEXEC", "").strip()
+    if chosen:
+        return chosen
     beside = Path(sys.executable).parent / "mpiexec"
     if beside.exists():
         return str(beside)
     found = shutil.which("mpiexec")
     if not found:
-        raise RuntimeError("no mpiexec next to this Python or on PATH; install the project (it brings MPICH)")
+        raise RuntimeError("no mpiexec next to this Python or on PATH; install the project with its mpich extra "
+                           "(pip install -e '.[mpich,test]') or load an MPI")
     return found
+
+
+def cnnpar_lines(text: str) -> list[str]:
+    """The non-empty lines of a job's output without the launcher's own report of a failed job: Open MPI's
+    mpirun adds banners framed by dashed lines, and `[host:pid] ...` notes, after cnnpar's one error line
+    (MPICH's mpiexec adds nothing)."""
+    kept, inside = [], False
+    for line in text.splitlines():
+        if re.fullmatch(r"-{20,}", line.strip()):
+            inside = not inside
+            continue
+        if inside or not line.strip() or re.match(r"\[[\w.-]+:\d+\] ", line):
+            continue
+        kept.append(line)
+    return kept
+
+
+def clean_env(**extra) -> dict:
+    """The environment this process started with, plus `extra`, for a child that launches MPI itself.
+
+    An Open MPI singleton (mpi4py initialised inside the test process) adds PMIx and ORTE variables to the
+    C environment, which a child inherits when no env is given; a child `mpirun` then takes itself for part
+    of that singleton's job and exits 1 without a word. os.environ is the copy taken at start-up."""
+    return dict(os.environ, **extra)
 
 
 def run_mpi(n: int, args: list, timeout: float = 120, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
     """`mpiexec -n N python ARGS...`, output captured as text."""
-    full_env = dict(os.environ)
+    full_env = clean_env()
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     if env:
         full_env.update(env)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cnnpar.runlog import open_log
-from mpi_util import REPO, mpiexec, run_mpi, run_train, wait_for_rank_pids
+from mpi_util import REPO, cnnpar_lines, mpiexec, run_mpi, run_train, wait_for_rank_pids
 
 BASE = ["--dataset", "mnist-5k", "--seed", "5", "--quiet", "--momentum", "0.5"]
 
@@ -104,7 +104,7 @@ def test_divergence_stops_with_one_line_naming_the_step_and_keeps_the_log(tmp_pa
     path = tmp_path / "diverged.h5"
     done = run_train(2, "--dataset", "mnist-5k", "--lr", "1e30", "--steps", "400", "--log", path, "--quiet")
     assert done.returncode == 2, done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    lines = cnnpar_lines(done.stderr)
     assert len(lines) == 1 and "Traceback" not in done.stderr
     assert lines[0].startswith("cnnpar: error: --lr: ") and "at step" in lines[0] and "--reduce mean" in lines[0]
     with open_log(path) as log:
@@ -124,7 +124,7 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path, n, flags,
     before = sorted(os.listdir(tmp_path))
     done = run_train(n, "--dataset", "mnist-5k", "--log", str(tmp_path / "x.h5"), *flags, timeout=60)
     assert done.returncode == 2
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    lines = cnnpar_lines(done.stderr)
     assert len(lines) == 1 and lines[0].startswith(f"cnnpar: error: {culprit}"), done.stderr
     assert sorted(os.listdir(tmp_path)) == before
 

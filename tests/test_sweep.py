@@ -8,16 +8,18 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cnnpar.errors import UserError
-from mpi_util import REPO
+from mpi_util import REPO, clean_env
 
 _spec = importlib.util.spec_from_file_location("sweep", REPO / "launch" / "sweep.py")
 sweep = importlib.util.module_from_spec(_spec)
@@ -207,6 +209,16 @@ if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in config.log:
     w = RunLogWriter(config.log, config.to_json(), dataclasses.asdict(config), {{}}, [("w", (2,), 0, 2)], n)
     w.close("failed", "boom")
     print("line one\\nTraceback: something broke", file=sys.stderr); sys.exit(3)
+if os.environ.get("FAKE_SCHEDULER_STOP") and os.environ["FAKE_SCHEDULER_STOP"] in config.log:
+    print("srun: error: Unable to create step for job 7: Job/step already completing or completed",
+          file=sys.stderr); sys.exit(1)
+if os.environ.get("FAKE_WAIT_FOR_SIGNAL") and os.environ["FAKE_WAIT_FOR_SIGNAL"] in config.log:
+    import signal, time
+    def stop(signum, frame):
+        open(os.environ["FAKE_CALLS"] + ".signal", "w").write(signal.Signals(signum).name); sys.exit(3)
+    signal.signal(signal.SIGUSR1, stop)
+    open(os.environ["FAKE_CALLS"] + ".started", "w").write("")
+    time.sleep(60); sys.exit(4)
 if os.environ.get("FAKE_DIVERGE") and os.environ["FAKE_DIVERGE"] in config.log:
     w = RunLogWriter(config.log, config.to_json(), dataclasses.asdict(config), {{}}, [("w", (2,), 0, 2)], n)
     w.close("diverged", "the loss became NaN or infinite at step 3")
@@ -294,6 +306,61 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, fake_mpi, monk
     assert any(p.suffix == ".txt" for p in (out / "incomplete").iterdir())
 
 
+def test_identical_failures_of_the_first_runs_stop_the_sweep_with_the_tail(tmp_path, fake_mpi, monkeypatch):
+    fake, called = fake_mpi
+    monkeypatch.setenv("FAKE_FAIL", "-sync-")  # every run fails the same way, like a wrong srun plugin
+    rc, text = _run_sweep(fake, tmp_path / "out", *GRID)
+    assert rc == 1
+    assert len(called()) == runner.STARTUP_FAILURE_LIMIT == 3
+    assert "Traceback: something broke" in text
+    assert "sweep: stopping: the first 3 runs all failed the same way (exit status 3" in text
+    assert "the other 1 would too" in text
+
+
+def test_different_first_failures_do_not_stop_the_sweep(tmp_path, fake_mpi, monkeypatch):
+    fake, called = fake_mpi
+    monkeypatch.setenv("FAKE_FAIL", "seed1")
+    monkeypatch.setenv("FAKE_DIVERGE", "n01-sync-seed2")
+    rc, text = _run_sweep(fake, tmp_path / "out", *GRID)
+    assert rc == 1 and len(called()) == 4 and "stopping" not in text
+
+
+def test_a_step_the_scheduler_ended_stops_the_sweep_as_an_interruption(tmp_path, fake_mpi, monkeypatch):
+    fake, called = fake_mpi
+    monkeypatch.setenv("FAKE_SCHEDULER_STOP", "n02-sync-seed1")
+    out = tmp_path / "out"
+    rc, text = _run_sweep(fake, out, *GRID)
+    assert rc == runner.EXIT_STOPPED == 75, text
+    assert "FAILED" not in text and "stopped by the scheduler (srun: error: Unable to create step" in text
+    assert len(called()) == 2 and not (out / "incomplete").exists()
+    monkeypatch.delenv("FAKE_SCHEDULER_STOP")
+    rc, text = _run_sweep(fake, out, *GRID)  # the requeued job resumes
+    assert rc == 0 and "1 already complete, 3 to run" in text
+
+
+def test_sigusr1_reaches_the_running_training_run_and_the_sweep_exits_75(tmp_path, fake_mpi, monkeypatch):
+    fake, called = fake_mpi
+    monkeypatch.setenv("FAKE_WAIT_FOR_SIGNAL", "n02-sync-seed1")
+    started = Path(os.environ["FAKE_CALLS"] + ".started")
+    job = subprocess.Popen([sys.executable, str(REPO / "launch" / "sweep.py"), "--launcher", str(fake), "--out",
+                            str(tmp_path / "out"), *GRID], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, env=clean_env())
+    try:
+        for _ in range(600):
+            if started.exists() or job.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert started.exists(), job.communicate()[0]
+        job.send_signal(signal.SIGUSR1)
+        output, _ = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 75, output
+    assert Path(os.environ["FAKE_CALLS"] + ".signal").read_text() == "SIGUSR1"
+    assert "sweep: stopped by SIGUSR1" in output and "1 of 4 runs finished" in output
+
+
 def test_a_diverged_run_is_a_result_kept_apart_and_not_rerun(tmp_path, fake_mpi, monkeypatch):
     fake, called = fake_mpi
     monkeypatch.setenv("FAKE_DIVERGE", "n02-sync-seed1")
@@ -326,7 +393,7 @@ def test_dry_run_cli_with_open_mpi_adds_oversubscribe(tmp_path):
     fake = _fake_program(tmp_path / "mpirun", f"print({OPENMPI4_TEXT!r})\n")
     done = subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), "--preset", "smoke", "--ranks",
                            "1,64", "--dry-run", "--launcher", str(fake), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=clean_env())
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
     assert "(openmpi 4.1.2)" in done.stdout
@@ -336,7 +403,7 @@ def test_dry_run_cli_with_open_mpi_adds_oversubscribe(tmp_path):
 
 def test_cli_user_error_is_one_line_exit_2():
     done = subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), "--set", "nope=1", "--dry-run"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=clean_env())
     assert done.returncode == 2
     assert done.stderr.strip().startswith("cnnpar: error: --set nope=1: no training flag --nope")
     assert len(done.stderr.strip().splitlines()) == 1
@@ -417,7 +484,7 @@ def test_smoke_preset_end_to_end_then_table_and_plots(tmp_path):
 
     out = tmp_path / "smoke"
     done = subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), "--preset", "smoke", "--out",
-                           str(out)], capture_output=True, text=True, timeout=180)
+                           str(out)], capture_output=True, text=True, timeout=180, env=clean_env())
     assert done.returncode == 0, done.stdout + done.stderr
     logs = sorted(out.glob("*.h5"))
     modes = ["sync", "race"]
@@ -430,7 +497,7 @@ def test_smoke_preset_end_to_end_then_table_and_plots(tmp_path):
 
     # a second run finds everything done
     again = subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), "--preset", "smoke", "--out",
-                            str(out)], capture_output=True, text=True, timeout=60)
+                            str(out)], capture_output=True, text=True, timeout=60, env=clean_env())
     assert again.returncode == 0 and "nothing to run" in again.stdout
 
     csv_path, md_path = tmp_path / "table.csv", tmp_path / "table.md"
@@ -473,3 +540,19 @@ def test_a_preset_group_with_an_unknown_key_is_refused():
                                                           "seeds": [1], "rank": [2]}]}}
     with pytest.raises(UserError, match="unknown keys rank"):
         grid.load_presets(data)
+
+
+def test_soak_example_from_its_own_help_passes_and_names_no_deleted_log():
+    soak_py = REPO / "launch" / "soak.py"
+    help_text = subprocess.run([sys.executable, str(soak_py), "--help"], capture_output=True, text=True,
+                               timeout=60).stdout
+    example = next(line.split("#")[0].split() for line in help_text.splitlines() if "-- --mode race" in line)
+    assert example[:2] == ["python", "launch/soak.py"]
+    done = subprocess.run([sys.executable, str(soak_py), *example[2:]], capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env=clean_env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ranks"] == result["ranks_sampled"] == 4 and result["samples"] >= 2
+    assert result["live_log_read_errors"] == 0 and result["log"] is None
+    assert "log not kept (--log PATH keeps it)" in done.stdout
+    assert "cnnpar-soak-" not in done.stdout and "soak.h5" not in done.stdout

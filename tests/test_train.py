@@ -12,7 +12,7 @@ import pytest
 
 from cnnpar.model import build_network
 from cnnpar.runlog import open_log
-from mpi_util import REPO, run_mpi, run_train
+from mpi_util import REPO, cnnpar_lines, run_mpi, run_train
 
 
 def _final_params(path) -> np.ndarray:
@@ -126,7 +126,7 @@ def test_user_errors_are_one_line_once_exit_2_nothing_written(tmp_path, flags, c
     args = ["--dataset", "mnist-5k", "--log", str(tmp_path / "x.h5")] + flags
     done = run_train(2, *args, timeout=60)
     assert done.returncode == 2, (done.returncode, done.stderr)
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    lines = cnnpar_lines(done.stderr)
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("cnnpar: error: ") and culprit in lines[0], lines[0]
     assert "Traceback" not in done.stderr
