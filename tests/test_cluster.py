@@ -207,7 +207,7 @@ def test_readme_sweep_and_multinode_jobs_complete_and_say_their_launcher_first(t
         assert _result(path)["status"] == "complete", path
 
 
-RESUME_EPOCHS = "3"
+RESUME_EPOCHS = "12"  # long enough that the job is still running when it is cancelled or requeued
 
 
 @pytest.fixture(scope="module")

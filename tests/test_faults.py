@@ -5,6 +5,7 @@ then finishes bit-identical to the uninterrupted run."""
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import shutil
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from cnnpar.runlog import open_log
-from mpi_util import REPO, mpiexec, run_mpi, run_train, wait_for_rank_pids
+from mpi_util import REPO, cnnpar_lines, mpiexec, run_mpi, run_train, wait_for_rank_pids
 
 H5DUMP = shutil.which("h5dump")
 DISK_FLAGS = ["--dataset", "mnist-5k", "--seed", "7", "--momentum", "0.5", "--epochs", "3",
@@ -45,7 +46,29 @@ def _plain_open(path) -> None:
 
 
 def _lines(stderr: str) -> list:
-    return [line for line in stderr.splitlines() if line.strip()]
+    """The job's own lines: without Open MPI's report of a failed job and its `mpirun: ` notes."""
+    return [line for line in cnnpar_lines(stderr) if not line.startswith("mpirun: ")]
+
+
+@functools.lru_cache(maxsize=1)
+def _launcher_passes_exit_status() -> bool:
+    """MPICH's mpiexec exits with the ranks' status (130, 143, 138 after a stop signal); Open MPI's mpirun
+    reports a job whose ranks exited non-zero with 1 of its own (the ranks' statuses are in its banner)."""
+    version = subprocess.run([mpiexec(), "--version"], capture_output=True, text=True, timeout=30)
+    return "Open MPI" not in version.stdout + version.stderr and "OpenRTE" not in version.stdout
+
+
+def _skip_unless_launcher_forwards_signals() -> None:
+    if not _launcher_passes_exit_status():
+        pytest.skip("Open MPI's mpirun turns SIGINT/SIGTERM into SIGTERM for the ranks and SIGKILLs them 1 s "
+                    "later (docs/faults.md): the launcher-signal rows are checked under MPICH's mpiexec")
+
+
+def _assert_stop_status(returncode: int, expected: int, stderr: str) -> None:
+    if _launcher_passes_exit_status():
+        assert returncode == expected, stderr
+    else:
+        assert returncode != 0, stderr
 
 
 def _same_prefix(log, reference) -> int:
@@ -220,6 +243,8 @@ REPEATS = 3
 @pytest.mark.parametrize("to, signum, exit_status, status, line", SIGNAL_ROWS,
                          ids=[f"{r[1].name}-to-{r[0].replace(' ', '')}" for r in SIGNAL_ROWS])
 def test_signal(tmp_path, signal_reference, to, signum, exit_status, status, line, attempt):
+    if to in ("mpirun", "group"):
+        _skip_unless_launcher_forwards_signals()
     path = tmp_path / "sig.h5"
     tag = f"sig-{os.getpid()}-{signum}-{to.replace(' ', '')}-{attempt}"
     job = _start(path, tag, SIGNAL_FLAGS)
@@ -243,7 +268,7 @@ def test_signal(tmp_path, signal_reference, to, signum, exit_status, status, lin
     assert exit_s <= EXIT_WITHIN_S, exit_s
     assert "Traceback" not in stderr
     if exit_status is not None:
-        assert job.returncode == exit_status, stderr
+        _assert_stop_status(job.returncode, exit_status, stderr)
         lines = _lines(stderr)
         assert len(lines) == 1 and lines[0].startswith(line), stderr
         assert "checkpoint" in lines[0] and "--resume auto" in lines[0]
@@ -264,6 +289,7 @@ def test_signal(tmp_path, signal_reference, to, signum, exit_status, status, lin
 
 
 def test_signal_without_checkpointing_says_so_and_checkpoint_on_signal_makes_one(tmp_path):
+    _skip_unless_launcher_forwards_signals()
     flags = ["--dataset", "mnist-5k", "--epochs", "4", "--quiet"]
     for extra, expect_checkpoint in (([], False), (["--checkpoint-on-signal"], True)):
         path = tmp_path / f"plain{len(extra)}.h5"
@@ -277,7 +303,7 @@ def test_signal_without_checkpointing_says_so_and_checkpoint_on_signal_makes_one
         finally:
             if job.poll() is None:
                 os.killpg(job.pid, signal.SIGKILL)
-        assert job.returncode == 143
+        _assert_stop_status(job.returncode, 143, "")
         lines = _lines(stderr)
         assert len(lines) == 1, stderr
         assert os.path.exists(f"{path}.ckpt") == expect_checkpoint
@@ -341,6 +367,7 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, to):
 
 
 def test_h5dump_reads_complete_interrupted_and_killed_logs(tmp_path):
+    _skip_unless_launcher_forwards_signals()
     if H5DUMP is None:
         pytest.skip("h5dump not found: install Debian's hdf5-tools to check HDF5 1.10 compatibility")
     complete = tmp_path / "complete.h5"
