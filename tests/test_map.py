@@ -12,12 +12,12 @@ from collections import defaultdict
 import numpy as np
 
 from cnnpar.runlog import open_log
-from mpi_util import REPO
+from mpi_util import REPO, clean_env
 
 
 def _run(*args, timeout=300):
     done = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO,
-                          timeout=timeout)
+                          timeout=timeout, env=clean_env())  # the map launches MPI itself
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 

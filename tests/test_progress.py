@@ -7,7 +7,7 @@ import select
 import sys
 import time
 
-from mpi_util import REPO, mpiexec, run_train
+from mpi_util import REPO, clean_env, mpiexec, run_train
 
 from cnnpar.progress import resolve_mode
 
@@ -19,7 +19,7 @@ def _in_pty(argv: list, timeout_s: float = 300) -> tuple:
     pid, fd = pty.fork()
     if pid == 0:  # the child: exec at once, nothing else
         os.chdir(REPO)
-        os.execvp(argv[0], argv)
+        os.execvpe(argv[0], argv, clean_env())  # not the C environment an Open MPI singleton changed
     chunks, deadline = [], time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         ready, _, _ = select.select([fd], [], [], 1.0)
