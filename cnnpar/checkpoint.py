@@ -38,7 +38,7 @@ def path_for_log(log_path: str) -> str:
 
 def save(path: str, *, params: np.ndarray, velocity: np.ndarray, step: int, epoch_sums: np.ndarray,
          train_time_s: float, samples_done: int, config_json: str, ranks: int, log_steps: int,
-         log_epochs: int) -> None:
+         log_epochs: int, noise_sums: np.ndarray | None = None) -> None:
     """Write a checkpoint atomically: a temporary file beside it, synced and read back bit for bit, then
     renamed over the old one. Any failure raises WriteError and leaves the previous checkpoint intact."""
     import h5py
@@ -46,6 +46,8 @@ def save(path: str, *, params: np.ndarray, velocity: np.ndarray, step: int, epoc
     temporary = f"{path}.tmp-{os.getpid()}"
     arrays = {"params": np.asarray(params), "velocity": np.asarray(velocity),
               "epoch_sums": np.asarray(epoch_sums, np.float64)}
+    if noise_sums is not None:  # --noise-scale: the epoch's running estimate sums (g2, trace, steps)
+        arrays["noise_sums"] = np.asarray(noise_sums, np.float64)
     attrs = {"format": MAGIC, "format_version": VERSION, "step": int(step), "train_time_s": float(train_time_s),
              "samples_done": int(samples_done), "ranks": int(ranks), "log_steps": int(log_steps),
              "log_epochs": int(log_epochs), "config_json": config_json}
@@ -106,6 +108,7 @@ def load(path: str) -> dict:
             state["config"] = json.loads(f.attrs["config_json"])
             for name in ("params", "velocity", "epoch_sums"):
                 state[name] = f[name][...]
+            state["noise_sums"] = f["noise_sums"][...] if "noise_sums" in f else None
     except UserError:
         raise
     except (OSError, KeyError, ValueError) as err:
@@ -123,5 +126,9 @@ def check_compatible(state: dict, config, ranks: int, n_params: int, path: str) 
         if theirs != ours:
             raise UserError("--resume", f"{path} was written with --{name.replace('_', '-')} {theirs!r}, this run "
                             f"asks for {ours!r}; use the checkpointed run's settings")
+    if bool(state["config"].get("noise_scale", False)) != bool(config.noise_scale):
+        theirs = "with" if state["config"].get("noise_scale") else "without"
+        raise UserError("--noise-scale", f"{path} was written by a run {theirs} --noise-scale; resume it "
+                        f"{theirs} the flag (the log's noise tables must cover every step or none)")
     if state["params"].shape != (n_params,):
         raise UserError("--resume", f"{path} holds {state['params'].size} params, the network has {n_params}")

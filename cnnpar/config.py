@@ -120,8 +120,6 @@ class Config:
         if self.noise_scale and self.mode != "sync":
             raise UserError("--noise-scale", f"needs every rank's own gradient and their exact sum: --mode sync, "
                                              f"not {self.mode!r}")
-        if self.noise_scale and self.resume:
-            raise UserError("--noise-scale", "a resumed run cannot continue the noise-scale sums yet")
         checkpoint_interval(self.checkpoint_every)
         if self.resume and self.resume != "auto" and not os.path.isfile(self.resume):
             raise UserError("--resume", f"no checkpoint file at {self.resume!r}")

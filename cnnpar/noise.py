@@ -164,6 +164,16 @@ class NoiseMeter:
                 "trace": float(trace[keep].sum()) / n if keep.any() else float("nan"),
                 "b_simple": b_simple(g2, trace)}
 
+    def epoch_sums(self) -> np.ndarray:
+        """Rank 0: the running sums of the epoch so far (g2, trace, steps), for a checkpoint."""
+        return np.array([self.epoch_g2, self.epoch_trace, self.epoch_steps], np.float64)
+
+    def restore_epoch_sums(self, sums) -> None:
+        """Rank 0: continue an epoch from a checkpoint's `epoch_sums()`, so a resumed epoch's estimate
+        is the one an uninterrupted run reports."""
+        g2, trace, steps = (float(v) for v in sums)
+        self.epoch_g2, self.epoch_trace, self.epoch_steps = g2, trace, int(steps)
+
     def epoch_summary(self) -> dict:
         """Rank 0: the epoch's mean estimates and B_simple (the ratio of the means); resets the sums."""
         n = self.epoch_steps

@@ -89,6 +89,10 @@ def train(argv) -> int:
 
     # --- data and model, and every check that needs them: all before anything is written ---
     dataset, network, log_path, resume = _data_and_model(config, world, dist, fold, say, started)
+    if resume is not None and resume.get("set_aside"):
+        say.line(f"note: {log_path} has no checkpoint to resume from (its run stopped before the first one): "
+                 f"kept as {resume['set_aside']}, starting over")
+        resume = None
     if resume is not None and resume.get("complete"):
         say.summary(f"nothing to resume: {log_path} is already complete")
         return 0
@@ -187,6 +191,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     stop: object             # cnnpar.signals.StopRequest: signals and write errors, agreed at window flushes
+    noise: object = None     # cnnpar.noise.NoiseMeter with --noise-scale (its epoch sums travel in checkpoints)
 
 
 def _start(config, dist, dataset, network, exchange, log_path, resume, say, started) -> Run:
@@ -216,11 +221,18 @@ def _start(config, dist, dataset, network, exchange, log_path, resume, say, star
                                       world_ranks=dist.world.Get_size())
         elif dist.world.Get_rank() == 0:
             log = runlog.RunLogWriter.reopen(log_path, int(resume["log_steps"]), int(resume["log_epochs"]))
-    saver = _Checkpointer(config, log_path, steps_per_epoch, dist.size, optimizer)
+    noise = None
+    if config.noise_scale:
+        from .noise import NoiseMeter
+
+        noise = NoiseMeter(network.n_params, dist.size, config.samples_per_rank, dist.rank == 0)
+        if resume is not None and dist.rank == 0 and resume.get("noise_sums") is not None:
+            noise.restore_epoch_sums(resume["noise_sums"])
+    saver = _Checkpointer(config, log_path, steps_per_epoch, dist.size, optimizer, noise)
     return Run(config=config, dist=dist, dataset=dataset, network=network, params=params, grads=grads,
                exchange=exchange, optimizer=optimizer, log=log, say=say, saver=saver,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               stop=signals.StopRequest())
+               stop=signals.StopRequest(), noise=noise)
 
 
 def _train_and_log(run: Run, world, fold: int, resume) -> dict:
@@ -305,19 +317,44 @@ def _summary_line(config: Config, result: dict, log_path: str) -> str:
             f"({result['samples_per_s']:.0f} samples/s, training only) | log {log_path}")
 
 
+def _set_aside(log_path: str) -> str:
+    """Rename a log out of the way to the first free `<name>.no-checkpoint-N<ext>` beside it; a hard link
+    then an unlink, so an existing file of that name is never replaced."""
+    stem, ext = os.path.splitext(log_path)
+    for n in itertools.count(1):
+        target = f"{stem}.no-checkpoint-{n}{ext}"
+        try:
+            os.link(log_path, target)
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise UserError("--log", f"{log_path} has no checkpoint to resume from and cannot be set aside "
+                            f"({err.strerror or err}): move it away or choose another --log") from None
+        os.unlink(log_path)
+        return target
+    raise AssertionError("unreachable")
+
+
 def _resume_state(config: Config, log_path: str, ranks: int, n_params: int):
     """The checkpoint to continue from, checked against this run; None for a fresh start."""
     from . import checkpoint
     from .runlog import is_complete_log
+    from .runlog.lock import writer_alive
 
     if not config.resume:
         return None
     path = checkpoint.path_for_log(log_path) if config.resume == "auto" else config.resume
     if config.resume == "auto" and not os.path.exists(path):
-        if os.path.exists(log_path):
-            raise UserError("--resume", f"{log_path} exists but has no checkpoint ({path}); nothing to resume "
-                            f"from: remove the log or choose another --log")
-        return None  # 'auto' with nothing there yet: job scripts can always pass it
+        if not os.path.exists(log_path):
+            return None  # 'auto' with nothing there yet: job scripts can always pass it
+        if is_complete_log(log_path):
+            return {"complete": True}
+        # A job killed before its first checkpoint (SIGKILL, a node lost): a requeued job must start over,
+        # and the dead attempt's log is kept beside it, never overwritten.
+        if writer_alive(log_path):
+            raise UserError("--log", f"{log_path} is being written by a running job right now; --resume auto "
+                            f"neither continues nor replaces it")
+        return {"set_aside": _set_aside(log_path)}
     state = checkpoint.load(path)
     checkpoint.check_compatible(state, config, ranks, n_params, path)
     if not os.path.exists(log_path):
@@ -335,7 +372,7 @@ class _Checkpointer:
     """Decides when to checkpoint and writes one (rank 0; the window is flushed first, so the log and the
     checkpoint agree on how many steps are done)."""
 
-    def __init__(self, config, log_path, steps_per_epoch, ranks, optimizer):
+    def __init__(self, config, log_path, steps_per_epoch, ranks, optimizer, noise=None):
         from .config import checkpoint_interval
 
         interval = checkpoint_interval(config.checkpoint_every)
@@ -347,6 +384,7 @@ class _Checkpointer:
         self.config_json = config.to_json()
         self.ranks = ranks
         self.optimizer = optimizer
+        self.noise = noise
 
     def due(self, steps_done: int) -> bool:
         return self.every_steps > 0 and steps_done % self.every_steps == 0
@@ -360,7 +398,8 @@ class _Checkpointer:
         checkpoint.save(self.path, params=params, velocity=self.optimizer.velocity, step=steps_done,
                         epoch_sums=epoch_sums, train_time_s=train_time_s, samples_done=samples_done,
                         config_json=self.config_json, ranks=self.ranks,
-                        log_steps=log.rows("steps"), log_epochs=log.rows("epochs"))
+                        log_steps=log.rows("steps"), log_epochs=log.rows("epochs"),
+                        noise_sums=None if self.noise is None else self.noise.epoch_sums())
 
 
 def _gather_folds(config, world, dist, fold, result) -> dict:
@@ -420,11 +459,7 @@ def _loop(run: Run, start: _Position) -> dict:
     lr_constant_from = _learning_rate_constant_from(config)
     lr = _learning_rate(config, lr_constant_from, global_batch)
     window = _StepWindow(config.log_window)
-    if config.noise_scale:
-        from .noise import NoiseMeter
-
-        window.noise = NoiseMeter(network.n_params, ranks, k, rank == 0)
-    noise = window.noise
+    window.noise = noise = run.noise
     check_every = config.check_every
     first_step, train_time_s, samples_done = start.step, start.train_time_s, start.samples_done
     epoch_loss, epoch_correct, epoch_count = start.epoch_sums
@@ -481,13 +516,13 @@ def _loop(run: Run, start: _Position) -> dict:
             sums = comm.allreduce(np.array([epoch_loss, epoch_correct, epoch_count], np.float64))
             train_loss, train_acc = sums[0] / max(sums[2], 1), sums[1] / max(sums[2], 1)
             epoch_loss, epoch_correct, epoch_count = 0.0, 0, 0
+            if noise is not None and log is not None:  # every epoch, evaluated or not
+                log.append_noise_epoch(epoch, steps_done, **noise.epoch_summary())
             if steps_done == total_steps or (config.eval_every and (epoch + 1) % config.eval_every == 0):
                 test_loss, test_acc, confusion = _evaluate(network, params, dataset, dist)
                 if log is not None:
                     log.append_epoch(epoch, steps_done, train_loss, train_acc, test_loss, test_acc,
                                      train_time_s, samples_done)
-                    if noise is not None:
-                        log.append_noise_epoch(epoch, steps_done, **noise.epoch_summary())
                     _noting_write_errors(run.stop, log.flush_due)
                 if progress is not None:
                     progress.epoch(epoch, train_loss, train_acc, test_loss, test_acc)

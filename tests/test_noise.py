@@ -169,6 +169,73 @@ def test_two_ranks_of_two_samples_measure_at_the_ranks_batch(tmp_path):
     assert windows["steps"].sum() == 300 and len(epochs["epoch"]) == 1
 
 
+@pytest.mark.parametrize("n, k", [(1, 3), (2, 1)])
+def test_a_killed_and_resumed_run_logs_the_uninterrupted_estimates(tmp_path, n, k):
+    """The last checkpoint before the kill falls mid-epoch: the resumed run must continue the epoch's
+    estimate sums from it and drop any windows written after it. A checkpoint ends a window in the
+    uninterrupted run as well, so every table must come out bit for bit the same."""
+    from mpi_util import REPO, run_mpi, run_train
+
+    flags = ["--dataset", "mnist-5k", "--steps", "2400", "--samples-per-rank", str(k), "--lr", "0.05",
+             "--reduce", "mean", "--seed", "4", "--quiet", "--log-window", "96", "--noise-scale",
+             "--checkpoint-every", "300"]
+    whole = run_train(n, *flags, "--log", tmp_path / "whole.h5")
+    assert whole.returncode == 0, whole.stderr
+    broken_log = tmp_path / "broken.h5"
+    epoch_steps, checkpoint_at, fault_at = {1: (1334, 1200, 1400), 2: (2000, 1800, 2050)}[n]
+    # (one rank computes its k samples' gradients one call each)
+    broken = run_mpi(n, [REPO / "tests" / "mpi_fault_driver.py", *flags, "--log", broken_log],
+                     env={"FAULT_RANK": str(n - 1), "FAULT_CALL": str(fault_at * (k if n == 1 else 1))},
+                     timeout=120)
+    assert broken.returncode != 0 and "injected fault" in broken.stderr
+    resumed = run_train(n, *flags, "--log", broken_log, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    whole_log, whole_windows, whole_epochs = _noise_tables(tmp_path / "whole.h5")
+    resumed_log, resumed_windows, resumed_epochs = _noise_tables(broken_log)
+    assert resumed_log.resume_count == 1
+    assert np.array_equal(whole_log.final["params"], resumed_log.final["params"])
+    # with one rank the epoch's last step holds one sample (4000 = 3 x 1333 + 1): nothing to compare there
+    assert whole_windows["steps"].sum() == 2400 - (n == 1)
+    assert len(whole_epochs["epoch"]) == 2  # the epoch and the run's partial last one
+    for name in whole_windows:
+        assert np.array_equal(whole_windows[name], resumed_windows[name], equal_nan=True), name
+    for name in whole_epochs:  # the epoch broke mid-way and still reports the uninterrupted figures
+        assert np.array_equal(whole_epochs[name], resumed_epochs[name], equal_nan=True), name
+
+    # Whether the killed run's last write came after its checkpoint depends on the clock; truncating a
+    # copy of the whole log to the checkpoint shows what a resume keeps: the windows before it and no row
+    # of the epoch it cut.
+    import shutil
+
+    from cnnpar.runlog import RunLogWriter, open_log
+
+    cut = tmp_path / "cut.h5"
+    shutil.copy(tmp_path / "whole.h5", cut)
+    RunLogWriter.reopen(cut, checkpoint_at, 0).close("interrupted")
+    with open_log(cut) as log:
+        assert np.array_equal(log.noise["step"], whole_windows["step"][whole_windows["step"] < checkpoint_at])
+        assert log.noise["step"][-1] == checkpoint_at - 1 and len(log.noise_epochs["step"]) == 0
+    RunLogWriter.reopen(tmp_path / "whole.h5", epoch_steps + 1).close("interrupted")
+    with open_log(tmp_path / "whole.h5") as log:
+        assert list(log.noise_epochs["step"]) == [epoch_steps]
+
+
+def test_resuming_with_another_noise_scale_setting_is_refused(tmp_path):
+    from mpi_util import REPO, cnnpar_lines, run_mpi, run_train
+
+    flags = ["--dataset", "mnist-5k", "--steps", "900", "--quiet", "--checkpoint-every", "300"]
+    log = tmp_path / "run.h5"
+    broken = run_mpi(2, [REPO / "tests" / "mpi_fault_driver.py", *flags, "--noise-scale", "--log", log],
+                     env={"FAULT_RANK": "1", "FAULT_CALL": "500"}, timeout=120)
+    assert broken.returncode != 0
+    before = log.read_bytes()
+    refused = run_train(2, *flags, "--log", log, "--resume", "auto")
+    assert refused.returncode == 2
+    lines = cnnpar_lines(refused.stderr)
+    assert len(lines) == 1 and "--noise-scale" in lines[0] and "without the flag" not in lines[0], lines
+    assert log.read_bytes() == before
+
+
 @pytest.mark.parametrize("n, flags, says", [
     (1, [], "two batch sizes"),
     (2, ["--mode", "race"], "--mode sync"),

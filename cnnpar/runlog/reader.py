@@ -383,13 +383,19 @@ def _committed_names(dataset) -> tuple:
 def truncation(log: RunLog, step_count, epoch_count) -> dict:
     """Rows of each table to keep when truncating to `step_count` steps / `epoch_count` epochs."""
     keep = {"steps": len(log.steps["step"]), "audit": len(log.audit["step"]) if log.audit else 0,
-            "epochs": len(log.epochs["epoch"]), "consistency": len(log.consistency["step"])}
+            "epochs": len(log.epochs["epoch"]), "consistency": len(log.consistency["step"]),
+            "noise": len(log.noise["step"]) if log.noise else 0,
+            "noise_epochs": len(log.noise_epochs["step"]) if log.noise_epochs else 0}
     if step_count is not None:
         step_count = int(step_count)
         keep["steps"] = int(np.count_nonzero(log.steps["step"] < step_count))
         if log.audit:
             keep["audit"] = int(np.count_nonzero(log.audit["step"] < step_count))
         keep["consistency"] = int(np.count_nonzero(log.consistency["step"] < step_count))
+        if log.noise:  # a window's step is its last one; an epoch's is the steps done at its end
+            keep["noise"] = int(np.count_nonzero(log.noise["step"] < step_count))
+        if log.noise_epochs:
+            keep["noise_epochs"] = int(np.count_nonzero(log.noise_epochs["step"] <= step_count))
         if epoch_count is None:
             keep["epochs"] = int(np.count_nonzero(log.epochs["step"] <= step_count))
     if epoch_count is not None:

@@ -143,6 +143,10 @@ class RunLogWriter:
                 new.append_epoch(**{k: v[: keep["epochs"]] for k, v in log.epochs.items()})
             if keep["consistency"]:
                 new.append_consistency(**{k: v[: keep["consistency"]] for k, v in log.consistency.items()})
+            if log.noise is not None and keep["noise"]:
+                new.append_noise(**{k: v[: keep["noise"]] for k, v in log.noise.items()})
+            if log.noise_epochs is not None and keep["noise_epochs"]:
+                new.append_noise_epoch(**{k: v[: keep["noise_epochs"]] for k, v in log.noise_epochs.items()})
             new.flush()
             os.replace(tmp, path)
         except BaseException:
