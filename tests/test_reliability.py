@@ -59,6 +59,44 @@ def test_two_sync_runs_with_the_same_seed_are_bit_identical(tmp_path):
     assert np.array_equal(one["steps"]["rank_loss"], two["steps"]["rank_loss"])
 
 
+def test_resume_auto_without_a_checkpoint_keeps_the_dead_log_and_starts_over(tmp_path):
+    flags = BASE + ["--steps", "600", "--checkpoint-every", "1e"]
+    log = tmp_path / "run.h5"
+    # dies at its 300th step, long before the first checkpoint (an epoch is 1334 steps at 3 ranks)
+    broken = run_mpi(3, [REPO / "tests" / "mpi_fault_driver.py", *flags, "--log", log],
+                     env={"FAULT_RANK": "2", "FAULT_CALL": "300"}, timeout=120)
+    assert broken.returncode != 0 and not os.path.exists(f"{log}.ckpt")
+    dead = log.read_bytes()
+    (tmp_path / "run.no-checkpoint-1.h5").write_bytes(b"someone else's file")
+    from cnnpar.runlog.lock import WriterLock, writer_alive
+
+    deadline = time.monotonic() + 30
+    while writer_alive(str(log)) and time.monotonic() < deadline:  # the aborted rank 0 may outlive mpiexec
+        time.sleep(0.1)
+    held = WriterLock(str(log))  # as a live run's writer holds it
+    try:
+        refused = run_train(3, *flags, "--log", log, "--resume", "auto")
+    finally:
+        held.release()
+    assert refused.returncode == 2 and log.read_bytes() == dead
+    (line,) = cnnpar_lines(refused.stderr)
+    assert line.startswith("cnnpar: error: --log: ") and "being written by a running job" in line, line
+    again = run_train(3, *[f for f in flags if f != "--quiet"], "--log", log, "--resume", "auto")
+    assert again.returncode == 0, again.stderr
+    lines = [line for line in cnnpar_lines(again.stdout + again.stderr) if line.startswith("note: ")]
+    assert any(f"{log} has no checkpoint" in line and "run.no-checkpoint-2.h5" in line for line in lines), lines
+    assert (tmp_path / "run.no-checkpoint-2.h5").read_bytes() == dead
+    assert (tmp_path / "run.no-checkpoint-1.h5").read_bytes() == b"someone else's file"
+    whole = run_train(3, *flags, "--log", tmp_path / "whole.h5")
+    assert whole.returncode == 0, whole.stderr
+    restarted, reference = _log(log), _log(tmp_path / "whole.h5")
+    assert restarted["status"] == "complete" and np.array_equal(restarted["params"], reference["params"])
+    done = run_train(3, *flags, "--log", log, "--resume", "auto")  # complete: nothing to do, nothing moved
+    assert done.returncode == 0 and "nothing to resume" in done.stdout + done.stderr
+    assert sorted(p.name for p in tmp_path.glob("run.*")) == ["run.h5", "run.no-checkpoint-1.h5",
+                                                            "run.no-checkpoint-2.h5"]
+
+
 def test_killed_rank_ends_the_job_promptly_and_resume_finishes(tmp_path):
     path = tmp_path / "killed.h5"
     flags = ["--dataset", "mnist-5k", "--epochs", "8", "--checkpoint-every", "1e", "--log", str(path), "--quiet"]
