@@ -9,9 +9,11 @@ UserErrors: they keep their traceback (and, under MPI, abort the job).
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 class UserError(Exception):
@@ -31,7 +33,8 @@ def print_user_error(err: UserError, file=None) -> None:
 
 
 def exit_on_user_error(main):
-    """Decorate a CLI `main`: a UserError becomes one line on stderr and exit 2; Ctrl-C exits 130."""
+    """Decorate a CLI `main`: a UserError becomes one line on stderr and exit 2; Ctrl-C exits 130; a closed
+    output pipe exits 141 quietly."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -43,6 +46,11 @@ def exit_on_user_error(main):
         except KeyboardInterrupt:
             print("cnnpar: interrupted", file=sys.stderr, flush=True)
             raise SystemExit(130) from None
+        except BrokenPipeError:
+            # the reader of our output went away (`| head`): stop as a Unix tool does on SIGPIPE, without
+            # a traceback, and keep Python's exit-time flush of stdout from raising again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(EXIT_BROKEN_PIPE) from None
 
     return wrapper
 

@@ -7,6 +7,7 @@ else the one on PATH (a site's or Debian's Open MPI). Open MPI's mpirun needs to
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -34,6 +35,13 @@ def mpiexec() -> str:
         raise RuntimeError("no mpiexec next to this Python or on PATH; install the project with its mpich extra "
                            "(pip install -e '.[mpich,test]') or load an MPI")
     return found
+
+
+@functools.lru_cache(maxsize=1)
+def launcher_is_open_mpi() -> bool:
+    """Whether the tests' launcher is Open MPI's mpirun (asked of the launcher itself, not its environment)."""
+    version = subprocess.run([mpiexec(), "--version"], capture_output=True, text=True, timeout=30)
+    return "Open MPI" in version.stdout + version.stderr or "OpenRTE" in version.stdout
 
 
 def cnnpar_lines(text: str) -> list[str]:

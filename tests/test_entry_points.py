@@ -226,3 +226,17 @@ def test_fetch_of_a_page_that_is_not_the_file_is_not_called_transient(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_closed_output_pipe_stops_quietly(tmp_path):
+    """`launch/map.py ... | head -1` once head has gone: the script stops as a Unix tool does on SIGPIPE
+    (status 141) without a traceback. The pipe's read end is closed before the script writes a byte."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    command = [sys.executable, "launch/map.py", "--out", str(tmp_path / "map"), "--dry-run"]
+    try:
+        done = subprocess.run(command, cwd=REPO, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr
+    assert done.stderr.strip() == "", done.stderr

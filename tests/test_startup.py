@@ -133,10 +133,9 @@ def test_warmup_clear_removes_cnnpars_caches_only(tmp_path):
 
 
 def test_bench_startup_quick_mode(tmp_path):
-    from mpi_util import mpiexec
+    from mpi_util import launcher_is_open_mpi
 
-    version = subprocess.run([mpiexec(), "--version"], capture_output=True, text=True, timeout=30)
-    if "Open MPI" in version.stdout + version.stderr:
+    if launcher_is_open_mpi():
         pytest.skip("bench_startup's cold/warm notice check is verified under MPICH's mpiexec only: under Open "
                     "MPI the 1-rank cold run's compile notice was not seen (not yet explained)")
     result = subprocess.run([sys.executable, "launch/bench_startup.py", "--quick", "--out", str(tmp_path)],
