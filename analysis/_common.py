@@ -97,10 +97,12 @@ def train_time(log: RunLog) -> float:
 
 
 def lost_fraction(log: RunLog) -> float:
-    """Mean over audited steps of lost rank contributions / ranks; NaN without audit data."""
+    """Mean over audited steps of the share of the step's R x n_params gradient contributions the race lost
+    (`lost_contributions` counts them element by element, docs/race.md); NaN without audit data."""
     if log.audit is None or len(log.audit["lost_contributions"]) == 0:
         return math.nan
-    return float(np.mean(log.audit["lost_contributions"]) / log.ranks)
+    n_params = sum(size for _, _, _, size in log.layout)
+    return float(np.mean(log.audit["lost_contributions"]) / (log.ranks * n_params))
 
 
 def setting_fields(logs: list) -> list:

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 RANKS = (1, 2, 4, 8)
 SEEDS = (1, 2, 3)
 SAMPLES = 480  # training samples per run (divisible by every rank count)
+N_PARAMS = 6   # the synthetic logs' one 3 x 2 parameter
 
 PAPER_TIME = {1: 69.358, 2: 41.577, 4: 31.809, 8: 27.390}
 
@@ -93,8 +94,8 @@ def _expected():
                        "acc_sd_pct": 100 * np.std(accs, ddof=1) if len(accs) > 1 else math.nan,
                        "time_mean_s": np.mean(times), "speedup": base / np.mean(times),
                        "efficiency": base / np.mean(times) / ranks, "seeds": len(seeds),
-                       "lost_updates_pct": (100 * np.mean([known_lost(ranks, s) for s in seeds]) / ranks
-                                            if mode == "race" else math.nan)}
+                       "lost_updates_pct": (100 * np.mean([known_lost(ranks, s) for s in seeds])
+                                            / (ranks * N_PARAMS) if mode == "race" else math.nan)}
                 rows[(mode, lr, ranks)] = row
     return rows
 

@@ -119,8 +119,9 @@ SCHEMA: tuple[Entry, ...] = (
        "summed gradient", "flush", "race_audit"),
     _e("/audit/frac_elements_differ", "float64", "(S,)", "1", "fraction of gradient elements where the race "
        "result differs from the exact sum", "flush", "race_audit"),
-    _e("/audit/lost_contributions", "float64", "(S,)", "ranks", "estimated whole rank contributions (of R) "
-       "the race lost in the step", "flush", "race_audit"),
+    _e("/audit/lost_contributions", "float64", "(S,)", "contributions", "estimated per-element rank "
+       "contributions the race lost in the step, summed over the elements (of R x n_params)", "flush",
+       "race_audit"),
     # gradient noise scale (--noise-scale, cnnpar/noise.py; McCandlish et al. 2018, appendix A.1)
     _e("/noise/step", "int64", "(S,)", "steps", "last global step of the window", "flush", "noise_scale"),
     _e("/noise/first_step", "int64", "(S,)", "steps", "first global step of the window", "flush",
