@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PAPER_ACC_PCT, REPO, final_accuracy, note  # noqa: E402
+from _common import PAPER_ACC_PCT, REPO, final_accuracy, lost_fraction, note  # noqa: E402
 
 sys.path.insert(0, str(REPO / "launch"))
 from cnnpar.errors import UserError, exit_on_user_error  # noqa: E402
@@ -67,6 +67,8 @@ class Run:
     params: object = None
     noise: dict | None = None          # /noise (per window) of a --noise-scale run
     noise_epochs: dict | None = None   # /noise_epochs
+    lost_pct: float = float("nan")     # --race-audit: mean share of a step's gradient contributions lost, %
+    lossy_pct: float = float("nan")    # --race-audit: share of the steps that lost any, %
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,11 @@ def load_map(folder: Path, with_params: bool = False) -> list:
                               int(c.get("steps", 0)))
             params = log.final["params"] if with_params and log.final else None
             made = "noise" if c.get("noise_scale") else how
+            lost = 100.0 * lost_fraction(log)
+            lossy = (100.0 * float(np.mean(log.audit["lost_contributions"] > 0))
+                     if log.audit is not None and len(log.audit["step"]) else float("nan"))
             runs.append(Run(setting, ranks, int(c["seed"]), made, log.status, acc, str(path), params,
-                            getattr(log, "noise", None), getattr(log, "noise_epochs", None)))
+                            getattr(log, "noise", None), getattr(log, "noise_epochs", None), lost, lossy))
     return runs
 
 
@@ -351,7 +356,9 @@ def plot_fits(plt, fits, out: Path) -> str:
         for hyp, d, ranks, r in fits:
             if d != dataset:
                 continue
-            ax.errorbar(ranks, r["mean"], yerr=r["sd"], marker=".", capsize=2,
+            mean, sd = np.asarray(r["mean"]), np.asarray(r["sd"])
+            bars = [np.minimum(sd, mean), np.minimum(sd, 100 - mean)]  # +-1 sd, within 0..100%
+            ax.errorbar(ranks, mean, yerr=bars, marker=".", capsize=2,
                         label=f"{hyp.name}: {r['setting'].reduce}, lr {r['setting'].lr}"
                               f"{', ' + r['setting'].window if r['setting'].window else ''} "
                               f"(RMS {r['rms_pp']:.1f} pp)")
@@ -544,8 +551,46 @@ def _report_lines(folder, runs, all_curves, fits, table, figures, fit_figure) ->
         lines += [f"![{name}]({name})" for name in figures[dataset]]
         lines += [""] + _rising_table(all_curves, dataset) + [""]
     lines += _fits_section(fits, table, fit_figure, all_curves)
+    lines += _race_loss_section(runs)
     lines += _why_section(fits, all_curves, runs)
     return lines
+
+
+def race_losses(runs) -> dict:
+    """(dataset, window, lr) -> {ranks: (mean lost %, mean lossy steps %, mean accuracy %)} over the audited
+    race runs' seeds."""
+    cells = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r.setting.mode != "sync" and np.isfinite(r.lost_pct):
+            cells[(r.setting.dataset, r.setting.window, r.setting.lr)][r.ranks].append((r.lost_pct, r.lossy_pct,
+                                                                                       r.acc_pct))
+    return {key: {n: tuple(np.mean(v, axis=0)) for n, v in sorted(by_rank.items())}
+            for key, by_rank in sorted(cells.items())}
+
+
+def lost_text(pct: float) -> str:
+    """A lost share in %, with the digits it needs (the shared window loses a few per million)."""
+    return "0" if pct == 0 else f"{pct:.2g}" if pct < 1 else f"{pct:.1f}"
+
+
+def _race_loss_section(runs) -> list:
+    losses = race_losses(runs)
+    if not losses:
+        return []
+    ranks = sorted({n for by_rank in losses.values() for n in by_rank})
+    lines = ["## What the race lost", "",
+             "Race runs with `--race-audit`: beside the racy sum, rank 0 gathers every rank's gradient and "
+             "computes the exact sum; *lost* is the share of the step's R x n_params gradient contributions "
+             "missing from the racy sum (`/audit/lost_contributions` / (R x n_params), docs/race.md), averaged "
+             "over the steps; *lossy* is the share of steps that lost any. "
+             "Each cell: lost % (lossy steps %) / test accuracy %.", "",
+             "| dataset | window | lr | " + " | ".join(f"n={n}" for n in ranks) + " |",
+             "|---|---|---|" + "---|" * len(ranks)]
+    for (dataset, window, lr), by_rank in losses.items():
+        cells = [f"{lost_text(by_rank[n][0])} ({by_rank[n][1]:.1f}) / {by_rank[n][2]:.1f}" if n in by_rank else ""
+                 for n in ranks]
+        lines.append(f"| {dataset} | {window} | {lr} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _what_ran(runs) -> list:
@@ -630,7 +675,7 @@ def _fits_section(fits, table, fit_figure, all_curves) -> list:
     ranks = fits[0][2]
     lines = ["## Table I fits", "",
              "For each hypothesis and dataset, the setting in its part of the map (among those with the most "
-             "seeds) whose seed-mean accuracy is closest to the paper's Table I (RMS over {len(ranks)} rows, percentage points). *Shape RMS* "
+             f"seeds) whose seed-mean accuracy is closest to the paper's Table I (RMS over {len(ranks)} rows, percentage points). *Shape RMS* "
              "removes the best constant offset first. Flags reproduce the fit with `mpirun -n N python -m "
              "cnnpar.train --seed S FLAGS`.", "",
              "| hypothesis | dataset | best setting (flags) | seeds | RMS (pp) | shape RMS (pp) | "
@@ -647,8 +692,10 @@ def _fits_section(fits, table, fit_figure, all_curves) -> list:
                   f"({best[3]['setting'].label()}) at {best[3]['rms_pp']:.1f} pp; its shape is in the figure.",
                   ""]
     else:
+        spread = ", ".join(f"n={n} {v:.1f}" for n, v in zip(best[2], best[3]["sd"]))
         lines += [f"Best fit: **{best[0].name}** ({best[3]['setting'].label()}), RMS {best[3]['rms_pp']:.1f} pp "
-                  f"over seeds {','.join(map(str, best[3]['seeds']))}.", ""]
+                  f"over seeds {','.join(map(str, best[3]['seeds']))}; the seeds' standard deviation (pp): "
+                  f"{spread}.", ""]
     if fit_figure:
         lines += [f"![Table I fits]({fit_figure})", ""]
     return lines + _partial_fits(all_curves)
@@ -743,7 +790,7 @@ def _why_section(fits, all_curves, runs) -> list:
                  f"over n samples moves as far as n single-sample steps, so the curve is flat where it trains and "
                  f"falls where n x lr is unstable. More data at summed gradients with a fixed step budget (H3) "
                  f"gives at most {gain_text('H3')}, and the race (H4) {gain_text('H4')}: neither comes near "
-                 f"26% -> 92%.")
+                 f"26% -> 92%." + _race_loss_text(runs))
     missing = [f"{h.name} on {d}" for h in HYPOTHESES for d in datasets
                if not any(f[0].name == h.name and f[1] == d for f in fits)]
     parts.append("**Cannot decide.** Which learning rate, reduction and epoch count the paper's C++ code used, "
@@ -753,6 +800,19 @@ def _why_section(fits, all_curves, runs) -> list:
                  "cannot tell which way one thread was made to train badly"
                  + (f" (not measured: {', '.join(missing)})." if missing else "."))
     return ["## Why did the paper's accuracy rise with threads?", ""] + [" ".join(parts), ""]
+
+
+def _race_loss_text(runs) -> str:
+    """What the audited race lost where it lost most, and what its accuracy did meanwhile."""
+    losses = race_losses(runs)
+    if not losses:
+        return ""
+    (dataset, window, lr), n, (lost, lossy, acc) = max(((key, n, v) for key, by_rank in losses.items()
+                                                       for n, v in by_rank.items()), key=lambda t: t[2][0])
+    one = losses[(dataset, window, lr)].get(1)
+    return (f" The race does lose updates, at most {lost_text(lost)}% of a step's gradient contributions "
+            f"({dataset}, {window} window, lr {lr}, n={n}; {lossy:.0f}% of its steps lost some), and that run "
+            f"ends at {acc:.1f}%" + (f" against {one[2]:.1f}% at n=1" if one is not None else "") + ".")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,10 +50,12 @@ from cnnpar.errors import UserError, exit_on_user_error  # noqa: E402
 
 from sweep_runner import TRAIN_SIZES  # noqa: E402
 # the train flags a map group may set (launch/presets.py); anything else would go unrecorded in the names
-MAP_FLAGS = {"dataset", "epochs", "steps", "reduce", "lr", "race_window", "noise_scale", "log_window", "allreduce"}
+MAP_FLAGS = {"dataset", "epochs", "steps", "reduce", "lr", "race_window", "race_audit", "noise_scale", "log_window",
+             "allreduce"}
 # Seconds per sample and per run (start, data, evaluation), measured on this 2-core machine, for the estimate
 # before any run of a kind has finished.
 PRIOR_S_PER_SAMPLE = {"sync": 45e-6, "race": 1.2e-3}
+RUN_TIMEOUT_S = 3600.0  # a real-ranks run past this is stopped (fashion-mnist's 12-rank rma race needs > 1800 here)
 PRIOR_S_PER_RUN = {"mnist-5k": 0.15, "fashion-mnist": 1.3, "mnist": 1.3, "race": 6.0, "real-ranks": 5.0}
 
 
@@ -71,6 +73,7 @@ class MapPoint:
     part: str = ""
     steps: int = 0             # the step budget ('steps'); the 'epochs' budget is one epoch
     log_window: str = ""       # noise runs: one estimate per this many steps
+    race_audit: bool = False   # race runs: also measure what the race lost (--race-audit)
 
     def flags(self) -> list:
         """cnnpar.train flags other than -n/--seed/--log that reproduce the point."""
@@ -78,11 +81,13 @@ class MapPoint:
         out += ["--epochs", "1"] if self.budget == "epochs" else ["--steps", str(self.steps)]
         if self.mode != "sync":
             out += ["--mode", self.mode, "--race-window", self.race_window]
+        if self.race_audit:
+            out += ["--race-audit"]
         return out
 
     @property
     def name(self) -> str:
-        mode = self.mode + (f"~{self.race_window}" if self.race_window else "")
+        mode = self.mode + (f"~{self.race_window}" if self.race_window else "") + ("~audit" if self.race_audit else "")
         return (f"d{self.dataset}-{self.budget}-n{self.ranks:02d}-{mode}-seed{self.seed}-lr{self.lr}-"
                 f"{self.reduce}.h5")
 
@@ -126,7 +131,7 @@ def points_of(group) -> tuple:
                     points.append(MapPoint(flags["dataset"], "steps" if "steps" in flags else "epochs", n,
                                            flags["reduce"], flags["lr"], seed, mode, flags.get("race_window", ""),
                                            how, group.name, int(flags.get("steps", 0)),
-                                           flags.get("log_window", "")))
+                                           flags.get("log_window", ""), flags.get("race_audit") == "true"))
     return tuple(points)
 
 
@@ -196,12 +201,25 @@ def run_in_process(job) -> dict:
     return {"rc": rc, "seconds": time.perf_counter() - start, "output": buffer.getvalue()[-3000:]}
 
 
-def run_real_ranks(point: MapPoint, path: Path, launcher) -> dict:
+def run_real_ranks(point: MapPoint, path: Path, launcher, timeout_s: float = RUN_TIMEOUT_S) -> dict:
+    """One point with real ranks. Past `timeout_s` the launcher gets SIGTERM, which stops every rank at a
+    step boundary (the log says `preempted`; the next map moves it aside and runs the point again)."""
     cmd = launcher.command(point.ranks, sys.executable, point.run_args(path))
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1800)
-    return {"rc": done.returncode, "seconds": time.perf_counter() - start,
-            "output": (done.stdout + done.stderr)[-3000:]}
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        output, _ = job.communicate(timeout=timeout_s)
+        rc = job.returncode
+    except subprocess.TimeoutExpired:
+        job.terminate()
+        try:
+            output, _ = job.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            output, _ = job.communicate()
+        output = (output or "") + f"\nmap: stopped after {timeout_s:g} s (--run-timeout)"
+        rc = 124
+    return {"rc": rc, "seconds": time.perf_counter() - start, "output": (output or "")[-3000:]}
 
 
 class Estimator:
@@ -242,7 +260,8 @@ def say_now(text: str) -> None:
     print(text, flush=True)
 
 
-def run_map(out: Path, selected: list, jobs: int, dry_run: bool = False, say=say_now) -> int:
+def run_map(out: Path, selected: list, jobs: int, dry_run: bool = False, say=say_now,
+            run_timeout_s: float = RUN_TIMEOUT_S) -> int:
     """Run every pending point of the selected parts; returns the number of failed runs."""
     estimator = Estimator()
     failures = 0
@@ -262,11 +281,11 @@ def run_map(out: Path, selected: list, jobs: int, dry_run: bool = False, say=say
             f"{len(pending)} to run, estimate {hms(estimate)} -- {part.doc}")
         if dry_run or not pending:
             continue
-        failures += _run_part(out, pending, jobs, estimator, say)
+        failures += _run_part(out, pending, jobs, estimator, say, run_timeout_s)
     return failures
 
 
-def _run_part(out, pending, jobs, estimator, say) -> int:
+def _run_part(out, pending, jobs, estimator, say, run_timeout_s) -> int:
     for how in ("one-process", "real-ranks", "noise"):
         (out / how).mkdir(parents=True, exist_ok=True)
     one_process = [p for p in pending if p.how != "real-ranks"]
@@ -284,7 +303,7 @@ def _run_part(out, pending, jobs, estimator, say) -> int:
 
         launcher = make_launcher(None)
         for point in real:
-            outcome = run_real_ranks(point, log_path(out, point), launcher)
+            outcome = run_real_ranks(point, log_path(out, point), launcher, run_timeout_s)
             failures += _record(out, point, outcome, estimator, progress, say)
     progress.finish()
     return failures
@@ -334,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--complete-fits", action="store_true",
                         help="after the map: run the best settings of each hypothesis at the rank counts the "
                              "map skipped (needs analysis/map_report.py)")
+    parser.add_argument("--run-timeout", type=float, default=RUN_TIMEOUT_S,
+                        help=f"seconds a real-ranks run may take before it is stopped and counted as failed "
+                             f"(default {RUN_TIMEOUT_S:g})")
     parser.add_argument("--dry-run", action="store_true", help="print the parts, counts and estimates only")
     return parser
 
@@ -343,6 +365,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.jobs < 1:
         raise UserError("--jobs", f"must be at least 1, got {args.jobs}")
+    if not args.run_timeout > 0:
+        raise UserError("--run-timeout", f"must be a positive number of seconds, got {args.run_timeout:g}")
     available = parts(args.tiny)
     by_name = {p.name: p for p in available}
     wanted = [name.strip() for name in args.parts.split(",") if name.strip()]
@@ -351,13 +375,13 @@ def main(argv=None) -> int:
             raise UserError("--parts", f"no part {name!r}; the parts are: {', '.join(by_name)}")
     selected = [by_name[n] for n in wanted] if wanted else available
     out = Path(args.out)
-    failures = run_map(out, selected, args.jobs, args.dry_run)
+    failures = run_map(out, selected, args.jobs, args.dry_run, run_timeout_s=args.run_timeout)
     if args.complete_fits and not args.dry_run:
         sys.path.insert(0, str(REPO / "analysis"))
         from map_report import completion_points
 
         extra = completion_points(out)
-        failures += run_map(out, [fit_completion(extra)], args.jobs)
+        failures += run_map(out, [fit_completion(extra)], args.jobs, run_timeout_s=args.run_timeout)
     return 1 if failures else 0
 
 

@@ -135,6 +135,16 @@ PRESETS["map"] = {
                    dict(_MNIST, log_window=MAP_NOISE_WINDOW, **ONE_EPOCH)),
         _map_group("noise-large-set", "", [2, 12], [1], _lr_reduce(["0.0562", "0.178", "0.316"], ["mean"], **_NOISE)
                    + _lr_reduce(["0.01"], ["sum"], **_NOISE), dict(_LARGE, log_window=MAP_NOISE_WINDOW, **ONE_EPOCH)),
+        _map_group("fashion-race", "--mode race on fashion-mnist, shared window, summed, one epoch, lr 0.01 (the "
+                                   "best race setting on mnist-5k), ranks 1..12, seed 1, with --race-audit (what "
+                                   "the race lost; real ranks: 1-5 min a run here)", range(1, 13), [1],
+                   _lr_reduce(["0.01"], ["sum"], race_window="shared", race_audit="true"), dict(_LARGE, **ONE_EPOCH),
+                   modes=("race",)),
+        _map_group("fashion-race-rma", "the same through the rma window at ranks 2,4,8 (its runs take 3-5 times "
+                                       "as long; 12 ranks ran past 30 min on the shared 2-core machine)", [2, 4, 8],
+                   [1],
+                   _lr_reduce(["0.01"], ["sum"], race_window="rma", race_audit="true"), dict(_LARGE, **ONE_EPOCH),
+                   modes=("race",)),
         _map_group("fashion-epochs", "fashion-mnist, one epoch, ranks 1..12, 10 lr x sum/mean, seeds 1,2,3",
                    range(1, 13), [1, 2, 3], _lr_reduce(MAP_LARGE_SET_LRS, ["mean", "sum"]),
                    dict(_LARGE, **ONE_EPOCH)),
@@ -145,7 +155,7 @@ PRESETS["map"] = {
 }
 PRESETS["map-tiny"] = {
     "doc": "CI's accuracy map: mnist-5k, one epoch, mean, lr 0.01/0.178, ranks 1,2,3, seed 1; one real 2-rank "
-           "twin and one --noise-scale rerun",
+           "twin, one --noise-scale rerun and one audited 2-rank race",
     "out": "runs/map-tiny",
     "groups": [
         _map_group("tiny", "", [1, 2, 3], [1], _lr_reduce(["0.01", "0.178"], ["mean"]), dict(_MNIST, **ONE_EPOCH)),
@@ -153,5 +163,7 @@ PRESETS["map-tiny"] = {
                    dict(_MNIST, **ONE_EPOCH)),
         _map_group("tiny-noise", "", [2], [1], _lr_reduce(["0.178"], ["mean"], **_NOISE),
                    dict(_MNIST, log_window=MAP_NOISE_WINDOW, **ONE_EPOCH)),
+        _map_group("tiny-race", "", [2], [1], _lr_reduce(["0.01"], ["sum"], race_window="shared", race_audit="true"),
+                   dict(_MNIST, **ONE_EPOCH), modes=("race",)),
     ],
 }

@@ -4,6 +4,7 @@ the report and table1_fit.json give is checked against the logs themselves."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -74,5 +75,32 @@ def test_tiny_map_and_report_agree_with_the_logs(tmp_path):
     (noise_log,) = (folder / "noise").glob("*.h5")
     epoch_b = open_log(noise_log).noise_epochs["b_simple"][-1]
     assert float(noise_row.split("|")[6]) == round(float(epoch_b), 1)
+    race_row = next(line for line in text.splitlines() if line.startswith("| mnist-5k | shared | 0.01 |"))
+    (race_log,) = (folder / "real-ranks").glob("*race*audit*.h5")
+    race = open_log(race_log)
+    assert race.ranks == 2 and len(race.audit["step"]) == len(race.steps["step"]) > 0
+    lost = race.audit["lost_contributions"]
+    lost_pct = 100 * np.mean(lost) / (2 * race.final["params"].size)  # of the step's R x n_params contributions
+    lost_cell = "0" if lost_pct == 0 else f"{lost_pct:.2g}" if lost_pct < 1 else f"{lost_pct:.1f}"
+    assert race_row.split("|")[4].strip() == \
+        f"{lost_cell} ({100 * np.mean(lost > 0):.1f}) / {100 * race.final['attrs']['test_acc']:.1f}"
     for figure in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (report / figure).stat().st_size > 1000, figure
+
+
+def test_a_real_ranks_run_past_its_timeout_is_stopped_and_counted_failed(tmp_path, monkeypatch):
+    started_with = clean_env()  # the launcher inherits this process's environment: the one it started with
+    for name in set(os.environ) - set(started_with):
+        monkeypatch.delenv(name)
+    for name, value in started_with.items():
+        monkeypatch.setenv(name, value)
+    sys.path.insert(0, str(REPO / "launch"))
+    import map as map_launcher
+    from sweep import make_launcher
+
+    point = map_launcher.MapPoint("mnist-5k", "epochs", 2, "sum", "0.01", 1, how="real-ranks")
+    path = tmp_path / point.name
+    outcome = map_launcher.run_real_ranks(point, path, make_launcher(None), timeout_s=3)
+    assert outcome["rc"] == 124 and "stopped after 3 s (--run-timeout)" in outcome["output"]
+    assert outcome["seconds"] < 60
+    assert map_launcher.state_of(path) in ("todo", "stale")  # never 'done': the next map runs it again
