@@ -98,7 +98,8 @@ def test_a_real_ranks_run_past_its_timeout_is_stopped_and_counted_failed(tmp_pat
     import map as map_launcher
     from sweep import make_launcher
 
-    point = map_launcher.MapPoint("mnist-5k", "epochs", 2, "sum", "0.01", 1, how="real-ranks")
+    # a million steps: no launcher's grace period lets it finish
+    point = map_launcher.MapPoint("mnist-5k", "steps", 2, "sum", "0.01", 1, how="real-ranks", steps=10 ** 6)
     path = tmp_path / point.name
     outcome = map_launcher.run_real_ranks(point, path, make_launcher(None), timeout_s=3)
     assert outcome["rc"] == 124 and "stopped after 3 s (--run-timeout)" in outcome["output"]
