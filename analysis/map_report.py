@@ -678,8 +678,8 @@ def _fits_section(fits, table, fit_figure, all_curves) -> list:
     ranks = fits[0][2]
     lines = ["## Table I fits", "",
              "For each hypothesis and dataset, the setting in its part of the map (among those with the most "
-             f"seeds) whose seed-mean accuracy is closest to the paper's Table I (RMS over {len(ranks)} rows, percentage points). *Shape RMS* "
-             "removes the best constant offset first. Flags reproduce the fit with `mpirun -n N python -m "
+             f"seeds) whose seed-mean accuracy is closest to the paper's Table I (RMS over {len(ranks)} rows, "
+             "percentage points). *Shape RMS* removes the best constant offset first. Flags reproduce the fit with `mpirun -n N python -m "
              "cnnpar.train --seed S FLAGS`.", "",
              "| hypothesis | dataset | best setting (flags) | seeds | RMS (pp) | shape RMS (pp) | "
              + " | ".join(f"n={n}" for n in ranks) + " |", "|---|---|---|---|---|---|" + "---|" * len(ranks),

@@ -50,13 +50,14 @@ from cnnpar.errors import UserError, exit_on_user_error  # noqa: E402
 
 from sweep_runner import TRAIN_SIZES  # noqa: E402
 # the train flags a map group may set (launch/presets.py); anything else would go unrecorded in the names
-MAP_FLAGS = {"dataset", "epochs", "steps", "reduce", "lr", "race_window", "race_audit", "noise_scale", "log_window",
-             "allreduce"}
+MAP_FLAGS = {"dataset", "epochs", "steps", "reduce", "lr", "race_window", "race_audit", "noise_scale",
+             "log_window", "allreduce"}
 # Seconds per sample and per run (start, data, evaluation), measured on this 2-core machine, for the estimate
 # before any run of a kind has finished.
 PRIOR_S_PER_SAMPLE = {"sync": 45e-6, "race": 1.2e-3}
-RUN_TIMEOUT_S = 3600.0  # a real-ranks run past this is stopped (fashion-mnist's 12-rank rma race needs > 1800 here)
 PRIOR_S_PER_RUN = {"mnist-5k": 0.15, "fashion-mnist": 1.3, "mnist": 1.3, "race": 6.0, "real-ranks": 5.0}
+# A real-ranks run past this is stopped and counted failed (fashion-mnist's 12-rank rma race took > 1800 s here).
+RUN_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ class MapPoint:
 
     @property
     def name(self) -> str:
-        mode = self.mode + (f"~{self.race_window}" if self.race_window else "") + ("~audit" if self.race_audit else "")
+        mode = (self.mode + (f"~{self.race_window}" if self.race_window else "")
+                + ("~audit" if self.race_audit else ""))
         return (f"d{self.dataset}-{self.budget}-n{self.ranks:02d}-{mode}-seed{self.seed}-lr{self.lr}-"
                 f"{self.reduce}.h5")
 
@@ -206,7 +208,10 @@ def run_real_ranks(point: MapPoint, path: Path, launcher, timeout_s: float = RUN
     step boundary (the log says `preempted`; the next map moves it aside and runs the point again)."""
     cmd = launcher.command(point.ranks, sys.executable, point.run_args(path))
     start = time.perf_counter()
-    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    # env: Python's copy of the environment, not the C one, which an Open MPI singleton in this process (a
+    # test's) fills with variables that make a child mpirun take itself for part of that job and exit 1
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                           env=dict(os.environ))
     try:
         output, _ = job.communicate(timeout=timeout_s)
         rc = job.returncode

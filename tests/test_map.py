@@ -4,7 +4,6 @@ the report and table1_fit.json give is checked against the logs themselves."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -88,12 +87,9 @@ def test_tiny_map_and_report_agree_with_the_logs(tmp_path):
         assert (report / figure).stat().st_size > 1000, figure
 
 
-def test_a_real_ranks_run_past_its_timeout_is_stopped_and_counted_failed(tmp_path, monkeypatch):
-    started_with = clean_env()  # the launcher inherits this process's environment: the one it started with
-    for name in set(os.environ) - set(started_with):
-        monkeypatch.delenv(name)
-    for name, value in started_with.items():
-        monkeypatch.setenv(name, value)
+def test_a_real_ranks_run_past_its_timeout_is_stopped_and_counted_failed(tmp_path):
+    from mpi4py import MPI  # noqa: F401 - an MPI singleton in this process, as other tests leave one
+
     sys.path.insert(0, str(REPO / "launch"))
     import map as map_launcher
     from sweep import make_launcher
