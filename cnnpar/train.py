@@ -695,8 +695,8 @@ def _log_path(config: Config, world, started) -> str:
 
 def _check_log_path(path: str, make_folder: bool, resuming: bool) -> None:
     """Raise a UserError naming what is wrong with `path` as a new (or, resuming, continued) log file.
-    The last check creates and removes the file, so a place the file system refuses (/proc, a read-only
-    mount) is caught here rather than by HDF5 after the kernels were compiled."""
+    The last check creates and removes a file beside it, so a place the file system refuses (/proc, a
+    read-only mount) is caught here rather than by HDF5 after the kernels were compiled."""
     if path.endswith(os.sep) or os.path.isdir(path):
         raise UserError("--log", f"{path} is a folder; give a file path such as "
                         f"{os.path.join(path, 'run.h5')}")
@@ -719,9 +719,12 @@ def _check_log_path(path: str, make_folder: bool, resuming: bool) -> None:
             os.makedirs(folder, exist_ok=True)
         except OSError as err:
             raise UserError("--log", f"cannot create the folder {folder}: {err.strerror}") from None
+    # The probe is a sibling, never the log's own name: a reader polling for the log (a watcher, a soak)
+    # must not find an empty file there, even for a moment.
+    probe = os.path.join(folder, f".cnnpar-probe-{os.getpid()}")
     try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        os.unlink(path)
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.unlink(probe)
     except OSError as err:
         raise UserError("--log", f"{path} cannot be created: {err.strerror}") from None
 

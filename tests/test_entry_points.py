@@ -240,3 +240,23 @@ def test_a_closed_output_pipe_stops_quietly(tmp_path):
         os.close(write_end)
     assert done.returncode == 141, done.stderr
     assert done.stderr.strip() == "", done.stderr
+
+
+def test_the_log_path_check_never_creates_the_log_itself(tmp_path, monkeypatch):
+    """A watcher polling for the log must never find an empty file at its name (seen as 'not an HDF5 file'
+    by launch/soak.py's live reads): the writability probe is a sibling file."""
+    from cnnpar import train
+
+    created = []
+    real_open = os.open
+
+    def recording_open(name, flags, *args):
+        if flags & os.O_CREAT:
+            created.append(os.fspath(name))
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(train.os, "open", recording_open)
+    log = tmp_path / "run.h5"
+    train._check_log_path(str(log), make_folder=False, resuming=False)
+    assert created and str(log) not in created, created
+    assert sorted(tmp_path.iterdir()) == []  # and the probe is gone
