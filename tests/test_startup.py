@@ -56,7 +56,9 @@ def package_copy(tmp_path):
     (root / "cnnpar" / "toy_b.py").write_text("from numba import njit\n\nfrom .toy_a import f\n\n\n"
                                               "@njit(cache=True)\ndef g():\n    return f() + 10\n")
     env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}
-    env.update(PYTHONPATH=str(root), CNNPAR_CACHE_DIR=str(tmp_path / "cache"))
+    # no bytecode caches: the tests edit toy_a.py in place, often within the second of its last import, at
+    # the same size, which Python's mtime-keyed .pyc check cannot tell apart (toy_a's old code would run)
+    env.update(PYTHONPATH=str(root), CNNPAR_CACHE_DIR=str(tmp_path / "cache"), PYTHONDONTWRITEBYTECODE="1")
     return root, env
 
 
