@@ -92,6 +92,27 @@ def advice(version_text: str) -> str:
     return f"mpi4py here links {library_summary(version_text)}: start it with {mpiexec} or, under Slurm, {srun}"
 
 
+def rank_pids(tag: str, variable: str = "CNNPAR_SOAK_TAG") -> dict:
+    """rank -> pid of the MPI processes whose environment has `variable` set to `tag`, numbered by their
+    launcher's rank variable (Open MPI, PMI/Hydra, PMIx or Slurm: RANK_VARIABLES)."""
+    found = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                items = f.read().split(b"\0")
+        except OSError:
+            continue
+        env = dict(item.split(b"=", 1) for item in items if b"=" in item)
+        if env.get(variable.encode()) != tag.encode():
+            continue
+        rank = next((env[name.encode()] for name in RANK_VARIABLES if env.get(name.encode(), b"").isdigit()), None)
+        if rank is not None:
+            found[int(rank)] = int(pid)
+    return found
+
+
 def check_world_size(world_size: int, version_text: str, environ=None) -> None:
     """Refuse N accidental one-rank jobs: the launcher started more (or other) tasks than MPI sees ranks.
 

@@ -218,7 +218,7 @@ _MILESTONES = []
 
 def milestone(name: str) -> None:
     """Note when this process reached a start-up milestone (only with $CNNPAR_STARTUP_TRACE set: then
-    rank 0 appends them to that file at the end, for launch/bench_startup.py's split)."""
+    rank 0 appends them to that file at the end, for cnnpar bench startup's split)."""
     if _TRACE_PATH:
         _MILESTONES.append((name, time.time()))
 

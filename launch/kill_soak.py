@@ -26,13 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
 from cnnpar.runlog import open_log  # noqa: E402
-from soak import rank_pids  # noqa: E402
+from cnnpar.launcher import rank_pids  # noqa: E402
 
 TIMING_COLUMNS = ("compute_s", "exchange_s", "wait_s")
 
@@ -40,7 +38,7 @@ TIMING_COLUMNS = ("compute_s", "exchange_s", "wait_s")
 def _start(mpiexec, ranks, flags, path, tag):
     env = dict(os.environ, PYTHONUNBUFFERED="1", CNNPAR_KILL_TAG=tag)
     return subprocess.Popen([mpiexec, "-n", str(ranks), sys.executable, "-m", "cnnpar.train", *flags, "--log",
-                             path], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
 
 

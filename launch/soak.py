@@ -22,39 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-for folder in (str(HERE.parent), str(HERE)):
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-
-from cnnpar.errors import UserError, exit_on_user_error  # noqa: E402
-from cnnpar.launcher import RANK_VARIABLES  # noqa: E402
-from cnnpar.runlog import open_log  # noqa: E402
-from sweep_launcher import make_launcher  # noqa: E402
+from cnnpar.errors import UserError, exit_on_user_error
+from cnnpar.experiments.launchers import make_launcher
+from cnnpar.launcher import rank_pids
+from cnnpar.runlog import open_log
 
 POLL_S = 0.2
 MAX_GROWTH = 0.05
-
-
-def rank_pids(tag: str, variable: str = "CNNPAR_SOAK_TAG") -> dict:
-    """rank -> pid of the MPI processes whose environment has `variable` set to `tag`, numbered by their
-    launcher's rank variable (Open MPI, PMI/Hydra, PMIx or Slurm: cnnpar.launcher.RANK_VARIABLES)."""
-    found = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                items = f.read().split(b"\0")
-        except OSError:
-            continue
-        env = dict(item.split(b"=", 1) for item in items if b"=" in item)
-        if env.get(variable.encode()) != tag.encode():
-            continue
-        rank = next((env[name.encode()] for name in RANK_VARIABLES if env.get(name.encode(), b"").isdigit()), None)
-        if rank is not None:
-            found[int(rank)] = int(pid)
-    return found
 
 
 def rss_bytes(pid: int) -> int:
@@ -130,7 +104,7 @@ def main(argv=None) -> int:
         tag = str(os.getpid())
         command = launcher.command(args.ranks, sys.executable, [
             "--dataset", "mnist-5k", "--epochs", str(args.epochs), "--log", log_path, "--quiet", *args.train_args])
-        job = subprocess.Popen(command, cwd=HERE.parent, env=dict(os.environ, CNNPAR_SOAK_TAG=tag),
+        job = subprocess.Popen(command, env=dict(os.environ, CNNPAR_SOAK_TAG=tag),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         started = time.monotonic()
         try:

@@ -87,8 +87,7 @@ def wait_for_rank_pids(tag: str, ranks: int, variable: str = "CNNPAR_TEST_TAG", 
     """rank -> pid of a just-started job's ranks, found by the tag in their environment."""
     import time
 
-    sys.path.insert(0, str(REPO / "launch"))
-    from soak import rank_pids
+    from cnnpar.launcher import rank_pids
 
     deadline = time.monotonic() + timeout_s
     found = {}

@@ -161,9 +161,7 @@ def test_bench_kernels_without_torch_stops_before_benchmarking():
 
 
 def test_bench_scaling_never_writes_into_the_committed_results_by_default():
-    spec = importlib.util.spec_from_file_location("bench_scaling", REPO / "launch" / "bench_scaling.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from cnnpar.bench import scaling as bench
     committed = (REPO / "analysis" / "results").resolve()
     for quick in (False, True):
         out = bench.default_out_dir(quick).resolve()

@@ -135,3 +135,18 @@ def test_no_import_cycle_inside_cnnpar():
     found = [f"{' -> '.join(cycle_within(graph, group))}  (circle among {', '.join(sorted(group))})"
              for group in tangles(graph)]
     assert not found, "import cycles inside cnnpar/:\n" + "\n".join(found)
+
+
+def test_no_module_or_script_edits_sys_path():
+    """The package imports by its name wherever it is installed; the scripts in launch/ and analysis/ are thin
+    entry points into it, so nothing needs sys.path edited (tests/ puts only itself there, in conftest.py)."""
+    repo = PACKAGE_DIR.parent
+    offenders = []
+    for folder in ("cnnpar", "launch", "analysis"):
+        for path in sorted((repo / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if (isinstance(node, ast.Attribute) and node.attr in ("insert", "append")
+                        and isinstance(node.value, ast.Attribute) and node.value.attr == "path"
+                        and isinstance(node.value.value, ast.Name) and node.value.value.id == "sys"):
+                    offenders.append(f"{path.relative_to(repo)}:{node.lineno}")
+    assert offenders == []

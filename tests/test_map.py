@@ -90,9 +90,8 @@ def test_tiny_map_and_report_agree_with_the_logs(tmp_path):
 def test_a_real_ranks_run_past_its_timeout_is_stopped_and_counted_failed(tmp_path):
     from mpi4py import MPI  # noqa: F401 - an MPI singleton in this process, as other tests leave one
 
-    sys.path.insert(0, str(REPO / "launch"))
-    import map as map_launcher
-    from sweep import make_launcher
+    from cnnpar.experiments import map as map_launcher
+    from cnnpar.experiments.launchers import make_launcher
 
     # a million steps: no launcher's grace period lets it finish
     point = map_launcher.MapPoint("mnist-5k", "steps", 2, "sum", "0.01", 1, how="real-ranks", steps=10 ** 6)

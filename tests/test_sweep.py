@@ -21,19 +21,10 @@ import pytest
 from cnnpar.errors import UserError
 from mpi_util import REPO, clean_env
 
-_spec = importlib.util.spec_from_file_location("sweep", REPO / "launch" / "sweep.py")
-sweep = importlib.util.module_from_spec(_spec)
-sys.modules["sweep"] = sweep
-_spec.loader.exec_module(sweep)
-import presets  # noqa: E402  (launch/, put on sys.path by sweep.py)
-import sweep_grid as grid  # noqa: E402
-import sweep_launcher as launchers  # noqa: E402
-import sweep_runner as runner  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("explain", REPO / "analysis" / "explain.py")
-explain = importlib.util.module_from_spec(_spec)
-sys.modules["explain"] = explain
-_spec.loader.exec_module(explain)
+from cnnpar.analysis import explain
+from cnnpar.experiments import grid, presets, sweep
+from cnnpar.experiments import launchers
+from cnnpar.experiments import runner
 
 
 def _args(*argv):

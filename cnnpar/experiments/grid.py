@@ -232,9 +232,9 @@ def describe(p: Point) -> str:
 
 
 def load_presets(data: dict | None = None) -> dict:
-    """{name: Preset} from the plain data of launch/presets.py (a copy: callers may change the groups)."""
+    """{name: Preset} from the plain data of cnnpar/experiments/presets.py (a copy: callers may change the groups)."""
     if data is None:
-        from presets import PRESETS as data
+        from cnnpar.experiments.presets import PRESETS as data
     out = {}
     for name, preset in data.items():
         groups = []

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnpar.errors import UserError
-from sweep_grid import Point
-from sweep_launcher import Launcher
+from cnnpar.experiments.grid import Point
+from cnnpar.experiments.launchers import Launcher
 
-REPO = Path(__file__).resolve().parents[1]
 # Config fields that do not change what a run computes; an existing log may differ in them.
 IRRELEVANT_FIELDS = ("log", "quiet", "resume", "checkpoint_every", "log_window", "check_every", "eval_every")
 # Training-set sizes, for the time estimate of epoch-budget runs before any run of that shape finished.
@@ -272,7 +271,6 @@ class Runner:
 
     def env(self) -> dict:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
@@ -545,7 +543,7 @@ def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, tim
     if failures:
         say("failed: " + ", ".join(f.point.name for f in failures))
         return 1
-    say(f"next: python analysis/table.py {out}/*.h5 --paper   |   python analysis/plots.py {out}/*.h5 "
-        f"--out {out}/figures" + (f"   |   python analysis/explain.py {out} --out {out}/report"
+    say(f"next: cnnpar table {out}/*.h5 --paper   |   cnnpar plots {out}/*.h5 "
+        f"--out {out}/figures" + (f"   |   cnnpar explain {out} --out {out}/report"
                                   if preset == "explain" else ""))
     return 0

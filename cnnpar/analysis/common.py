@@ -1,4 +1,4 @@
-"""Shared by analysis/table.py and analysis/plots.py: finding logs, grouping runs, the paper's numbers.
+"""Shared by the analysis commands (table, plots, explain, the map report): finding logs, grouping runs, the paper's numbers.
 
 A *group* is the set of complete runs that share every setting but the seed: the mode, the rank
 count, and any other config field whose value differs between the logs given (lr, reduce, ...).
@@ -16,12 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from cnnpar.errors import UserError  # noqa: E402
-from cnnpar.runlog import RunLog, open_log  # noqa: E402
+from cnnpar.errors import UserError
+from cnnpar.runlog import RunLog, open_log
 
 # The paper (C++/OpenMP CNN on MNIST, Ryzen 5 2600X: 6 cores / 12 threads), Table I, by thread count.
 PAPER_ACC_PCT = {1: 26.0, 2: 68.4, 3: 74.8, 4: 77.8, 5: 79.8, 6: 80.8, 7: 83.4, 8: 86.2, 9: 87.8, 10: 88.8,

@@ -1,4 +1,4 @@
-"""The sweep's named grids (`python launch/sweep.py --preset NAME`), as plain data.
+"""The sweep's named grids (`cnnpar sweep --preset NAME`), as plain data.
 
 A preset has a `doc`, a default output folder `out` and a list of `groups`. A group is one block of the grid,
 every setting x mode x rank count x seed:
@@ -7,7 +7,7 @@ every setting x mode x rank count x seed:
   base                  {flag: value} that every run of the group gets, not in the names;
   mode_base             {mode: {flag: value}} for the runs of that mode only;
   name, doc             a group with a doc is listed by --list-presets and chosen by --group.
-Flags are cnnpar.train's, spelt as Config fields (`lr_scaling`), values as strings; launch/sweep_grid.py
+Flags are cnnpar.train's, spelt as Config fields (`lr_scaling`), values as strings; cnnpar/experiments/grid.py
 checks every one against cnnpar.config before a sweep starts.
 """
 
@@ -39,7 +39,7 @@ PRESETS = {
                     "base": {"dataset": "mnist-5k", "reduce": "sum", "epochs": PAPER_EPOCHS}}],
     },
     "explain": {
-        "doc": "controlled experiments that test the paper's explanation (analyse with analysis/explain.py): "
+        "doc": "controlled experiments that test the paper's explanation (analyse with cnnpar explain): "
                f"ranks 1,2,4,8,12; seeds 1,2; mnist-5k; --epochs {EXPLAIN_EPOCHS} unless said otherwise. "
                "Groups (--group):",
         "out": "runs/explain",
@@ -61,7 +61,7 @@ PRESETS = {
     },
 }
 
-# --- the accuracy map (issue 13): launch/map.py runs these groups cheaply (a sync point of N ranks as one
+# --- the accuracy map (issue 13): cnnpar map runs these groups cheaply (a sync point of N ranks as one
 # process with N samples per rank, many runs per Python process; race points and the `check` group with
 # real ranks); `sweep.py --preset map` would run every point with real ranks instead (days on 2 cores).
 MAP_LRS = ["0.001", "0.00178", "0.00316", "0.00562", "0.01", "0.0178", "0.0316", "0.0562", "0.1", "0.178", "0.316",
@@ -96,7 +96,7 @@ _STEP_RANKS = [n for n in MAP_RANKS if n > 1]  # a step budget's 1-rank run is t
 _NOISE = {"noise_scale": "true"}
 
 PRESETS["map"] = {
-    "doc": "the accuracy map (run it with launch/map.py, report with analysis/map_report.py): lr x sum/mean x "
+    "doc": "the accuracy map (run it with cnnpar map, report with cnnpar report): lr x sum/mean x "
            "same epochs/same steps x ranks, mnist-5k and fashion-mnist, race with real ranks, --noise-scale "
            "reruns. Groups:",
     "out": "runs/map",
