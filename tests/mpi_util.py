@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,24 +23,22 @@ if hasattr(os, "geteuid") and os.geteuid() == 0:
 
 
 def mpiexec() -> str:
+    """$CNNPAR_TEST_MPIEXEC, else the launcher the sweeps use (cnnpar.experiments.launchers.default_mpiexec)."""
     chosen = os.environ.get("CNNPAR_TEST_MPIEXEC", "").strip()
     if chosen:
         return chosen
-    beside = Path(sys.executable).parent / "mpiexec"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("mpiexec")
-    if not found:
-        raise RuntimeError("no mpiexec next to this Python or on PATH; install the project with its mpich extra "
-                           "(pip install -e '.[mpich,test]') or load an MPI")
-    return found
+    from cnnpar.experiments.launchers import default_mpiexec
+
+    return default_mpiexec()
 
 
 @functools.lru_cache(maxsize=1)
 def launcher_is_open_mpi() -> bool:
     """Whether the tests' launcher is Open MPI's mpirun (asked of the launcher itself, not its environment)."""
+    from cnnpar.experiments.launchers import detect_flavour
+
     version = subprocess.run([mpiexec(), "--version"], capture_output=True, text=True, timeout=30)
-    return "Open MPI" in version.stdout + version.stderr or "OpenRTE" in version.stdout
+    return detect_flavour(version.stdout + version.stderr)[0] == "openmpi"
 
 
 def cnnpar_lines(text: str) -> list[str]:

@@ -258,3 +258,37 @@ def test_the_log_path_check_never_creates_the_log_itself(tmp_path, monkeypatch):
     train._check_log_path(str(log), make_folder=False, resuming=False)
     assert created and str(log) not in created, created
     assert sorted(tmp_path.iterdir()) == []  # and the probe is gone
+
+
+CNNPAR = [sys.executable, "-m", "cnnpar"]  # the `cnnpar` console command, as `python -m cnnpar`
+
+
+def test_cnnpar_command_lists_every_subcommand_and_each_answers_help():
+    from cnnpar.cli import BENCHMARKS, COMMANDS
+
+    listing = _run(CNNPAR, "--help")
+    assert listing.returncode == 0, listing.stderr
+    for name in COMMANDS:
+        assert re.search(rf"^  {name}\s", listing.stdout, re.M), (name, listing.stdout)
+    for name in [n for n in COMMANDS if n != "bench"] + [f"bench {b}" for b in BENCHMARKS]:
+        done = _run(CNNPAR, *name.split(), "--help", timeout=180)
+        assert done.returncode == 0, (name, done.stdout[-1000:], done.stderr[-2000:])
+        assert done.stdout.lstrip().startswith("usage:"), (name, done.stdout[:300])
+
+
+def test_cnnpar_subcommand_runs_the_module_with_its_flags(tmp_path):
+    """`cnnpar table` is `analysis/table.py`: the same one-line error for the same mistake, and the sweep's
+    dry run prints the same plan either way."""
+    _assert_one_error(_run(CNNPAR, "table", tmp_path / "absent.h5"), "absent.h5")
+    _assert_one_error(_run(SCRIPTS["table"], tmp_path / "absent.h5"), "absent.h5")
+    by_command = _run(CNNPAR, "sweep", "--preset", "smoke", "--out", tmp_path / "s", "--dry-run")
+    by_script = _run([sys.executable, str(REPO / "launch" / "sweep.py")], "--preset", "smoke", "--out",
+                     tmp_path / "s", "--dry-run")
+    assert by_command.returncode == by_script.returncode == 0, by_command.stderr + by_script.stderr
+    assert by_command.stdout == by_script.stdout and "smoke" in by_command.stdout
+
+
+@pytest.mark.parametrize("argv, culprit", [(["nope"], "command"), (["bench", "nope"], "bench")])
+def test_cnnpar_unknown_subcommand_is_one_line(argv, culprit):
+    line = _assert_one_error(_run(CNNPAR, *argv), argv[-1])
+    assert line.startswith(f"cnnpar: error: {culprit}: ")
