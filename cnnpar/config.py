@@ -16,9 +16,9 @@ import os
 from dataclasses import dataclass, field, fields
 
 from .errors import UserError
+from .modes import FACTORED_SAMPLES_PER_RANK, MODES, RACE_MODES, factored_fits, is_race_mode
 from .progress import PROGRESS_MODES
 
-MODES = ("sync", "local", "race", "atomic", "hogwild")
 REDUCES = ("sum", "mean")
 ALLREDUCES = ("auto", "mpi", "shm", "factored", "hier")
 RACE_WINDOWS = ("auto", "shared", "rma")
@@ -110,13 +110,15 @@ class Config:
                                      ("--lr-scaling", self.lr_scaling, LR_SCALINGS), ("--wait", self.wait, WAITS)):
             if value not in allowed:
                 raise UserError(flag, f"unknown value {value!r}; choose one of {', '.join(allowed)}")
-        if self.race_audit and self.mode not in ("race", "atomic", "hogwild"):
-            raise UserError("--race-audit", f"only applies to --mode race, atomic or hogwild, not {self.mode!r}")
+        if self.race_audit and not is_race_mode(self.mode):
+            raise UserError("--race-audit", f"only applies to --mode {', '.join(RACE_MODES[:-1])} or "
+                                            f"{RACE_MODES[-1]}, not {self.mode!r}")
         if self.warmup_steps and self.lr_scaling == "none":
             raise UserError("--warmup-steps", "warms up to the scaled learning rate: it needs --lr-scaling linear")
-        if self.allreduce == "factored" and self.samples_per_rank != 1:
+        if self.allreduce == "factored" and not factored_fits(self.samples_per_rank):
             raise UserError("--allreduce", f"'factored' sends one sample's dense-layer inputs per rank: it needs "
-                            f"--samples-per-rank 1, not {self.samples_per_rank}; use 'shm' or 'auto'")
+                            f"--samples-per-rank {FACTORED_SAMPLES_PER_RANK}, not {self.samples_per_rank}; "
+                            f"use 'shm' or 'auto'")
         if self.noise_scale and self.mode != "sync":
             raise UserError("--noise-scale", f"needs every rank's own gradient and their exact sum: --mode sync, "
                                              f"not {self.mode!r}")
