@@ -140,8 +140,11 @@ def _compile_kernels(config: Config, dist, network, dataset, say) -> None:
     """The kernels this run calls, compiled across the node's ranks on a first run, loaded when warm."""
     from . import warmup
 
+    from mpi4py import MPI
+
+    max_node_size = dist.comm.allreduce(dist.node_size, op=MPI.MAX) if dist.n_nodes > 1 else dist.node_size
     exchange = warmup.exchange_kernels(config.mode, config.allreduce, dist.size, config.samples_per_rank,
-                                       network.dtype)
+                                       network.dtype, dist.n_nodes, max_node_size)
     plan = warmup.Plan(network, dataset.train_images, dataset.train_labels, exchange)
     warmup.prepare(dist, plan, say)
 
