@@ -9,7 +9,7 @@ and read back, then renamed), so a kill or a full disk at any moment leaves the
 previous checkpoint intact. No pickle anywhere: opening a checkpoint cannot run
 code.
 
-The checkpoint of a log lives beside it: `<log>.ckpt`.
+The checkpoint of a log lives beside it: `runpaths.checkpoint_path(log)`.
 """
 
 from __future__ import annotations
@@ -30,10 +30,6 @@ VERSION = 1
 # Settings that shape the trajectory: a resumed run must use the same ones as the checkpointed run.
 TRAJECTORY_FIELDS = ("dataset", "arch", "lr", "reduce", "momentum", "lr_scaling", "warmup_steps",
                      "samples_per_rank", "seed", "mode", "allreduce", "race_window", "folds", "epochs", "steps")
-
-
-def path_for_log(log_path: str) -> str:
-    return f"{log_path}.ckpt"
 
 
 def save(path: str, *, params: np.ndarray, velocity: np.ndarray, step: int, epoch_sums: np.ndarray,
