@@ -9,7 +9,7 @@ and read back, then renamed), so a kill or a full disk at any moment leaves the
 previous checkpoint intact. No pickle anywhere: opening a checkpoint cannot run
 code.
 
-The checkpoint of a log lives beside it: `<log>.ckpt`.
+The checkpoint of a log lives beside it: `runpaths.checkpoint_path(log)`.
 """
 
 from __future__ import annotations
@@ -21,19 +21,14 @@ import shutil
 
 import numpy as np
 
+from .config import DEFAULTS, NUMBERS, RESUME_FIELDS, fields_that_change
 from .errors import UserError, WriteError
 from .runlog._h5 import write_failure_cause
+from .runlog.schema import OPTIONAL_GROUPS
 
 MAGIC = "cnnpar-checkpoint"
 VERSION = 1
 
-# Settings that shape the trajectory: a resumed run must use the same ones as the checkpointed run.
-TRAJECTORY_FIELDS = ("dataset", "arch", "lr", "reduce", "momentum", "lr_scaling", "warmup_steps",
-                     "samples_per_rank", "seed", "mode", "allreduce", "race_window", "folds", "epochs", "steps")
-
-
-def path_for_log(log_path: str) -> str:
-    return f"{log_path}.ckpt"
 
 
 def save(path: str, *, params: np.ndarray, velocity: np.ndarray, step: int, epoch_sums: np.ndarray,
@@ -121,14 +116,17 @@ def check_compatible(state: dict, config, ranks: int, n_params: int, path: str) 
     if int(state["ranks"]) != ranks:
         raise UserError("--resume", f"{path} was written by a run with {int(state['ranks'])} ranks, this one has "
                         f"{ranks}; resume with the same rank count (the log keeps one column per rank)")
-    for name in TRAJECTORY_FIELDS:
-        theirs, ours = state["config"].get(name), getattr(config, name)
-        if theirs != ours:
-            raise UserError("--resume", f"{path} was written with --{name.replace('_', '-')} {theirs!r}, this run "
-                            f"asks for {ours!r}; use the checkpointed run's settings")
-    if bool(state["config"].get("noise_scale", False)) != bool(config.noise_scale):
-        theirs = "with" if state["config"].get("noise_scale") else "without"
-        raise UserError("--noise-scale", f"{path} was written by a run {theirs} --noise-scale; resume it "
-                        f"{theirs} the flag (the log's noise tables must cover every step or none)")
+    for name in RESUME_FIELDS:  # the settings that shape the trajectory or the log's tables (config.py)
+        theirs, ours = state["config"].get(name, DEFAULTS[name]), getattr(config, name)
+        if theirs == ours:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if name not in fields_that_change(NUMBERS):
+            how = "with" if theirs else "without"
+            tables = " and ".join(f"/{group}" for group, setting in OPTIONAL_GROUPS.items() if setting == name)
+            raise UserError(flag, f"{path} was written by a run {how} {flag}; resume it {how} the flag (the "
+                                  f"log's {tables} tables must cover every step or none)")
+        raise UserError("--resume", f"{path} was written with {flag} {theirs!r}, this run asks for {ours!r}; use "
+                        f"the checkpointed run's settings")
     if state["params"].shape != (n_params,):
         raise UserError("--resume", f"{path} holds {state['params'].size} params, the network has {n_params}")

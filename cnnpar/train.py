@@ -140,8 +140,11 @@ def _compile_kernels(config: Config, dist, network, dataset, say) -> None:
     """The kernels this run calls, compiled across the node's ranks on a first run, loaded when warm."""
     from . import warmup
 
+    from mpi4py import MPI
+
+    max_node_size = dist.comm.allreduce(dist.node_size, op=MPI.MAX) if dist.n_nodes > 1 else dist.node_size
     exchange = warmup.exchange_kernels(config.mode, config.allreduce, dist.size, config.samples_per_rank,
-                                       network.dtype)
+                                       network.dtype, dist.n_nodes, max_node_size)
     plan = warmup.Plan(network, dataset.train_images, dataset.train_labels, exchange)
     warmup.prepare(dist, plan, say)
 
@@ -337,13 +340,13 @@ def _set_aside(log_path: str) -> str:
 
 def _resume_state(config: Config, log_path: str, ranks: int, n_params: int):
     """The checkpoint to continue from, checked against this run; None for a fresh start."""
-    from . import checkpoint
+    from . import checkpoint, runpaths
     from .runlog import is_complete_log
     from .runlog.lock import writer_alive
 
     if not config.resume:
         return None
-    path = checkpoint.path_for_log(log_path) if config.resume == "auto" else config.resume
+    path = runpaths.checkpoint_path(log_path) if config.resume == "auto" else config.resume
     if config.resume == "auto" and not os.path.exists(path):
         if not os.path.exists(log_path):
             return None  # 'auto' with nothing there yet: job scripts can always pass it
@@ -358,7 +361,7 @@ def _resume_state(config: Config, log_path: str, ranks: int, n_params: int):
     state = checkpoint.load(path)
     checkpoint.check_compatible(state, config, ranks, n_params, path)
     if not os.path.exists(log_path):
-        owner = path[: -len(".ckpt")] if path.endswith(".ckpt") else ""
+        owner = runpaths.log_of_checkpoint(path)
         if owner and os.path.abspath(owner) != os.path.abspath(log_path):
             raise UserError("--resume", f"{path} continues the log {owner}, not {log_path}: "
                             f"pass --log {owner}")
@@ -374,13 +377,14 @@ class _Checkpointer:
 
     def __init__(self, config, log_path, steps_per_epoch, ranks, optimizer, noise=None):
         from .config import checkpoint_interval
+        from .runpaths import checkpoint_path
 
         interval = checkpoint_interval(config.checkpoint_every)
         self.every_steps = 0
         if interval is not None:
             count, unit = interval
             self.every_steps = count * (steps_per_epoch if unit == "epochs" else 1)
-        self.path = f"{log_path}.ckpt"
+        self.path = checkpoint_path(log_path)
         self.config_json = config.to_json()
         self.ranks = ranks
         self.optimizer = optimizer

@@ -150,18 +150,22 @@ def _exchange_warmer(exchange: str):
     raise ValueError(f"no kernels known for exchange {exchange!r}")
 
 
-def exchange_kernels(mode: str, allreduce: str, ranks: int, samples_per_rank: int, dtype="float32") -> str:
-    """Which exchange's kernels a run will compile: '' (none), 'factored', 'shm' or 'race'.
+def exchange_kernels(mode: str, allreduce: str, ranks: int, samples_per_rank: int, dtype="float32",
+                     nodes: int = 1, max_node_size: int | None = None) -> str:
+    """Which exchange's kernels a run will compile: '' (none), 'factored', 'shm' or 'race', as the exchange
+    factory's own rule (exchange.choose) decides for this layout: `nodes` real or pretend nodes, the largest
+    holding `max_node_size` ranks (default: the ranks spread evenly). dtype None: no network to factor.
 
-    A forecast for start-up only (the exchange factory decides): a wrong one costs a compile at the
-    factory, never a wrong result."""
-    if mode in ("race", "atomic", "hogwild"):
-        return "race"
-    if mode != "sync" or ranks == 1 or allreduce == "mpi":
-        return ""
-    if allreduce == "factored" or (allreduce == "auto" and samples_per_rank == 1 and str(dtype) == "float32"):
-        return "factored"
-    return "shm"
+    A forecast for start-up only: the factory also asks the network (a dense layer, the payload, the
+    kernel's rounding) before it picks 'factored', and a wrong forecast costs a compile there, never a
+    wrong result."""
+    from .exchange import KERNELS, choose
+    from .modes import factored_fits
+
+    kind = choose(mode, allreduce, ranks, nodes,
+                  lambda: max_node_size if max_node_size is not None else -(-ranks // nodes),
+                  lambda: factored_fits(samples_per_rank, dtype))
+    return KERNELS[kind]
 
 
 def prepare(dist, plan: Plan, say=None) -> float:
@@ -279,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the run's rank count; 1 needs no exchange kernels (default: 12)")
     parser.add_argument("--samples-per-rank", type=int, default=1, metavar="K",
                         help="the run's --samples-per-rank (default: 1)")
+    parser.add_argument("--nodes", type=int, default=1, metavar="N",
+                        help="the nodes the run's ranks span, real or --pretend-nodes: across nodes 'auto' "
+                             "exchanges node by node, with other kernels (default: 1)")
     parser.add_argument("--clear", action="store_true",
                         help="remove every kernel cache cnnpar made (they rebuild on the next run) and exit")
     parser.add_argument("--where", action="store_true", help="print the cache folder in use and exit")
@@ -288,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def warm_up(archs=("small",), mode="sync", allreduce="auto", ranks=12, samples_per_rank=1) -> float:
+def warm_up(archs=("small",), mode="sync", allreduce="auto", ranks=12, samples_per_rank=1, nodes=1) -> float:
     """Compile (or load) every kernel runs of these settings call, on this process; returns the seconds."""
     import numpy as np
 
@@ -296,7 +303,7 @@ def warm_up(archs=("small",), mode="sync", allreduce="auto", ranks=12, samples_p
 
     start = time.perf_counter()
     kernel_cache.serialize_cache_saves()
-    exchange = exchange_kernels(mode, allreduce, ranks, samples_per_rank)
+    exchange = exchange_kernels(mode, allreduce, ranks, samples_per_rank, nodes=nodes)
     for arch in archs:
         network = build_network(arch)
         images = np.zeros((2,) + network.input_shape, np.float32)
@@ -334,10 +341,13 @@ def main(argv=None) -> int:
     archs = tuple((args.arch or []) + args.archs) or ("small",)
 
     def run():
-        for flag, value in (("--ranks", args.ranks), ("--samples-per-rank", args.samples_per_rank)):
+        for flag, value in (("--ranks", args.ranks), ("--samples-per-rank", args.samples_per_rank),
+                            ("--nodes", args.nodes)):
             if value < 1:
                 raise UserError(flag, f"must be >= 1, got {value}")
-        return warm_up(archs, args.mode, args.allreduce, args.ranks, args.samples_per_rank)
+        if args.nodes > args.ranks:
+            raise UserError("--nodes", f"{args.nodes} nodes need at least as many ranks, not {args.ranks}")
+        return warm_up(archs, args.mode, args.allreduce, args.ranks, args.samples_per_rank, args.nodes)
 
     seconds = exit_on_user_error(run)()
     print(f"cnnpar: kernels ready for {', '.join(archs)} in {seconds:.2f} s")

@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from cnnpar import exchange as exchange_lib  # noqa: E402
+from cnnpar import warmup  # noqa: E402
 from cnnpar.exchange import shm  # noqa: E402
 from cnnpar.exchange.mpi import MpiAllreduce  # noqa: E402
 
@@ -161,12 +162,15 @@ def main() -> int:
     results = []
     only = set(filter(None, args.only.split(",")))
 
-    def run(label, make, reference, late=True, d=None, node_of=None):
+    def run(label, make, reference, late=True, d=None, node_of=None, config=None):
         if only and label not in only:
             return
         d = d or dist
         exchange = make()
         result = check_exchange(label, exchange, d, args.steps, args.seed, reference, late, node_of)
+        if config is not None:  # built by the factory: what the warm-up forecasts for the same run
+            result["forecast"] = warmup.exchange_kernels(config.mode, config.allreduce, d.size, 1, None,
+                                                         d.n_nodes, d.comm.allreduce(d.node_size, op=MPI.MAX))
         if d.rank == 0:
             print(json.dumps(result), flush=True)
         results.append(result)
@@ -196,25 +200,25 @@ def main() -> int:
                                    208, N_PARAMS), reference="rank_order")
     config = SimpleNamespace(mode="sync", allreduce="shm")
     run("shm", lambda: exchange_lib.make_exchange(config, dist, N_PARAMS),
-        reference="rank_order" if dist.size > 1 else "none")
+        reference="rank_order" if dist.size > 1 else "none", config=config)
     config = SimpleNamespace(mode="sync", allreduce="auto")
     run("auto", lambda: exchange_lib.make_exchange(config, dist, N_PARAMS),
-        reference="rank_order" if dist.size > 1 else "none")
+        reference="rank_order" if dist.size > 1 else "none", config=config)
     if dist.size >= 2:
         pretend = dist_lib.setup(pretend_nodes=2)
         node_of = pretend.comm.allgather(pretend.comm.Get_rank() // -(-pretend.size // 2))
         config = SimpleNamespace(mode="sync", allreduce="hier")
         run("hier", lambda: exchange_lib.make_exchange(config, pretend, N_PARAMS), reference="node_order",
-            d=pretend, node_of=node_of)
+            d=pretend, node_of=node_of, config=config)
         for wait in ("spin", "block"):
             run(f"hier-{wait}", lambda: shm.HierAllreduce(pretend, N_PARAMS, wait=wait),
                 reference="node_order", d=pretend, node_of=node_of)
         config = SimpleNamespace(mode="sync", allreduce="auto")
         run("auto-pretend", lambda: exchange_lib.make_exchange(config, pretend, N_PARAMS),
-            reference="node_order", d=pretend, node_of=node_of)
+            reference="node_order", d=pretend, node_of=node_of, config=config)
         config = SimpleNamespace(mode="sync", allreduce="shm")
         run("shm-pretend", lambda: exchange_lib.make_exchange(config, pretend, N_PARAMS),
-            reference="rank_order", d=pretend)
+            reference="rank_order", d=pretend, config=config)
     if world.Get_rank() == 0:
         print(json.dumps({"done": True, "ranks": dist.size, "oversubscribed": dist.oversubscribed,
                           "exchanges": len(results)}), flush=True)

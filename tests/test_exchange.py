@@ -24,6 +24,7 @@ from mpi_util import REPO, run_mpi
 
 DRIVER = REPO / "tests" / "mpi_exchange_driver.py"
 FIXED_ORDER = {"rank_order", "node_order"}
+CLASS_KERNELS = {"MpiAllreduce": "", "ShmAllreduce": "shm", "HierAllreduce": "shm", "FactoredShmAllreduce": "factored"}
 
 
 def _driver_results(n: int, steps: int = 25) -> dict:
@@ -51,6 +52,11 @@ def test_every_exchange_sums_like_mpi_allreduce(n):
         assert result["worst_err_over_bound"] <= 1.0, label
         if result["reference"] in FIXED_ORDER:  # and bitwise equal to the fixed-order numpy sum on every step
             assert result["bitwise_steps"] == result["steps"], label
+    # the warm-up compiles the kernels of what the factory builds, on one node and across pretend nodes
+    forecast = {label: result["forecast"] for label, result in results.items() if "forecast" in result}
+    assert {"shm", "auto"} <= set(forecast) and (n == 1 or {"hier", "auto-pretend", "shm-pretend"} <= set(forecast))
+    for label, kernels in forecast.items():
+        assert CLASS_KERNELS[results[label]["class"]] == kernels, label
     # what each choice builds
     if n == 1:
         assert results["auto"]["class"] == results["shm"]["class"] == "MpiAllreduce"
@@ -65,6 +71,28 @@ def test_every_exchange_sums_like_mpi_allreduce(n):
         assert results["shm-short-slices"]["resumed"] >= 1, "a late rank must make a 1 ms wait slice resume"
         oversubscribed = summary["oversubscribed"]
         assert results["auto"]["policy"] == ("yield-block" if oversubscribed else "spin")
+
+
+def test_the_warm_up_forecasts_the_factory_s_choice_for_the_node_layout():
+    from cnnpar.exchange import KERNELS, choose
+    from cnnpar.warmup import exchange_kernels
+
+    # one node: factored at one float32 sample per rank, else shm; across nodes hier, or mpi at one rank a node
+    assert exchange_kernels("sync", "auto", 4, 1, "float32") == "factored"
+    assert exchange_kernels("sync", "auto", 4, 2, "float32") == "shm"
+    assert exchange_kernels("sync", "auto", 4, 1, "float32", nodes=2) == KERNELS["hier"] == "shm"
+    assert exchange_kernels("sync", "auto", 4, 1, "float32", nodes=4) == KERNELS["mpi"] == ""
+    assert exchange_kernels("sync", "auto", 5, 1, "float32", nodes=4, max_node_size=2) == "shm"
+    assert exchange_kernels("sync", "mpi", 4, 1, "float32") == exchange_kernels("sync", "auto", 1, 1) == ""
+    for mode in ("race", "atomic", "hogwild"):
+        assert exchange_kernels(mode, "auto", 4, 1, nodes=2) == "race"
+    assert exchange_kernels("local", "auto", 4, 1) == ""
+    # the factory's questions are asked only where the answer matters (they are collectives there)
+    def never():
+        raise AssertionError("asked")
+    assert choose("sync", "auto", 4, 1, never, lambda: False) == "shm"
+    assert choose("sync", "auto", 4, 2, lambda: 2, never) == "hier"
+    assert choose("sync", "shm", 4, 2, never, never) == "shm"
 
 
 def test_slices_partition_the_parameters():

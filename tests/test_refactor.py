@@ -1,8 +1,10 @@
-"""The restructure of issue 12 (exchange package, run-log schema, the loop's state object) changed no numerics:
-runs of this tree and of the last commit before it end with the same params and per-step losses, bit for bit.
+"""The restructures changed no numerics: runs of this tree and of the last commit before each restructure end
+with the same params and per-step losses, bit for bit. Issue 12's (the exchange package, the run-log schema,
+the loop's state object) is compared with 38d5212; issue 20's (one home for each fact: the mode families, the
+exchange rule, the config fields' roles, the run paths, train.py and data split by concern) with 2f62ac4.
 
-The earlier tree comes from git history (`git archive`), so this needs a clone that holds that commit; a
-shallow clone skips with the reason. When a later change alters the numerics on purpose, move REFERENCE to
+The earlier trees come from git history (`git archive`), so this needs a clone that holds those commits; a
+shallow clone skips with the reason. When a later change alters the numerics on purpose, move REFERENCES to
 the commit that made that change.
 """
 
@@ -20,20 +22,22 @@ import pytest
 
 from mpi_util import REPO, mpiexec
 
-REFERENCE = "38d5212"  # the tree before the restructure ("README: rewrap")
+# the trees before each restructure: issue 12's ("README: rewrap") and issue 20's
+REFERENCES = ("38d5212", "2f62ac4")
 
 
-@pytest.fixture(scope="module")
-def reference_tree(tmp_path_factory):
+@pytest.fixture(scope="module", params=REFERENCES)
+def reference_tree(request, tmp_path_factory):
+    reference = request.param
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("no git checkout to take the reference tree from")
-    found = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{REFERENCE}^{{commit}}"],
+    found = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{reference}^{{commit}}"],
                            capture_output=True)
     if found.returncode != 0:
-        pytest.skip(f"commit {REFERENCE} is not in this clone (shallow?)")
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", REFERENCE, "cnnpar", "data"],
+        pytest.skip(f"commit {reference} is not in this clone (shallow?)")
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", reference, "cnnpar", "data"],
                              capture_output=True, check=True).stdout
-    tree = tmp_path_factory.mktemp("reference")
+    tree = tmp_path_factory.mktemp(f"reference-{reference}")
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(tree, filter="data")
     return tree
@@ -52,6 +56,16 @@ def _run(tree, n, flags, log):
         return np.asarray(f["final/params"]), np.asarray(f["steps/loss"])
 
 
+_THIS_TREE = {}
+
+
+def _this_tree_run(n, flags, log):
+    """This tree's run of one setting, made once for every reference it is compared with."""
+    if (n, flags) not in _THIS_TREE:
+        _THIS_TREE[n, flags] = _run(REPO, n, list(flags), log)
+    return _THIS_TREE[n, flags]
+
+
 @pytest.mark.parametrize("n, flags", [
     (1, []),
     (2, ["--allreduce", "shm"]),
@@ -60,10 +74,12 @@ def _run(tree, n, flags, log):
     (3, []),
     (2, ["--samples-per-rank", "2", "--momentum", "0.9", "--reduce", "mean"]),
     (2, ["--mode", "atomic"]),
+    (4, ["--pretend-nodes", "2"]),
+    (2, ["--reduce", "mean", "--lr-scaling", "linear", "--warmup-steps", "40"]),
 ])
 def test_this_tree_matches_the_one_before_the_restructure_bit_for_bit(tmp_path, reference_tree, n, flags):
     before_params, before_loss = _run(reference_tree, n, flags, tmp_path / "before.h5")
-    after_params, after_loss = _run(REPO, n, flags, tmp_path / "after.h5")
+    after_params, after_loss = _this_tree_run(n, tuple(flags), tmp_path / "after.h5")
     assert len(after_loss) == len(before_loss) == 300
     assert np.array_equal(after_params.view(np.uint32), before_params.view(np.uint32))
     assert np.array_equal(after_loss.view(np.uint32), before_loss.view(np.uint32))

@@ -176,6 +176,23 @@ def test_resume_with_another_rank_count_is_refused(tmp_path):
     assert "2 ranks" in again.stderr and "3" in again.stderr and again.stderr.count("cnnpar: error") == 1
 
 
+def test_resume_refuses_another_log_table_setting_and_accepts_another_machine_setting(tmp_path):
+    """--race-audit decides whether the log has /audit (config.py: it changes the tables): a resume must keep
+    it. --wait and --check-every change no update nor table: a resume may change them."""
+    path = tmp_path / "a.h5"
+    flags = [*BASE, "--mode", "atomic", "--steps", "200", "--checkpoint-every", "100", "--log", path]
+    first = run_train(2, *flags, "--race-audit")
+    assert first.returncode == 0, first.stderr
+    before = path.read_bytes()
+    refused = run_train(2, *flags, "--resume", "auto")
+    assert refused.returncode == 2
+    lines = cnnpar_lines(refused.stderr)
+    assert len(lines) == 1 and lines[0].startswith("cnnpar: error: --race-audit") and "/audit" in lines[0], lines
+    assert path.read_bytes() == before
+    accepted = run_train(2, *flags, "--race-audit", "--wait", "yield", "--check-every", "7", "--resume", "auto")
+    assert accepted.returncode == 0 and "nothing to resume" in accepted.stdout + accepted.stderr, accepted.stderr
+
+
 def test_the_log_records_the_job_and_the_replica_and_its_start(tmp_path):
     """With --folds 2 on 2 ranks the per-rank tables hold fold 0's one rank; the job had 2. `created` is
     the instant the default file name is stamped with (the start, not after compilation)."""

@@ -53,6 +53,7 @@ from numba.extending import intrinsic
 
 from .. import kernels as K
 from ..dist import compile_once
+from ..modes import factored_fits
 from .interface import Exchange
 from .primitives import (F_ARRIVE, F_REDUCE_NS, F_RESULT, LINE, N_FIELDS, P_ALL, P_SINGLE, PH_FINISHED, PH_START,
                          PH_WAIT_ARRIVE, PH_WAIT_RESULT, PHASE_BITS, SPIN_NS_DEFAULT, WAIT_SLICE_NS, SlotWindow, arrive,
@@ -148,7 +149,7 @@ def applies(network, samples_per_rank: int) -> bool:
     one sample per rank (with more, a rank's dW is a sum of outer products), float32, at least one dense
     layer fed by an activation, a payload at most MAX_PAYLOAD_FRACTION of the gradient, and a kernel whose
     rounding of g * x is known (kernel_rounding)."""
-    if samples_per_rank != 1 or network is None or np.dtype(network.dtype) != np.float32:
+    if network is None or not factored_fits(samples_per_rank, np.dtype(network.dtype)):
         return False
     layout = FactorLayout(network)
     if layout.layers.shape[0] == 0 or layout.payload > MAX_PAYLOAD_FRACTION * layout.n_params:
@@ -160,7 +161,7 @@ def applies_on_every_rank(dist, network, samples_per_rank: int) -> bool:
     """`applies`, with the kernels compiled once per node, agreed by all ranks of dist.comm (collective)."""
     from mpi4py import MPI
 
-    local = network is not None and samples_per_rank == 1 and np.dtype(network.dtype) == np.float32
+    local = network is not None and factored_fits(samples_per_rank, np.dtype(network.dtype))
     if dist.comm.allreduce(int(local), op=MPI.MIN) == 0:
         return False
     compile_once(dist, warm_kernels)  # also asks the dense kernel how it rounds

@@ -69,6 +69,7 @@ from numba import njit
 
 from .. import dist as _dist
 from ..errors import UserError
+from ..modes import ONE_SIDED_MODES
 from .interface import Exchange
 from .primitives import F_ARRIVE, PH_FINISHED, PH_START, WAIT_SLICE_NS, SlotWindow, arrive, closing_collectively, drive
 from .primitives import round_up, wait_field, wait_settings
@@ -456,7 +457,7 @@ class OneSidedExchange(_AccumulatorExchange):
 
     def __init__(self, dist, n_params: int, op: str = "race", window: str = "shared", audit: bool = False,
                  dtype=np.float32):
-        if op not in ("race", "atomic"):
+        if op not in ONE_SIDED_MODES:
             raise ValueError(f"unknown one-sided op {op!r}")
         if np.dtype(dtype) != np.float32:
             raise ValueError("the race windows hold float32 gradients")
@@ -599,6 +600,6 @@ def make_race_exchange(config, dist, n_params: int) -> Exchange:
     _dist.compile_once(dist, warm_kernels)
     if config.mode == "hogwild":
         return HogwildExchange(dist, n_params, audit=config.race_audit)
-    if config.mode in ("race", "atomic"):
+    if config.mode in ONE_SIDED_MODES:
         return OneSidedExchange(dist, n_params, op=config.mode, window=window, audit=config.race_audit)
     raise ValueError(f"not a race mode: {config.mode!r}")

@@ -9,6 +9,7 @@ import os
 import sys
 
 from ..errors import exit_on_user_error
+from ..runpaths import checkpoint_path
 
 
 def _info(path: str) -> str:
@@ -36,7 +37,7 @@ def _info(path: str) -> str:
                      f"{100 * acc if not math.isnan(acc) else float('nan'):.1f}%")
     else:
         lines.append("  final: not written")
-    checkpoint = f"{path}.ckpt"
+    checkpoint = checkpoint_path(path)
     if os.path.exists(checkpoint):
         lines.append(f"  checkpoint {checkpoint}: continue with the same flags and --resume auto")
     return "\n".join(lines)

@@ -19,7 +19,8 @@ import numpy as np
 from ..errors import UserError
 from . import _h5
 from .lock import writer_alive
-from .schema import COMMITTED, COMMITTED_V1, FINAL_ATTRS, FORMAT, FORMAT_VERSION, STATUSES, TABLES, columns
+from .schema import (COMMITTED, COMMITTED_V1, FINAL_ATTRS, FORMAT, FORMAT_VERSION, STATUSES, TABLE_RECORDS,
+                     columns)
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MID_FLUSH_RETRIES = 40        # a live writer's flush takes milliseconds: retry a read that met one ...
@@ -300,19 +301,15 @@ def _load(f, path: str) -> RunLog:
             out[entry.name] = _read(dset, file_size, counts[name])
         return out
 
-    log.steps = table("steps")
-    log.epochs = table("epochs")
-    log.consistency = table("consistency")
+    for record in TABLE_RECORDS:  # a table every log has is read even when absent (and then called corrupt)
+        setattr(log, record.name, table(record.name) if record.present == "always" or record.name in f else None)
     log.consistency["ok"] = log.consistency["ok"].astype(bool)
-    log.audit = table("audit") if "audit" in f else None
-    log.noise = table("noise") if "noise" in f else None
-    log.noise_epochs = table("noise_epochs") if "noise_epochs" in f else None
-    log.has_folds = "folds" in f
-    log.folds = None
+    log.has_folds = log.folds is not None
     if log.has_folds and counts["folds"]:
-        log.folds = table("folds")
         log.folds["mean_acc"] = float(_attr(f["folds"].attrs, "mean_acc"))
         log.folds["sd_acc"] = float(_attr(f["folds"].attrs, "sd_acc"))
+    else:
+        log.folds = None  # written with /final: no rows yet reads as none
 
     log.final = None
     final = f["final"]
@@ -382,22 +379,16 @@ def _committed_names(dataset) -> tuple:
 
 def truncation(log: RunLog, step_count, epoch_count) -> dict:
     """Rows of each table to keep when truncating to `step_count` steps / `epoch_count` epochs."""
-    keep = {"steps": len(log.steps["step"]), "audit": len(log.audit["step"]) if log.audit else 0,
-            "epochs": len(log.epochs["epoch"]), "consistency": len(log.consistency["step"]),
-            "noise": len(log.noise["step"]) if log.noise else 0,
-            "noise_epochs": len(log.noise_epochs["step"]) if log.noise_epochs else 0}
-    if step_count is not None:
-        step_count = int(step_count)
-        keep["steps"] = int(np.count_nonzero(log.steps["step"] < step_count))
-        if log.audit:
-            keep["audit"] = int(np.count_nonzero(log.audit["step"] < step_count))
-        keep["consistency"] = int(np.count_nonzero(log.consistency["step"] < step_count))
-        if log.noise:  # a window's step is its last one; an epoch's is the steps done at its end
-            keep["noise"] = int(np.count_nonzero(log.noise["step"] < step_count))
-        if log.noise_epochs:
-            keep["noise_epochs"] = int(np.count_nonzero(log.noise_epochs["step"] <= step_count))
-        if epoch_count is None:
-            keep["epochs"] = int(np.count_nonzero(log.epochs["step"] <= step_count))
+    keep = {}
+    for record in TABLE_RECORDS:
+        rows = getattr(log, record.name)
+        if record.on_resume == "none" or rows is None:
+            keep[record.name] = 0
+        elif step_count is None or (record.name == "epochs" and epoch_count is not None):
+            keep[record.name] = len(rows["step"])
+        else:
+            done = rows["step"] < int(step_count) if record.on_resume == "before" else rows["step"] <= int(step_count)
+            keep[record.name] = int(np.count_nonzero(done))
     if epoch_count is not None:
         keep["epochs"] = min(int(epoch_count), keep["epochs"])
     return keep
@@ -410,4 +401,3 @@ def summarize(log: RunLog) -> str:
             f"{len(log.steps['step'])} steps, test acc {acc * 100 if not math.isnan(acc) else float('nan'):.1f}%")
 
 
-assert set(TABLES) <= set(COMMITTED)

@@ -197,13 +197,43 @@ SCHEMA: tuple[Entry, ...] = (
 )
 
 BY_PATH = {entry.path: entry for entry in SCHEMA}
-COMMITTED = ("steps", "audit", "epochs", "consistency", "folds", "noise", "noise_epochs", "final")
+
+
+@dataclass(frozen=True)
+class Table:
+    """One row table of a log: the writer creates, appends to and rewrites it, the reader loads and truncates
+    it, all by looping over TABLE_RECORDS."""
+    name: str
+    chunk_rows: int             # HDF5 chunk length of its datasets
+    present: str = "always"     # the config setting that makes the group exist (the schema's `present` column)
+    on_resume: str = "before"   # which rows a resume at step s keeps: "before" those whose `step` < s (the
+                                # steps done before it), "through" those whose `step` <= s (a step count at an
+                                # epoch's end), "none" (written with /final, so written again)
+
+    def present_in(self, config: dict) -> bool:
+        """Whether a run of this config (Config fields as a dict) has the table."""
+        if self.present == "always":
+            return True
+        if self.present == "folds > 1":
+            return int(config.get("folds", 1) or 1) > 1
+        return bool(config.get(self.present, False))
+
+
+TABLE_RECORDS = (
+    Table("steps", 512),
+    Table("audit", 512, "race_audit"),
+    Table("epochs", 64, on_resume="through"),
+    Table("consistency", 256),
+    Table("folds", 16, "folds > 1", on_resume="none"),
+    Table("noise", 64, "noise_scale"),              # a window's `step` is its last one
+    Table("noise_epochs", 64, "noise_scale", on_resume="through"),
+)
+TABLES = tuple(t.name for t in TABLE_RECORDS)
+BY_TABLE = {t.name: t for t in TABLE_RECORDS}
+COMMITTED = TABLES + ("final",)   # what /committed_rows counts, in order
 COMMITTED_V1 = ("steps", "audit", "epochs", "consistency", "folds", "final")  # logs without a `tables` attribute
-TABLES = ("steps", "audit", "epochs", "consistency", "folds", "noise", "noise_epochs")
-OPTIONAL_GROUPS = {"audit": "race_audit", "folds": "folds > 1", "noise": "noise_scale",
-                   "noise_epochs": "noise_scale"}
-CHUNK_ROWS = {"steps": 512, "audit": 512, "epochs": 64, "consistency": 256, "folds": 16, "noise": 64,
-              "noise_epochs": 64}
+OPTIONAL_GROUPS = {t.name: t.present for t in TABLE_RECORDS if t.present != "always"}
+assert all(e.present == BY_TABLE[e.group[1:]].present for e in SCHEMA if e.group[1:] in BY_TABLE)
 FINAL_ATTRS = {e.name: e.dtype for e in SCHEMA if e.group == "/final" and e.is_attribute and e.name != "extra_json"}
 
 

@@ -33,8 +33,8 @@ from .. import __version__
 from ..errors import UserError, WriteError
 from . import _h5
 from .lock import WriterLock
-from .schema import (BY_PATH, CHUNK_ROWS, COMMITTED, FINAL_ATTRS, FINAL_EXTRA_BYTES, FORMAT, FORMAT_VERSION,
-                     LIBVER, MESSAGE_BYTES, STATUS_BYTES, TABLES, WRITTEN_STATUSES, columns)
+from .schema import (BY_PATH, COMMITTED, FINAL_ATTRS, FINAL_EXTRA_BYTES, FORMAT, FORMAT_VERSION, LIBVER,
+                     MESSAGE_BYTES, STATUS_BYTES, TABLE_RECORDS, TABLES, WRITTEN_STATUSES, columns)
 
 PENDING_ROWS = 65536   # rows of one table that may wait in memory before a flush is forced
 FLUSH_EVERY_S = 10.0   # `flush_due()` writes when this long has passed since the last write, ...
@@ -62,13 +62,9 @@ class RunLogWriter:
         ranks, n_classes = int(ranks), int(n_classes)
         if ranks < 1:
             raise ValueError(f"ranks must be at least 1, got {ranks}")
-        if audit is None:
-            audit = bool(config_fields.get("race_audit", False))
-        if folds is None:
-            folds = int(config_fields.get("folds", 1) or 1) > 1
-        if noise is None:
-            noise = bool(config_fields.get("noise_scale", False))
-        present = {"audit": audit, "folds": folds, "noise": noise, "noise_epochs": noise}
+        chosen = {"race_audit": audit, "folds > 1": folds, "noise_scale": noise}  # what the caller decided
+        present = {t.name: t.present_in(config_fields) if chosen.get(t.present) is None else bool(chosen[t.present])
+                   for t in TABLE_RECORDS}
         json.loads(config_json)  # must be valid JSON
         if os.path.lexists(self.path):
             raise UserError(self.path, "a file already exists there; the run log will not overwrite it")
@@ -86,7 +82,7 @@ class RunLogWriter:
                 raise WriteError("--log", f"{self.path}: {_h5.write_failure_cause(err)}") from None
             raise UserError(self.path, f"cannot create the run log: {err.strerror or err}") from None
         self.ranks, self.n_classes = ranks, n_classes
-        self._tables = {t for t in TABLES if present.get(t, True)}
+        self._tables = {t for t in TABLES if present[t]}
         self._start({t: 0 for t in TABLES}, final_written=False, n_params=max([o + z for _, _, o, z in layout],
                                                                                default=-1))
 
@@ -135,18 +131,10 @@ class RunLogWriter:
                   world_ranks=log.world_ranks, _resume_count=log.resume_count + 1)
         try:
             keep = truncation(log, step_count, epoch_count)
-            if keep["steps"]:
-                new.append_steps(**{k: v[: keep["steps"]] for k, v in log.steps.items()})
-            if log.audit is not None and keep["audit"]:
-                new.append_audit(**{k: v[: keep["audit"]] for k, v in log.audit.items()})
-            if keep["epochs"]:
-                new.append_epoch(**{k: v[: keep["epochs"]] for k, v in log.epochs.items()})
-            if keep["consistency"]:
-                new.append_consistency(**{k: v[: keep["consistency"]] for k, v in log.consistency.items()})
-            if log.noise is not None and keep["noise"]:
-                new.append_noise(**{k: v[: keep["noise"]] for k, v in log.noise.items()})
-            if log.noise_epochs is not None and keep["noise_epochs"]:
-                new.append_noise_epoch(**{k: v[: keep["noise_epochs"]] for k, v in log.noise_epochs.items()})
+            for table in TABLE_RECORDS:
+                rows = getattr(log, table.name)
+                if table.on_resume != "none" and rows is not None and keep[table.name]:
+                    new._append(table.name, {k: v[: keep[table.name]] for k, v in rows.items()})
             new.flush()
             os.replace(tmp, path)
         except BaseException:
@@ -574,19 +562,19 @@ def _build(f, config_json, config_fields, env, layout, ranks, n_classes, present
     _create_dataset(lay, "/layout/sizes", data=np.array([r[3] for r in rows], np.int64))
     n_params = max([o + z for _, _, o, z in rows], default=-1)
 
-    for table in TABLES:
-        if not present.get(table, True):
+    for table in TABLE_RECORDS:
+        if not present[table.name]:
             continue
-        group = f.create_group(table)
-        chunk = CHUNK_ROWS[table]
-        for entry in columns(table):
+        group = f.create_group(table.name)
+        chunk = table.chunk_rows
+        for entry in columns(table.name):
             if entry.per_rank:
                 rows_per_chunk = max(16, min(chunk, 65536 // ranks))
                 _create_dataset(group, entry.path, shape=(0, ranks), maxshape=(None, ranks),
                                 chunks=(rows_per_chunk, ranks))
             else:
                 _create_dataset(group, entry.path, shape=(0,), maxshape=(None,), chunks=(chunk,))
-        if table == "folds":
+        if table.name == "folds":
             group.attrs.create("mean_acc", np.float64(np.nan))
             group.attrs.create("sd_acc", np.float64(np.nan))
 
