@@ -8,9 +8,11 @@ boundary even when only one rank got the signal (`kill` of one rank) or only ran
 
 SIGINT (Ctrl-C) ends the run as `interrupted` (exit 130); SIGTERM (a scheduler's preemption or time
 limit, `scancel`) and SIGUSR1 (Slurm's `--signal=USR1@T` warning) end it as `preempted` (exit 143 and
-138). A second stop signal at least `SECOND_SIGNAL_S` after the first kills the process at once with
-the signal's default action; copies within that second are ignored, because the launcher forwards a
-terminal's Ctrl-C to ranks that got it already, milliseconds later.
+138). While the loop runs, a second stop signal at least `SECOND_SIGNAL_S` after the first kills the
+process at once with the signal's default action; copies within that second are ignored, because the
+launcher forwards a terminal's Ctrl-C to ranks that got it already, milliseconds later. Once the ranks
+agree to stop, that escalation is cancelled and every later stop signal is only noted, so nothing cuts
+the shutdown (checkpoint, log close, MPI's finalise) short.
 
 MPICH's hydra mpiexec forwards SIGINT, SIGTERM and SIGUSR1 to every rank. Open MPI's mpirun turns
 SIGINT and SIGTERM into SIGTERM for every rank and sends SIGKILL a few seconds later, and forwards
@@ -57,52 +59,73 @@ class Stop:
 
 class StopRequest:
     """Notes stop signals (after `install()`) and a write error (`note_write_error`); `agreed(comm)`
-    is collective and returns the same `Stop` (or None) on every rank of `comm`."""
+    is collective and returns the same `Stop` (or None) on every rank of `comm`.
+
+    Its handlers live from `install()` to `restore()`, which the trainer calls once the process has
+    nothing left to shut down. The second-signal escalation lives only while the loop runs (`with`
+    around it): the ranks agreeing to stop, or the loop ending any other way, cancels it (`stand_down`),
+    so the shutdown that follows (checkpoint, log close, MPI finalise) cannot be cut short by it; a
+    stop signal during the shutdown is only noted."""
 
     def __init__(self):
         self.signum = 0
         self.first_at = 0.0
         self.write_error = None
+        self.escalating = False  # inside the loop: a second signal may still kill at once
         self._previous = {}
         self._mine = np.zeros(1, np.int32)
         self._agreed = np.zeros(1, np.int32)
 
     def install(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
+        if not self._previous and threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._note)
         return self
 
-    def restore(self) -> None:
-        if self.signum:
-            # The run is ending on a stop signal: keep noting copies of it (a terminal's ^C reaches the
-            # ranks directly and again through the launcher, and the copy can land after the loop has
-            # already stopped); the armed timer still lets a real second signal kill at once.
-            return
+    def stand_down(self) -> None:
+        """No second signal kills at once from here: the timer is cancelled and the stop signals, should
+        the escalation have handed them to their default action already, are only noted again."""
+        self.escalating = False  # first, so that a timer firing meanwhile does nothing (_escalate)
         if signal.SIGALRM in self._previous:
             signal.setitimer(signal.ITIMER_REAL, 0)
+        for signum in STOP_SIGNALS:
+            if signum in self._previous:
+                signal.signal(signum, self._note)
+
+    def restore(self) -> None:
+        """Every handler back as it was before `install()`, no timer armed."""
+        self.stand_down()
+        # SIGALRM's handler goes last: a timer that fired just before it was cancelled has run its
+        # (idle) handler by now, and finds no default action to kill with.
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
 
     def __enter__(self):
-        return self.install()
+        self.install()
+        self.escalating = True
+        return self
 
     def __exit__(self, *exc):
-        self.restore()
+        self.stand_down()
         return False
 
     def _note(self, signum, frame) -> None:
         if self.signum:
-            return  # a copy of the first (see SECOND_SIGNAL_S)
+            return  # a copy of the first (see SECOND_SIGNAL_S), or a signal during the shutdown
         self.signum, self.first_at = signum, time.monotonic()
+        if not self.escalating:
+            return
         # From SECOND_SIGNAL_S on, a stop signal takes its default action, in the kernel: it kills at
         # once even while this rank sits in a long C call (an MPI wait, a kernel) where no Python
         # handler could run.
-        self._previous.setdefault(signal.SIGALRM, signal.signal(signal.SIGALRM, self._arm_second))
+        if signal.SIGALRM not in self._previous:
+            self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._escalate)
         signal.setitimer(signal.ITIMER_REAL, SECOND_SIGNAL_S)
 
-    def _arm_second(self, signum, frame) -> None:
+    def _escalate(self, signum, frame) -> None:
+        if not self.escalating:
+            return  # the loop ended before the timer's handler ran
         for stop_signal in STOP_SIGNALS:
             signal.signal(stop_signal, signal.SIG_DFL)
 
@@ -129,4 +152,5 @@ class StopRequest:
         code = int(self._agreed[0])
         if code == 0:
             return None
+        self.stand_down()  # every rank now stops (or finishes): the shutdown is not to be cut short
         return Stop(0 if code == WRITE_ERROR_CODE else code)

@@ -37,12 +37,20 @@ milestone("imported")
 
 
 def main(argv=None) -> int:
+    """The command. Without `argv` (the console script, `python -m cnnpar.train`) it owns the process:
+    it finalises MPI itself before putting the signal handlers back, so that a launcher's late copy of
+    a stop signal cannot kill a rank inside MPI's finalise. With `argv` (in-process callers: the map's
+    workers, test drivers) MPI stays up for the caller, and the handlers are put back on return."""
     from mpi4py import MPI
 
+    from .signals import StopRequest
+
     world = MPI.COMM_WORLD
+    owns_process = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
+    stop = StopRequest()
     try:
-        return train(argv)
+        return train(argv, stop)
     except SystemExit:
         raise
     except UserError as err:  # found by one rank after the collective checks: nobody else can be asked
@@ -51,10 +59,15 @@ def main(argv=None) -> int:
         world.Abort(130)
     except BaseException as exc:  # a bug: take every rank down rather than leave them hanging
         _dist.abort_on_bug(world, exc)
+    finally:
+        if owns_process and not MPI.Is_finalized():
+            MPI.Finalize()
+        stop.restore()
     return 1
 
 
-def train(argv) -> int:
+def train(argv, stop=None) -> int:
+    """One run; `stop` (a cnnpar.signals.StopRequest) notes stop signals from the loop's start on."""
     from mpi4py import MPI
 
     from . import launcher
@@ -104,7 +117,7 @@ def train(argv) -> int:
     exchange = make_exchange(config, dist, network.n_params, network=network)
     milestone("exchange")
     try:
-        run = _start(config, dist, dataset, network, exchange, log_path, resume, say, started)
+        run = _start(config, dist, dataset, network, exchange, log_path, resume, say, started, stop)
         result = _train_and_log(run, world, fold, resume)
     finally:
         exchange.close()
@@ -197,7 +210,7 @@ class Run:
     noise: object = None     # cnnpar.noise.NoiseMeter with --noise-scale (its epoch sums travel in checkpoints)
 
 
-def _start(config, dist, dataset, network, exchange, log_path, resume, say, started) -> Run:
+def _start(config, dist, dataset, network, exchange, log_path, resume, say, started, stop=None) -> Run:
     """Params (fresh or from the checkpoint), the optimizer, the log (new or continued) and the checkpointer."""
     from mpi4py import MPI
 
@@ -235,14 +248,16 @@ def _start(config, dist, dataset, network, exchange, log_path, resume, say, star
     return Run(config=config, dist=dist, dataset=dataset, network=network, params=params, grads=grads,
                exchange=exchange, optimizer=optimizer, log=log, say=say, saver=saver,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               stop=signals.StopRequest(), noise=noise)
+               stop=stop if stop is not None else signals.StopRequest(), noise=noise)
 
 
 def _train_and_log(run: Run, world, fold: int, resume) -> dict:
     """The loop and the final evaluation, then the log's /final and its closing status."""
     log = run.log
     try:
-        with run.stop:  # from here a signal is only noted; the ranks act on it together at a window flush
+        # From here a signal is only noted; the ranks act on it together at a window flush. A second
+        # one kills at once until they agree to stop (or the loop ends): not during the shutdown.
+        with run.stop:
             result = _loop(run, _Position.restored(resume, run.dist.rank))
         result.update(_gather_folds(run.config, world, run.dist, fold, result))
     except _Stopped as halt:

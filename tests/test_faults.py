@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from cnnpar.runlog import open_log
+from cnnpar.signals import SECOND_SIGNAL_S, STOP_SIGNALS, StopRequest
 from mpi_util import REPO, cnnpar_lines, launcher_is_open_mpi, mpiexec, run_mpi, run_train, wait_for_rank_pids
 
 H5DUMP = shutil.which("h5dump")
@@ -360,6 +361,58 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, to):
         assert log.status == "incomplete"
     _plain_open(path)
     _h5dump_reads(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the stop request's handlers, in this process: nothing armed outlives the loop, nothing at all the run
+
+
+def _handlers():
+    return {signum: signal.getsignal(signum) for signum in (*STOP_SIGNALS, signal.SIGALRM)}
+
+
+def test_the_second_signal_timer_is_cancelled_when_the_loop_ends_and_every_handler_put_back():
+    before = _handlers()
+    stop = StopRequest()
+    with stop:
+        os.kill(os.getpid(), signal.SIGINT)  # the first ^C: noted, and the second-signal timer armed
+        assert stop.signum == signal.SIGINT
+        assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= SECOND_SIGNAL_S
+        deadline = time.monotonic() + 5 * SECOND_SIGNAL_S
+        while signal.getsignal(signal.SIGINT) is not signal.SIG_DFL and time.monotonic() < deadline:
+            time.sleep(0.01)  # the timer hands the stop signals to their default action (kill at once)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    # The loop is over: a shutdown follows that no signal may cut short, and no timer is left to fire
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    assert all(signal.getsignal(signum) == stop._note for signum in STOP_SIGNALS)
+    os.kill(os.getpid(), signal.SIGTERM)  # a copy, or a second signal during the shutdown: only noted
+    assert stop.signum == signal.SIGINT
+    stop.restore()
+    assert _handlers() == before and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+
+
+def test_a_timer_that_fires_after_the_loop_ended_hands_nothing_to_the_default_action():
+    before = _handlers()
+    stop = StopRequest()
+    with stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    stop.escalating = True  # as if the timer had been armed by a stop noted at the loop's last moment
+    stop._escalate(signal.SIGALRM, None)
+    stop.escalating = False
+    stop._escalate(signal.SIGALRM, None)  # after the loop: does nothing
+    stop.stand_down()
+    assert all(signal.getsignal(signum) == stop._note for signum in STOP_SIGNALS)
+    stop.restore()
+    assert _handlers() == before
+
+
+def test_a_run_without_a_stop_signal_arms_nothing():
+    before = _handlers()
+    stop = StopRequest()
+    with stop:
+        assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    stop.restore()
+    assert _handlers() == before
 
 
 # ----------------------------------------------------------------------------------------------------
