@@ -547,3 +547,33 @@ def test_soak_example_from_its_own_help_passes_and_names_no_deleted_log():
     assert result["live_log_read_errors"] == 0 and result["log"] is None
     assert "log not kept (--log PATH keeps it)" in done.stdout
     assert "cnnpar-soak-" not in done.stdout and "soak.h5" not in done.stdout
+
+
+def test_an_existing_log_stands_for_a_point_unless_it_computed_logged_or_timed_something_else():
+    """config.py's field metadata decides: what is printed, where data and checkpoints live, how often the
+    test set is scored may differ; the numbers, the log's tables and what the timings stand for may not."""
+    point = grid.Point(2, "sync", 1, base=(("epochs", "1"),))
+    logged = runner.expected_config(point)
+    assert runner.config_differences(dict(logged), 2, point) == []
+    for name, value in (("progress", "none"), ("data_dir", "/elsewhere"), ("checkpoint_on_signal", True),
+                        ("eval_every", 5), ("log", "x.h5"), ("checkpoint_every", "1e")):
+        assert runner.config_differences({**logged, name: value}, 2, point) == [], name
+    for name, value in (("lr", 0.5), ("seed", 7), ("race_audit", True), ("noise_scale", True), ("wait", "yield"),
+                        ("pretend_nodes", 2)):
+        (difference,) = runner.config_differences({**logged, name: value}, 2, point)
+        assert difference.startswith(f"{name}: "), difference
+
+
+def test_runs_are_of_one_setting_unless_they_differ_in_what_they_compute_or_how_fast():
+    from types import SimpleNamespace
+
+    from cnnpar.analysis import common
+
+    base = dict(runner.expected_config(grid.Point(2, "sync", 1, base=(("epochs", "1"),))))
+    logs = [SimpleNamespace(config={**base, "seed": 1, "progress": "bar", "race_audit": False}),
+            SimpleNamespace(config={**base, "seed": 2, "progress": "none", "race_audit": True})]
+    assert common.setting_fields(logs) == []
+    logs[1].config.update(wait="yield", lr=0.5)
+    assert common.setting_fields(logs) == ["lr", "wait"]
+    # the accuracy report also pools the exchange's implementation; a field an older log lacks is its default
+    assert explain.setting_of({**base, "allreduce": "mpi"}) == explain.setting_of({"epochs": 1})

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnpar.config import DEFAULTS, SETTING_FIELDS
 from cnnpar.errors import UserError
 from cnnpar.runlog import RunLog, open_log
 
@@ -27,9 +28,9 @@ PAPER_TIME_S = {1: 69.358, 2: 41.577, 3: 35.762, 4: 31.809, 5: 28.311, 6: 26.264
 PAPER_SPEEDUP = {n: PAPER_TIME_S[1] / t for n, t in PAPER_TIME_S.items()}
 PAPER_LABEL = "paper (C++/OpenMP, Ryzen 5 2600X)"
 
-# Config fields that never make two runs different settings.
-NOT_SETTINGS = {"seed", "log", "quiet", "resume", "checkpoint_every", "data_dir", "log_window", "check_every",
-                "eval_every", "race_audit"}
+# Config fields that never make two runs different settings: config.py's fields that change neither the numbers
+# nor the timings, and the seed (a setting's replicates). A field this cnnpar does not know counts as a setting.
+NOT_SETTINGS = set(DEFAULTS) - set(SETTING_FIELDS)
 
 
 def note(script: str, message: str) -> None:

@@ -37,14 +37,16 @@ from pathlib import Path
 import numpy as np
 
 from cnnpar.analysis.common import PAPER_ACC_PCT as PAPER_ACC
+from cnnpar.config import ACCURACY_FIELDS, DEFAULTS
 from cnnpar.errors import UserError, exit_on_user_error
+from cnnpar.modes import RACE_MODES
 
 # A change of accuracy smaller than this (percentage points, fewest to most ranks) is called flat.
 MIN_GAIN_PP = 1.0
 
-# Fields that change what a run computes (its "setting"); the seed is pooled, the rest is ignored.
-SETTING_FIELDS = ("mode", "reduce", "budget", "lr", "lr_scaling", "warmup_steps", "momentum",
-                  "samples_per_rank", "arch", "dataset", "folds")
+# The fields that change what a run computes, the seed and the exchange's implementation pooled
+# (config.ACCURACY_FIELDS): a run's "setting", with --epochs and --steps as one budget.
+SETTING_FIELDS = tuple(dict.fromkeys("budget" if k in ("epochs", "steps") else k for k in ACCURACY_FIELDS))
 
 
 @dataclass
@@ -106,17 +108,14 @@ EXPERIMENTS = [
 
 
 def setting_of(config: dict) -> tuple:
-    steps = int(config.get("steps", 0) or 0)
-    budget = ("steps", steps) if steps else ("epochs", int(config.get("epochs", 3)))
-    scaling = config.get("lr_scaling", "none")
-    values = {
-        "mode": config.get("mode", "sync"), "reduce": config.get("reduce", "sum"), "budget": budget,
-        "lr": float(config.get("lr", 0.01)), "lr_scaling": scaling,
-        "warmup_steps": int(config.get("warmup_steps", 0) or 0) if scaling != "none" else 0,
-        "momentum": float(config.get("momentum", 0.0)), "samples_per_rank": int(config.get("samples_per_rank", 1)),
-        "arch": config.get("arch", "small"), "dataset": config.get("dataset", "auto"),
-        "folds": int(config.get("folds", 1)),
-    }
+    """A log's config (a field missing from an older log: its default) as its setting."""
+    values = {}
+    for name in ACCURACY_FIELDS:
+        given = config.get(name)
+        values[name] = type(DEFAULTS[name])(DEFAULTS[name] if given is None else given)
+    values["budget"] = ("steps", values["steps"]) if values["steps"] else ("epochs", values["epochs"])
+    if values["lr_scaling"] == "none":
+        values["warmup_steps"] = 0  # warms up to the scaled rate: without scaling it is no setting
     return tuple((k, values[k]) for k in SETTING_FIELDS)
 
 
@@ -514,7 +513,7 @@ def interpret(exp: Experiment, curves) -> list:
             out.append(compare_sentence(lin, m))
     elif exp.key == "exchange":
         sync = find(curves, mode="sync")
-        for other in ("race", "atomic", "hogwild"):
+        for other in RACE_MODES:
             c = find(curves, mode=other)
             if sync and c:
                 out.append(compare_sentence(c, sync))

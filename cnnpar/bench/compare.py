@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from cnnpar.bench import SOURCE_ROOT as REPO  # this tree
+from cnnpar.runpaths import checkpoint_path
 
 
 def mpiexec() -> str:
@@ -36,7 +37,7 @@ def samples_per_s(tree: Path, ranks: int, steps: int, flags: list, folder: Path,
     import h5py
 
     log = folder / f"{tag}-n{ranks}.h5"
-    for stale in (log, Path(f"{log}.ckpt")):
+    for stale in (log, Path(checkpoint_path(str(log)))):
         stale.unlink(missing_ok=True)
     command = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "cnnpar.train", "--steps", str(steps),
                "--quiet", "--log", str(log), *flags]

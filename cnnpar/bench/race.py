@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from cnnpar.modes import ONE_SIDED_MODES
+
 DEFAULT_RANKS = (2, 4, 12)
 DEFAULT_SIZES = (11_738, 4_194_304)
 DEFAULT_WINDOWS = ("shared", "rma")
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", nargs="+", default=list(DEFAULT_WINDOWS), choices=DEFAULT_WINDOWS,
                         help="race windows to measure: shared (node shared memory), rma (Get/add/Put on an "
                              "owner rank) (default both)")
-    parser.add_argument("--modes", nargs="+", default=["race"], choices=("race", "atomic"),
+    parser.add_argument("--modes", nargs="+", default=["race"], choices=ONE_SIDED_MODES,
                         help="race: unprotected adds; atomic: MPI_Accumulate (default race)")
     parser.add_argument("--rounds", type=int, default=0, help="rounds per case (0: 200 small, 20 large)")
     parser.add_argument("--jitter-ms", type=float, default=0.0, help="random start delay per rank and round")

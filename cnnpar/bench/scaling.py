@@ -42,12 +42,13 @@ import time
 from pathlib import Path
 
 from cnnpar.bench import SOURCE_ROOT
+from cnnpar.modes import ONE_SIDED_MODES, is_race_mode
 
 RANKS = (1, 2, 4, 8, 12)
 SAMPLES = (1, 16)
 BASE_EXCHANGES = ("mpi", "shm", "factored", "auto", "local")
 ONE_SAMPLE_ONLY = ("factored",)  # sends one sample's sufficient factors: refused with more per rank
-RACE_EXCHANGES = ("race", "atomic")
+RACE_EXCHANGES = ONE_SIDED_MODES
 TARGET_SAMPLES = {1: 30_000, 16: 60_000}   # samples per trainer run (~1-2 s of training)
 MIN_STEPS = 300
 
@@ -56,7 +57,7 @@ def exchange_flags(exchange: str) -> list:
     if exchange in ("mpi", "shm", "factored", "auto", "hier"):
         flags = ["--mode", "sync", "--allreduce", exchange]
         return flags + (["--pretend-nodes", "2"] if exchange == "hier" else [])
-    if exchange in ("local", "race", "atomic", "hogwild"):
+    if exchange == "local" or is_race_mode(exchange):
         return ["--mode", exchange]
     raise SystemExit(f"bench_scaling: unknown exchange {exchange!r}")
 

@@ -19,12 +19,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnnpar.config import SAME_RUN_FIELDS
 from cnnpar.errors import UserError
+from cnnpar.modes import is_race_mode
 from cnnpar.experiments.grid import Point
 from cnnpar.experiments.launchers import Launcher
 
-# Config fields that do not change what a run computes; an existing log may differ in them.
-IRRELEVANT_FIELDS = ("log", "quiet", "resume", "checkpoint_every", "log_window", "check_every", "eval_every")
 # Training-set sizes, for the time estimate of epoch-budget runs before any run of that shape finished.
 TRAIN_SIZES = {"mnist-5k": 4000, "mnist": 60000, "fashion-mnist": 60000}
 TIMES_FILE = "sweep-times.json"
@@ -70,7 +70,7 @@ def config_differences(log_config: dict, log_ranks: int, point: Point) -> list:
     if log_ranks != point.ranks:
         diffs.append(f"ranks: {log_ranks} (log) vs {point.ranks} (sweep)")
     for key, value in want.items():
-        if key in IRRELEVANT_FIELDS:
+        if key not in SAME_RUN_FIELDS:  # config.py: it changes neither the numbers, the tables nor the timings
             continue
         if key not in log_config:
             continue  # a field newer than the log: its default is assumed
@@ -393,7 +393,7 @@ def prior_seconds(points) -> float:
         startup = Estimator._interpolate(PRIOR_STARTUP_S, p.ranks)
         per_sample = Estimator._interpolate(PRIOR_PER_SAMPLE_S, p.ranks)
         factor = Estimator._interpolate(PRIOR_ONE_SIDED_FACTOR, p.ranks) \
-            if p.mode in ("race", "atomic", "hogwild") else 1.0
+            if is_race_mode(p.mode) else 1.0
         audit = 1.5 if dict(p.base).get("race_audit") == "true" else 1.0
         total += startup + expected_samples(p) * per_sample * factor * audit
     return total
