@@ -29,8 +29,12 @@ DISK_FLAGS = ["--dataset", "mnist-5k", "--seed", "7", "--momentum", "0.5", "--ep
 SIGNAL_EPOCHS = 20
 SIGNAL_FLAGS = ["--dataset", "mnist-5k", "--seed", "7", "--momentum", "0.5", "--epochs", str(SIGNAL_EPOCHS),
                 "--checkpoint-every", "1e", "--quiet"]
-SIGNAL_RANKS = 4
-EXIT_WITHIN_S = 10.0
+SIGNAL_RANKS = 4  # the signal tests' rank count; the rows run at SCALE_RANKS too
+SCALE_RANKS = 12  # README's job: on a 2-core machine, oversubscribed 6 to 1
+# Each row at both rank counts, this many times; CNNPAR_FAULT_REPEATS=10 looks for races 1 time in 10
+REPEATS = int(os.environ.get("CNNPAR_FAULT_REPEATS", "3"))
+# From the signal to the launcher's exit; 12 ranks on 2 cores take 2.5-6 s to stop and finalise MPI
+EXIT_WITHIN_S = {SIGNAL_RANKS: 10.0, SCALE_RANKS: 20.0}
 
 
 def _h5dump_reads(path) -> None:
@@ -74,7 +78,8 @@ def _same_prefix(log, reference) -> int:
     n = len(log.steps["step"])
     for key, values in log.steps.items():
         if key not in ("compute_s", "exchange_s", "wait_s"):  # timings differ between runs
-            assert np.array_equal(values, reference.steps[key][:n]), key
+            # a rank without samples in a step (12 ranks, an epoch's last step) has a NaN rank_loss
+            assert np.array_equal(values, reference.steps[key][:n], equal_nan=values.dtype.kind == "f"), key
     for key in ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "samples"):
         assert np.array_equal(log.epochs[key], reference.epochs[key][: len(log.epochs["epoch"])]), key
     return n
@@ -183,20 +188,28 @@ def test_the_issue_reproduction_a_300k_tmpfs_gives_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# signals and kills, at 4 ranks, repeated
+# signals and kills, at 4 and 12 ranks, repeated
 
 
 @pytest.fixture(scope="module")
-def signal_reference(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ref") / "ref.h5"
-    done = run_train(SIGNAL_RANKS, *SIGNAL_FLAGS, "--log", path)
-    assert done.returncode == 0, done.stderr
-    return open_log(path)
+def signal_references(tmp_path_factory):
+    """ranks -> the uninterrupted run's log, made on first use."""
+    made = {}
+
+    def reference(ranks: int):
+        if ranks not in made:
+            path = tmp_path_factory.mktemp("ref") / f"ref{ranks}.h5"
+            done = run_train(ranks, *SIGNAL_FLAGS, "--log", path, timeout=300)
+            assert done.returncode == 0, done.stderr
+            made[ranks] = open_log(path)
+        return made[ranks]
+
+    return reference
 
 
-def _start(path, tag, flags):
+def _start(path, tag, flags, ranks=SIGNAL_RANKS):
     env = dict(os.environ, PYTHONUNBUFFERED="1", CNNPAR_TEST_TAG=tag)
-    command = [mpiexec(), "-n", str(SIGNAL_RANKS), sys.executable, "-m", "cnnpar.train", *flags, "--log", str(path)]
+    command = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "cnnpar.train", *flags, "--log", str(path)]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)  # its own process group, as a terminal's job is
 
@@ -224,7 +237,8 @@ def _wait_until_no_writer(path, timeout_s=10.0) -> None:
         time.sleep(0.02)
 
 
-# how the signal is delivered, the signal, exit status, log status, the line's start (None: no line)
+# how the signal is delivered, the signal, exit status, log status, the line's start (None: no line), as
+# MPICH's mpiexec passes them on; _open_mpi_outcomes says what Open MPI's mpirun makes of the launcher rows
 SIGNAL_ROWS = [
     ("mpirun", signal.SIGINT, 130, "interrupted", "cnnpar: stopped by SIGINT after step "),
     ("group", signal.SIGINT, 130, "interrupted", "cnnpar: stopped by SIGINT after step "),
@@ -234,20 +248,35 @@ SIGNAL_ROWS = [
     ("rank 0", signal.SIGKILL, None, "incomplete", None),
     ("rank 1", signal.SIGKILL, None, "incomplete", None),
 ]
-REPEATS = 3
+
+
+def _open_mpi_outcomes(to, signum, status, line) -> list:
+    """(log status, line start or None) that the row may end with under Open MPI's mpirun, which forwards
+    SIGUSR1 as is but turns SIGINT and SIGTERM into SIGTERM for every rank and SIGKILLs them about a
+    second later (docs/faults.md): the ranks stop as `preempted` with SIGTERM's line when they reach a
+    window flush in time, else the SIGKILL ends them (`incomplete`, no line). To the process group, each
+    rank gets the SIGINT itself first and mpirun's SIGTERM after it."""
+    sigterm = ("preempted", "cnnpar: stopped by SIGTERM after step ")
+    killed = ("incomplete", None)
+    if to == "mpirun" and signum in (signal.SIGINT, signal.SIGTERM):
+        return [sigterm, killed]
+    if to == "group":
+        return [(status, line), sigterm, killed]
+    return [(status, line)]
 
 
 @pytest.mark.parametrize("attempt", range(REPEATS))
+@pytest.mark.parametrize("ranks", [SIGNAL_RANKS, SCALE_RANKS])
 @pytest.mark.parametrize("to, signum, exit_status, status, line", SIGNAL_ROWS,
                          ids=[f"{r[1].name}-to-{r[0].replace(' ', '')}" for r in SIGNAL_ROWS])
-def test_signal(tmp_path, signal_reference, to, signum, exit_status, status, line, attempt):
-    if to in ("mpirun", "group"):
-        _skip_unless_launcher_forwards_signals()
+def test_signal(tmp_path, signal_references, to, signum, exit_status, status, line, ranks, attempt):
+    reference = signal_references(ranks)
+    outcomes = [(status, line)] if _launcher_passes_exit_status() else _open_mpi_outcomes(to, signum, status, line)
     path = tmp_path / "sig.h5"
-    tag = f"sig-{os.getpid()}-{signum}-{to.replace(' ', '')}-{attempt}"
-    job = _start(path, tag, SIGNAL_FLAGS)
+    tag = f"sig-{os.getpid()}-{signum}-{to.replace(' ', '')}-{ranks}-{attempt}"
+    job = _start(path, tag, SIGNAL_FLAGS, ranks)
     try:
-        pids = wait_for_rank_pids(tag, SIGNAL_RANKS)
+        pids = wait_for_rank_pids(tag, ranks)
         _wait_for_epochs(path, 1, job)
         time.sleep(random.uniform(0.0, 0.6))  # somewhere in the second epoch
         sent_at = time.monotonic()
@@ -257,33 +286,37 @@ def test_signal(tmp_path, signal_reference, to, signum, exit_status, status, lin
             os.killpg(job.pid, signum)  # a terminal's ^C: mpiexec and every rank at once
         else:
             os.kill(pids[int(to.split()[1])], signum)
-        _, stderr = job.communicate(timeout=60)
+        _, stderr = job.communicate(timeout=120)
         exit_s = time.monotonic() - sent_at
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
-    assert exit_s <= EXIT_WITHIN_S, exit_s
-    assert "Traceback" not in stderr
-    if exit_status is not None:
-        _assert_stop_status(job.returncode, exit_status, stderr)
-        lines = _lines(stderr)
+    print(f"row {to} {signum.name} n={ranks}: exit {job.returncode} after {exit_s:.2f} s, "
+          f"{len(_lines(stderr))} line(s)")  # the figures docs/faults.md quotes (pytest -s shows them)
+    assert exit_s <= EXIT_WITHIN_S[ranks], exit_s
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert job.returncode != 0, stderr
+    _wait_until_no_writer(path)
+    with open_log(path) as log:
+        assert log.status in dict(outcomes), (log.status, log.status_message, stderr)
+        line = dict(outcomes)[log.status]
+        flushed = _same_prefix(log, reference)
+        assert flushed >= len(reference.steps["step"]) // SIGNAL_EPOCHS  # at least the first epoch
+        if line is not None:  # stopped at a step boundary that is also a window flush
+            assert log.status_message.startswith(line[len("cnnpar: "):])
+    lines = _lines(stderr)
+    if line is not None:
+        if exit_status is not None and log.status == status:
+            _assert_stop_status(job.returncode, exit_status, stderr)
         assert len(lines) == 1 and lines[0].startswith(line), stderr
         assert "checkpoint" in lines[0] and "--resume auto" in lines[0]
     else:
-        assert job.returncode != 0
-        assert not any(text.startswith("cnnpar:") for text in _lines(stderr)), stderr
-        _wait_until_no_writer(path)
-    with open_log(path) as log:
-        assert log.status == status, log.status_message
-        flushed = _same_prefix(log, signal_reference)
-        assert flushed >= len(signal_reference.steps["step"]) // SIGNAL_EPOCHS  # at least the first epoch
-        if exit_status is not None:  # stopped at a step boundary that is also a window flush
-            assert log.status_message.startswith(line[len("cnnpar: "):])
+        assert not any(text.startswith("cnnpar:") for text in lines), stderr
     _plain_open(path)
     _h5dump_reads(path)
     if attempt == 0:
-        _resume_matches(SIGNAL_RANKS, SIGNAL_FLAGS, path, signal_reference)
+        _resume_matches(ranks, SIGNAL_FLAGS, path, reference)
 
 
 def test_signal_without_checkpointing_says_so_and_checkpoint_on_signal_makes_one(tmp_path):
