@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from . import __version__  # noqa: E402
 from .config import Config, parse_config, build_parser  # noqa: E402
 from .errors import EXIT_USER_ERROR, EXIT_WRITE_ERROR, UserError, WriteError  # noqa: E402
-from .progress import Speaker, milestone, write_milestones  # noqa: E402
+from .progress import Speaker, milestone, samples_per_s, write_milestones  # noqa: E402
 
 milestone("imported")
 
@@ -512,7 +512,6 @@ def _loop(run: Run, start: _Position) -> dict:
     check_every = config.check_every
     first_step, train_time_s, samples_done = start.step, start.train_time_s, start.samples_done
     epoch_loss, epoch_correct, epoch_count = start.epoch_sums
-    samples_at_start = samples_done
     result = {}
     progress = run.say.progress(total_steps, first_step)
     epoch, step_in_epoch = divmod(first_step, steps_per_epoch)
@@ -555,7 +554,7 @@ def _loop(run: Run, start: _Position) -> dict:
         flushed = len(window.rows) == window.size or last_of_epoch or checkpoint_due
         if flushed:
             if progress is not None:
-                progress.update(step, samples_done - samples_at_start, window.rows)
+                progress.update(step, samples_done, train_time_s + time.perf_counter() - loop_start, window.rows)
             _flush_window(window, comm, log, exchange)
         if check_every and steps_done % check_every == 0:
             _check_replicas(comm, params, step, log, exchange)
@@ -598,7 +597,7 @@ def _loop(run: Run, start: _Position) -> dict:
         result["test_loss"], result["test_acc"], result["confusion"] = _evaluate(network, params, dataset, dist)
     _warn_if_not_learning(run, result)
     result.update(train_time_s=train_time_s, samples=samples_done,
-                  samples_per_s=samples_done / train_time_s if train_time_s > 0 else 0.0)
+                  samples_per_s=samples_per_s(samples_done, train_time_s))
     return result
 
 

@@ -214,3 +214,24 @@ def test_the_startup_line_says_what_the_run_is(tmp_path):
     # what 'auto' chose, as the factory built it: one node, one sample per rank -> the factored exchange
     assert line["exchange"] == "factored" and line["auto"]
     assert done.stderr.index("run: ") < done.stderr.index("epoch 1:")
+
+
+def test_progress_summary_and_log_give_one_samples_per_s(tmp_path):
+    """Race mode with its audit (which costs more than the training it checks): the progress line, the summary
+    and the log all give training samples over training time, audit left out (the progress line once counted
+    the audit and said 216 where the summary said 1,271)."""
+    path = tmp_path / "race.h5"
+    done = run_train(2, "--dataset", "mnist-5k", "--epochs", "1", "--mode", "race", "--race-audit",
+                     "--progress", "lines", "--log", path)
+    assert done.returncode == 0, done.stderr
+    line = _startup_line(done)
+    _assert_startup_line_tells_the_run(line, path)
+    assert line["exchange"] == "race, shared window" and line["auto"]
+    progress = [int(rate) for rate in re.findall(r"^step \d+/2000 \| loss \S+ \| (\d+) samples/s$", done.stderr, re.M)]
+    summary = int(re.search(r"\((\d+) samples/s, training only\)", done.stdout).group(1))
+    with open_log(path) as log:
+        logged = log.final["attrs"]["samples_per_s"]
+        assert logged == pytest.approx(log.final["attrs"]["samples"] / log.final["attrs"]["train_time_s"])
+    assert summary == round(logged)
+    # the last progress line is drawn at the last window's flush, the summary's clock stops just after it
+    assert progress and abs(progress[-1] - summary) <= 0.1 * summary, (progress, summary)
