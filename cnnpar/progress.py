@@ -97,6 +97,12 @@ def resolve_mode(mode: str, stream=None) -> tuple:
     return mode, None
 
 
+def samples_per_s(samples: int, train_time_s: float) -> float:
+    """The run's speed, as the progress display, the summary line and the log's /final@samples_per_s all give
+    it: training samples over training time (evaluation and the race audit left out of both), 0 before any."""
+    return samples / train_time_s if train_time_s > 0 else 0.0
+
+
 class Speaker:
     """What rank 0 says: notes and the compile notice, progress as a bar or lines (or none), and with
     quiet nothing but the final summary. Other ranks say nothing."""
@@ -181,13 +187,14 @@ class Progress:
                             ncols=width or 80, mininterval=0.2)
         self.done = first_step
 
-    def update(self, step: int, samples: int, rows) -> None:
-        """rows: this rank's window of (step, epoch, loss_sum, count, ...) tuples ending at `step`."""
+    def update(self, step: int, samples: int, train_time_s: float, rows) -> None:
+        """samples, train_time_s: the run's training samples and time so far (see samples_per_s);
+        rows: this rank's window of (step, epoch, loss_sum, count, ...) tuples ending at `step`."""
         loss_sum = sum(row[2] for row in rows)
         count = sum(row[3] for row in rows)
         loss = loss_sum / count if count else math.nan
         elapsed = time.perf_counter() - self.start
-        rate = samples / elapsed if elapsed > 0 else 0.0
+        rate = samples_per_s(samples, train_time_s)
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {loss:.3f} | {rate:.0f} samples/s", refresh=False)
             self.bar.update(step + 1 - self.done)

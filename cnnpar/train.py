@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from . import __version__  # noqa: E402
 from .config import Config, parse_config, build_parser  # noqa: E402
 from .errors import EXIT_USER_ERROR, EXIT_WRITE_ERROR, UserError, WriteError  # noqa: E402
-from .progress import Speaker, milestone, write_milestones  # noqa: E402
+from .progress import Speaker, milestone, samples_per_s, write_milestones  # noqa: E402
 
 milestone("imported")
 
@@ -118,6 +118,7 @@ def train(argv, stop=None) -> int:
     milestone("exchange")
     try:
         run = _start(config, dist, dataset, network, exchange, log_path, resume, say, started, stop)
+        say.line(_startup_line(run, log_path))
         result = _train_and_log(run, world, fold, resume)
     finally:
         exchange.close()
@@ -232,7 +233,7 @@ def _start(config, dist, dataset, network, exchange, log_path, resume, say, star
     with _dist.collective_check(dist.world):  # a full disk here ends every rank with one line
         if dist.world.Get_rank() == 0 and resume is None:
             log = runlog.RunLogWriter(log_path, config.to_json(), _config_fields(config),
-                                      _environment(dist, MPI), _layout_rows(network), dist.size,
+                                      _environment(dist, MPI, exchange), _layout_rows(network), dist.size,
                                       dataset.n_classes, created=runlog.utc_stamp(started),
                                       world_ranks=dist.world.Get_size())
         elif dist.world.Get_rank() == 0:
@@ -324,6 +325,35 @@ def _close_stopped(log, halt: _Stopped, speaks: bool) -> None:
             line = err.line() if stop.by_signal else line
     if speaks:
         print(line, file=sys.stderr, flush=True)
+
+
+def _startup_line(run: "Run", log_path: str) -> str:
+    """What this run is, in one line before its first step: ranks and nodes, data, network, exchange (as the
+    exchange says it is), learning rate, budget and log."""
+    config, dist, dataset = run.config, run.dist, run.dataset
+    world_ranks = dist.world.Get_size()
+    nodes = f"{dist.n_nodes} {'pretend ' if config.pretend_nodes else ''}node{'s' if dist.n_nodes > 1 else ''}"
+    ranks = f"{world_ranks} rank{'s' if world_ranks > 1 else ''} on {nodes}"
+    if config.folds > 1:
+        ranks = f"{world_ranks} ranks in {config.folds} folds of {dist.size}, each on {nodes}"
+    image = "x".join(str(v) for v in dataset.train_images.shape[1:])
+    data = (f"{dataset.name}: {len(dataset.train_labels):,} train / {len(dataset.test_labels):,} test images "
+            f"{image}, {dataset.n_classes} classes")
+    chooser = config.allreduce if config.mode == "sync" else config.race_window if config.mode != "local" else ""
+    exchange = f"mode {config.mode}, exchange {run.exchange.describe()}" + (" (auto)" if chooser == "auto" else "")
+    global_batch = dist.size * config.samples_per_rank
+    lr = f"lr {config.lr:g}, reduce {config.reduce}"
+    if config.lr_scaling != "none":
+        lr += f", scaled {config.lr_scaling} to {config.lr * global_batch:g}" + (
+            f" over {config.warmup_steps:,} warm-up steps" if config.warmup_steps else "")
+    if config.momentum:
+        lr += f", momentum {config.momentum:g}"
+    budget = f"{run.total_steps:,} steps"
+    if not config.steps:
+        budget = f"{config.epochs} epoch{'s' if config.epochs > 1 else ''} = {budget}"
+    budget += f" of {global_batch:,} samples ({dist.size} x {config.samples_per_rank})"
+    return (f"run: {ranks} | {data} | {config.arch}, {run.network.n_params:,} params | {exchange} | {lr} | "
+            f"{budget} | log {log_path}")
 
 
 def _summary_line(config: Config, result: dict, log_path: str) -> str:
@@ -482,7 +512,6 @@ def _loop(run: Run, start: _Position) -> dict:
     check_every = config.check_every
     first_step, train_time_s, samples_done = start.step, start.train_time_s, start.samples_done
     epoch_loss, epoch_correct, epoch_count = start.epoch_sums
-    samples_at_start = samples_done
     result = {}
     progress = run.say.progress(total_steps, first_step)
     epoch, step_in_epoch = divmod(first_step, steps_per_epoch)
@@ -525,7 +554,7 @@ def _loop(run: Run, start: _Position) -> dict:
         flushed = len(window.rows) == window.size or last_of_epoch or checkpoint_due
         if flushed:
             if progress is not None:
-                progress.update(step, samples_done - samples_at_start, window.rows)
+                progress.update(step, samples_done, train_time_s + time.perf_counter() - loop_start, window.rows)
             _flush_window(window, comm, log, exchange)
         if check_every and steps_done % check_every == 0:
             _check_replicas(comm, params, step, log, exchange)
@@ -568,7 +597,7 @@ def _loop(run: Run, start: _Position) -> dict:
         result["test_loss"], result["test_acc"], result["confusion"] = _evaluate(network, params, dataset, dist)
     _warn_if_not_learning(run, result)
     result.update(train_time_s=train_time_s, samples=samples_done,
-                  samples_per_s=samples_done / train_time_s if train_time_s > 0 else 0.0)
+                  samples_per_s=samples_per_s(samples_done, train_time_s))
     return result
 
 
@@ -758,7 +787,7 @@ def _layout_rows(network) -> list:
     return [(p.name, tuple(p.shape), p.offset, p.size) for p in network.layout]
 
 
-def _environment(dist, MPI) -> dict:
+def _environment(dist, MPI, exchange) -> dict:
     import platform
 
     import h5py
@@ -772,7 +801,7 @@ def _environment(dist, MPI) -> dict:
         "hostnames": list(dist.hostnames), "ranks": dist.world.Get_size(), "cores": dist.cores,
         "physical_cores": _physical_cores(), "nodes": dist.n_nodes, "oversubscribed": dist.oversubscribed,
         "wait": "yield" if dist.yield_when_waiting else "spin",
-        "threads_per_rank": int(numba.config.NUMBA_NUM_THREADS),
+        "threads_per_rank": int(numba.config.NUMBA_NUM_THREADS), "exchange": exchange.describe(),
     }
 
 

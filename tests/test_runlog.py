@@ -507,3 +507,99 @@ def test_info_says_what_a_log_holds(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "cnnpar.runlog", "info", str(tmp_path / "nope.h5")],
                              capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and missing.stderr.strip() == f"cnnpar: error: {tmp_path / 'nope.h5'}: no such file"
+
+
+def _readme_frames_example() -> str:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Run logs"):readme.index("### Checkpoints")]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_frames_split_per_rank_columns_and_match_the_log(tmp_path):
+    pandas = pytest.importorskip("pandas", reason="RunLog.frame needs the optional pandas (the frames extra)")
+    path = tmp_path / "run.h5"
+    written = _write_full_log(path)
+    log = open_log(path)
+    steps = log.frame("steps")
+    assert len(steps) == 80
+    assert [c for c in steps.columns if c.startswith("rank_loss")] == ["rank_loss_0", "rank_loss_1", "rank_loss_2"]
+    for rank in range(3):
+        np.testing.assert_array_equal(steps[f"compute_s_{rank}"].to_numpy(), log.steps["compute_s"][:, rank])
+    assert steps["loss"].dtype == np.float32 and steps["step"].dtype == np.int64
+    epochs = log.frame("epochs")
+    assert list(epochs["test_acc"]) == [row["test_acc"] for row in written["epochs"]]
+    assert list(log.frame("folds")["test_acc"]) == [0.9, 0.8]
+    final = log.frame("final")
+    assert len(final) == 1 and final["test_acc"][0] == 0.65 and final["steps"][0] == 80
+    assert isinstance(log.frame("audit"), pandas.DataFrame)
+
+
+def test_frame_of_a_missing_or_unknown_table_names_it(tmp_path):
+    pytest.importorskip("pandas", reason="RunLog.frame needs the optional pandas (the frames extra)")
+    path = tmp_path / "plain.h5"
+    config = _config(race_audit=False, noise_scale=False, folds=1)
+    with RunLogWriter(path, json.dumps(config), config, ENV, LAYOUT, 2) as log:
+        log.close("complete")
+    log = open_log(path)
+    with pytest.raises(UserError, match=r"has no audit table \(written with --race-audit\)"):
+        log.frame("audit")
+    with pytest.raises(UserError, match="no such table"):
+        log.frame("stpes")
+    with pytest.raises(UserError, match="no final result yet"):
+        log.frame("final")
+    assert len(log.frame("steps")) == 0 and "rank_loss_1" in log.frame("steps").columns
+
+
+def test_frame_without_pandas_is_one_line_saying_how_to_get_it(tmp_path):
+    path = tmp_path / "run.h5"
+    _write_full_log(path)
+    script = ("import sys; sys.modules['pandas'] = None\n"  # a None entry makes `import pandas` fail
+              "from cnnpar.errors import exit_on_user_error\nfrom cnnpar.runlog import open_log\n"
+              f"exit_on_user_error(lambda: open_log({str(path)!r}).frame('steps'))()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "cnnpar: error: pandas: RunLog.frame needs pandas: pip install 'cnnpar[frames]' (or use "
+        "`cnnpar runlog export --csv DIR`, which does not)"]
+
+
+def test_the_readme_frames_example_runs(tmp_path, monkeypatch):
+    pytest.importorskip("pandas", reason="the README example reads a log into pandas (the frames extra)")
+    (tmp_path / "runs").mkdir()
+    _write_full_log(tmp_path / "runs" / "run.h5")
+    monkeypatch.chdir(tmp_path)
+    example = _readme_frames_example()
+    assert len(example.strip().splitlines()) == 5
+    exec(compile(example, "README.md", "exec"), {})
+
+
+def test_csv_export_writes_every_table_without_pandas(tmp_path):
+    import csv
+
+    path = tmp_path / "run.h5"
+    _write_full_log(path)
+    out = tmp_path / "csv"
+    # without pandas: the export must not need it
+    script = ("import sys; sys.modules['pandas'] = None\nfrom cnnpar.runlog.__main__ import main\n"
+              f"sys.exit(main(['export', {str(path)!r}, '--csv', {str(out)!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{t}.csv" for t in ("steps", "audit", "epochs", "consistency", "folds", "noise",
+                                                "noise_epochs", "final"))
+    assert sorted(done.stdout.split()) == sorted(str(out / n) for n in names)
+    log = open_log(path)
+    with open(out / "steps.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == list(log.flat_columns("steps")) and "wait_s_2" in rows[0] and len(rows) == 81
+    table = dict(zip(rows[0], zip(*rows[1:])))
+    for name, values in log.flat_columns("steps").items():  # every value read back exactly, NaN included
+        np.testing.assert_array_equal(np.array(table[name], dtype=values.dtype), values, name)
+    with open(out / "final.csv", newline="") as f:
+        final = list(csv.DictReader(f))
+    assert len(final) == 1 and float(final[0]["test_acc"]) == 0.65
+    # a second export into the same folder replaces nothing: one line, exit 2
+    again = subprocess.run([sys.executable, "-m", "cnnpar.runlog", "export", str(path), "--csv", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and again.stderr.startswith("cnnpar: error: --csv: ")
+    assert "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1

@@ -94,6 +94,7 @@ def test_log_holds_every_field_and_matches_what_was_printed(tmp_path):
 def test_small_arch_one_rank_three_epochs_reaches_90_percent(tmp_path):
     done = run_train(1, "--dataset", "mnist-5k", "--log", tmp_path / "acc.h5", "--quiet")
     assert done.returncode == 0, done.stderr
+    assert "run: " not in done.stderr  # --quiet: not even the start-up line
     with open_log(tmp_path / "acc.h5") as log:
         assert log.config["epochs"] == 3 and log.config["arch"] == "small"
         assert log.final["attrs"]["test_acc"] >= 0.90
@@ -158,3 +159,79 @@ def test_folds_train_in_rank_groups_and_report_mean_and_sd(tmp_path):
         assert all(0.8 < acc <= 1.0 for acc in folds["test_acc"])  # held-out halves of the training set
         assert abs(float(match.group(1)) / 100 - np.mean(folds["test_acc"])) < 0.0006
         assert abs(float(match.group(2)) / 100 - np.std(folds["test_acc"], ddof=1)) < 0.0006
+
+
+STARTUP_LINE = re.compile(
+    r"run: (?P<ranks>\d+) ranks? on (?P<nodes>\d+) (?P<pretend>pretend )?nodes? \| (?P<dataset>\S+): "
+    r"(?P<n_train>[\d,]+) train / (?P<n_test>[\d,]+) test images (?P<image>[\dx]+), (?P<classes>\d+) classes \| "
+    r"(?P<arch>\S+), (?P<params>[\d,]+) params \| mode (?P<mode>\w+), exchange (?P<exchange>.+?)(?P<auto> \(auto\))? "
+    r"\| lr (?P<lr>\S+), reduce (?P<reduce>\w+) \| (?:(?P<epochs>\d+) epochs? = )?(?P<steps>[\d,]+) steps of "
+    r"(?P<batch>[\d,]+) samples \((?P<per_batch_ranks>\d+) x (?P<per_rank>\d+)\) \| log (?P<log>.+)")
+
+
+def _number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def _startup_line(done) -> re.Match:
+    lines = [line for line in done.stderr.splitlines() if line.startswith("run: ")]
+    assert len(lines) == 1 and "run: " not in done.stdout, done.stderr  # one line, rank 0 alone
+    match = STARTUP_LINE.fullmatch(lines[0])
+    assert match, lines[0]
+    return match
+
+
+def _assert_startup_line_tells_the_run(line: re.Match, path) -> None:
+    with open_log(path) as log:
+        config = log.config
+        assert _number(line["ranks"]) == log.ranks == log.env["ranks"]
+        assert _number(line["nodes"]) == log.env["nodes"] and bool(line["pretend"]) == bool(config["pretend_nodes"])
+        assert line["dataset"] == config["dataset"]
+        assert _number(line["n_train"]) == log.epochs["samples"][0]  # one epoch: every training sample once
+        assert _number(line["n_test"]) == log.final["confusion"].sum()
+        assert _number(line["classes"]) == log.n_classes
+        network = build_network(config["arch"], n_classes=log.n_classes)
+        assert line["image"] == "x".join(map(str, network.input_shape))
+        assert line["arch"] == config["arch"] and _number(line["params"]) == log.final["params"].size
+        assert line["mode"] == config["mode"] and line["exchange"] == log.env["exchange"]
+        chooser = config["allreduce"] if config["mode"] == "sync" else config["race_window"]
+        assert bool(line["auto"]) == (chooser == "auto")
+        assert float(line["lr"]) == config["lr"] and line["reduce"] == config["reduce"]
+        assert _number(line["epochs"]) == config["epochs"] and not config["steps"]
+        assert _number(line["steps"]) == log.final["attrs"]["steps"] == len(log.steps["step"])
+        assert _number(line["batch"]) == log.steps["samples"][0]
+        assert _number(line["per_batch_ranks"]) * _number(line["per_rank"]) == _number(line["batch"])
+        assert _number(line["per_rank"]) == config["samples_per_rank"]
+        assert line["log"] == str(path)
+
+
+def test_the_startup_line_says_what_the_run_is(tmp_path):
+    path = tmp_path / "sync.h5"
+    done = run_train(2, "--dataset", "mnist-5k", "--epochs", "1", "--lr", "0.02", "--log", path)
+    assert done.returncode == 0, done.stderr
+    line = _startup_line(done)
+    _assert_startup_line_tells_the_run(line, path)
+    # what 'auto' chose, as the factory built it: one node, one sample per rank -> the factored exchange
+    assert line["exchange"] == "factored" and line["auto"]
+    assert done.stderr.index("run: ") < done.stderr.index("epoch 1:")
+
+
+def test_progress_summary_and_log_give_one_samples_per_s(tmp_path):
+    """Race mode with its audit (which costs more than the training it checks): the progress line, the summary
+    and the log all give training samples over training time, audit left out (the progress line once counted
+    the audit and said 216 where the summary said 1,271)."""
+    path = tmp_path / "race.h5"
+    done = run_train(2, "--dataset", "mnist-5k", "--epochs", "1", "--mode", "race", "--race-audit",
+                     "--progress", "lines", "--log", path)
+    assert done.returncode == 0, done.stderr
+    line = _startup_line(done)
+    _assert_startup_line_tells_the_run(line, path)
+    assert line["exchange"] == "race, shared window" and line["auto"]
+    progress = [int(rate) for rate in re.findall(r"^step \d+/2000 \| loss \S+ \| (\d+) samples/s$", done.stderr, re.M)]
+    summary = int(re.search(r"\((\d+) samples/s, training only\)", done.stdout).group(1))
+    with open_log(path) as log:
+        logged = log.final["attrs"]["samples_per_s"]
+        assert logged == pytest.approx(log.final["attrs"]["samples"] / log.final["attrs"]["train_time_s"])
+    assert summary == round(logged)
+    # the last progress line is drawn at the last window's flush, the summary's clock stops just after it
+    assert progress and abs(progress[-1] - summary) <= 0.1 * summary, (progress, summary)

@@ -14,6 +14,12 @@ class Exchange:
     excluded_s = 0.0       # seconds of the last reduce() spent on diagnostics (the race audit), not exchange
     first_step = 0         # global step of the first reduce() (a resumed run starts later)
 
+    def describe(self) -> str:
+        """What this exchange is, as the start-up line and the log's env say it: its name, and its window
+        where it has one ('race, shared window')."""
+        window = getattr(self, "window", None)
+        return f"{self.name}, {window} window" if window else self.name
+
     def bind(self, params: np.ndarray) -> np.ndarray:
         return params
 

@@ -1,14 +1,17 @@
-"""`python -m cnnpar.runlog info PATH...`: what a run log holds and in what state;
-`python -m cnnpar.runlog schema`: the schema table that docs/runlog.md embeds."""
+"""`cnnpar runlog info PATH...`: what a run log holds and in what state;
+`cnnpar runlog schema`: the schema table that docs/runlog.md embeds;
+`cnnpar runlog export PATH --csv DIR`: every table of a log as DIR/<table>.csv (no pandas needed).
+(`python -m cnnpar.runlog ...` is the same.)"""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import os
 import sys
 
-from ..errors import exit_on_user_error
+from ..errors import UserError, WriteError, exit_on_user_error
 from ..runpaths import checkpoint_path
 
 
@@ -43,18 +46,61 @@ def _info(path: str) -> str:
     return "\n".join(lines)
 
 
+def export_csv(path: str, folder: str) -> list:
+    """Write each table the log has (and `final` once written) to `folder`/<table>.csv, a header row of
+    `RunLog.flat_columns` names then one row per table row; returns the files written. Refuses to replace
+    a file, so an earlier export is never lost."""
+    from .reader import open_log
+    from .schema import TABLES
+
+    log = open_log(path)
+    tables = [t for t in TABLES if getattr(log, t) is not None] + (["final"] if log.final is not None else [])
+    targets = {table: os.path.join(folder, f"{table}.csv") for table in tables}
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError("--csv", f"{folder} is a file, not a folder")
+    taken = [target for target in targets.values() if os.path.exists(target)]
+    if taken:
+        raise UserError("--csv", f"{taken[0]} already exists; export into an empty or new folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for table, target in targets.items():
+            columns = log.flat_columns(table)
+            with open(target, "x", newline="") as out:
+                writer = csv.writer(out)
+                writer.writerow(columns)
+                # str() of a numpy scalar is its shortest round-trip text (float32 stays 0.1, not 0.10000000149)
+                writer.writerows(zip(*([str(v) for v in values] for values in columns.values())))
+    except OSError as err:
+        raise WriteError("--csv", f"cannot write {err.filename or folder}: {err.strerror or err}") from None
+    return list(targets.values())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnnpar runlog", description=__doc__, allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="status, row counts and final result of run logs", allow_abbrev=False)
+    info.add_argument("paths", nargs="+", metavar="PATH", help="run log files (.h5)")
+    commands.add_parser("schema", help="print the schema table (markdown) that docs/runlog.md embeds",
+                        allow_abbrev=False)
+    export = commands.add_parser("export", help="write a log's tables as CSV files", allow_abbrev=False)
+    export.add_argument("path", metavar="PATH", help="a run log file (.h5)")
+    export.add_argument("--csv", required=True, metavar="DIR",
+                        help="folder for one <table>.csv per table (steps, epochs, ...; final once written); "
+                             "created if missing; existing files are never replaced")
+    return parser
+
+
 @exit_on_user_error
 def main(argv=None) -> int:
     from .schema import markdown_table
 
-    parser = argparse.ArgumentParser(prog="python -m cnnpar.runlog", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    info = commands.add_parser("info", help="status, row counts and final result of run logs")
-    info.add_argument("paths", nargs="+", metavar="PATH", help="run log files (.h5)")
-    commands.add_parser("schema", help="print the schema table (markdown) that docs/runlog.md embeds")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "schema":
         print(markdown_table())
+        return 0
+    if args.command == "export":
+        for target in export_csv(args.path, args.csv):
+            print(target)
         return 0
     for path in args.paths:
         print(_info(path))

@@ -19,8 +19,8 @@ import numpy as np
 from ..errors import UserError
 from . import _h5
 from .lock import writer_alive
-from .schema import (COMMITTED, COMMITTED_V1, FINAL_ATTRS, FORMAT, FORMAT_VERSION, STATUSES, TABLE_RECORDS,
-                     columns)
+from .schema import (COMMITTED, COMMITTED_V1, FINAL_ATTRS, FORMAT, FORMAT_VERSION, OPTIONAL_GROUPS, STATUSES,
+                     TABLE_RECORDS, TABLES, columns)
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MID_FLUSH_RETRIES = 40        # a live writer's flush takes milliseconds: retry a read that met one ...
@@ -67,6 +67,40 @@ class RunLog:
             raise ValueError(f"{self.path}: the log has no final params (status {self.status})")
         flat = self.final["params"]
         return {name: flat[offset:offset + size].reshape(shape) for name, shape, offset, size in self.layout}
+
+    def flat_columns(self, table: str = "steps") -> dict:
+        """One table (`steps`, `epochs`, ..., or `final`: one row of the result's figures) as 1-D columns in
+        schema order; a per-rank column `x` of shape (rows, R) becomes `x_0` ... `x_{R-1}`. UserError when
+        the log has no such table."""
+        if table == "final":
+            if self.final is None:
+                raise UserError(self.path, f"has no final result yet (status {self.status})")
+            return {name: np.asarray([self.final["attrs"][name]]) for name in FINAL_ATTRS}
+        if table not in TABLES:
+            raise UserError(table, f"no such table; a run log has {', '.join(TABLES)} and final")
+        rows = getattr(self, table)
+        if rows is None:
+            made_by = OPTIONAL_GROUPS.get(table, "")
+            raise UserError(self.path, f"has no {table} table"
+                            + (f" (written with --{made_by.replace('_', '-')})" if made_by else ""))
+        out = {}
+        for entry in columns(table):
+            values = rows[entry.name]
+            if values.ndim == 2:
+                out.update((f"{entry.name}_{rank}", values[:, rank]) for rank in range(values.shape[1]))
+            else:
+                out[entry.name] = values
+        return out
+
+    def frame(self, table: str = "steps"):
+        """One table as a pandas DataFrame (columns as `flat_columns` gives them); pandas is the `frames`
+        extra, and its absence is a UserError saying how to install it."""
+        try:
+            import pandas
+        except ImportError:
+            raise UserError("pandas", "RunLog.frame needs pandas: pip install 'cnnpar[frames]' (or use "
+                                      "`cnnpar runlog export --csv DIR`, which does not)") from None
+        return pandas.DataFrame(self.flat_columns(table))
 
     def __enter__(self):
         return self

@@ -88,7 +88,8 @@ SCHEMA: tuple[Entry, ...] = (
        "create"),
     _e("/env@json", "str", "()", "", "software and machine as JSON (authoritative): versions, "
        "`mpi_library`, `hostnames` (per rank of `/@ranks`), `ranks` (the job's), `nodes`, `cores`, `physical_cores`, "
-       "`oversubscribed`, `wait`, `threads_per_rank` (int); each repeated as an attribute", "create"),
+       "`oversubscribed`, `wait`, `threads_per_rank` (int), `exchange` (the one the run used, as the start-up "
+       "line says it: `factored`, `race, shared window`, ...); each repeated as an attribute", "create"),
     # parameter layout
     _e("/layout/names", "str", "(n,)", "", "parameter tensor names, in the order of the flat vector",
        "create"),
