@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from cnnpar.errors import UserError
 from cnnpar.runlog import open_log
 from mpi_util import REPO, clean_env
 
@@ -100,3 +101,65 @@ def test_a_real_ranks_run_past_its_timeout_is_stopped_and_counted_failed(tmp_pat
     assert outcome["rc"] == 124 and "stopped after 3 s (--run-timeout)" in outcome["output"]
     assert outcome["seconds"] < 60
     assert map_launcher.state_of(path) in ("todo", "stale")  # never 'done': the next map runs it again
+
+
+def test_a_stopped_map_point_resumes_from_its_checkpoint_bit_identical(tmp_path):
+    import os
+    import signal
+    import time
+
+    from cnnpar.experiments import map as map_launcher
+
+    # 60,000 samples: checkpoints every 20,000 (map_grid.CHECKPOINT_SAMPLES), so a stop leaves one
+    point = map_launcher.MapPoint("mnist-5k", "steps", 1, "mean", "0.01", 1, steps=60000, part="p")
+    assert point.checkpoint_every() == "20000"
+    part = map_launcher.Part("p", "one long point", (point,))
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    said = []
+    assert map_launcher.run_map(whole, [part], 1, say=said.append) == 0, said
+    path = map_launcher.log_path(stopped, point)
+    path.parent.mkdir(parents=True)
+    job = subprocess.Popen([sys.executable, "-m", "cnnpar.train", *point.run_args(path)], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, cwd=REPO, env=clean_env())
+    try:
+        for _ in range(2400):
+            if os.path.exists(f"{path}.ckpt") or job.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert job.poll() is None, job.communicate()[0]
+        job.send_signal(signal.SIGINT)
+        output, _ = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert map_launcher.state_of(path) == "resumable", output
+    said = []
+    assert map_launcher.run_map(stopped, [part], 1, say=said.append) == 0, said
+    assert "1 to run (1 resumed from checkpoints)" in said[0]
+    assert not (stopped / "incomplete").exists() and not os.path.exists(f"{path}.ckpt")
+    with open_log(map_launcher.log_path(whole, point)) as want, open_log(path) as got:
+        assert got.status == "complete"
+        assert np.array_equal(got.final["params"], want.final["params"])
+        assert np.array_equal(got.steps["loss"], want.steps["loss"])
+        assert np.array_equal(got.steps["step"], want.steps["step"])
+
+
+def test_a_second_map_on_a_folder_in_use_refuses_with_one_line_naming_the_holder(tmp_path):
+    from cnnpar.experiments.resumable import FolderLock
+
+    with FolderLock(tmp_path):
+        done = subprocess.run([sys.executable, "-m", "cnnpar", "map", "--tiny", "--out", str(tmp_path)],
+                              capture_output=True, text=True, cwd=REPO, timeout=120, env=clean_env())
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"cnnpar: error: {tmp_path}: in use by pid "), lines
+    assert not (tmp_path / "one-process").exists()
+    # tasks of one job array share a folder; another array, or a plain map, may not join them
+    with FolderLock(tmp_path, array_job="77"):
+        FolderLock(tmp_path, array_job="77").acquire().release()
+        for other in ("78", ""):
+            try:
+                FolderLock(tmp_path, array_job=other).acquire()
+                raise AssertionError(f"array job {other!r} joined array 77's folder")
+            except UserError as err:
+                assert "array job 77" in err.message

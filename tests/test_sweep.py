@@ -329,19 +329,27 @@ def test_a_step_the_scheduler_ended_stops_the_sweep_as_an_interruption(tmp_path,
     assert rc == 0 and "1 already complete, 3 to run" in text
 
 
+def _sweep_until_started(fake, out, started):
+    """The sweep CLI in a child process, once its run waiting for a signal has started."""
+    job = subprocess.Popen([sys.executable, str(REPO / "launch" / "sweep.py"), "--launcher", str(fake), "--out",
+                            str(out), *GRID], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=clean_env())
+    for _ in range(600):
+        if started.exists() or job.poll() is not None:
+            break
+        time.sleep(0.1)
+    if not started.exists():
+        job.kill()
+        pytest.fail(job.communicate()[0])
+    return job
+
+
 def test_sigusr1_reaches_the_running_training_run_and_the_sweep_exits_75(tmp_path, fake_mpi, monkeypatch):
     fake, called = fake_mpi
     monkeypatch.setenv("FAKE_WAIT_FOR_SIGNAL", "n02-sync-seed1")
     started = Path(os.environ["FAKE_CALLS"] + ".started")
-    job = subprocess.Popen([sys.executable, str(REPO / "launch" / "sweep.py"), "--launcher", str(fake), "--out",
-                            str(tmp_path / "out"), *GRID], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, env=clean_env())
+    job = _sweep_until_started(fake, tmp_path / "out", started)
     try:
-        for _ in range(600):
-            if started.exists() or job.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert started.exists(), job.communicate()[0]
         job.send_signal(signal.SIGUSR1)
         output, _ = job.communicate(timeout=60)
     finally:
@@ -577,3 +585,78 @@ def test_runs_are_of_one_setting_unless_they_differ_in_what_they_compute_or_how_
     assert common.setting_fields(logs) == ["lr", "wait"]
     # the accuracy report also pools the exchange's implementation; a field an older log lacks is its default
     assert explain.setting_of({**base, "allreduce": "mpi"}) == explain.setting_of({"epochs": 1})
+
+
+# ----------------------------------------------------------------------------------------------------
+# one runner per folder, and resuming a stopped run from its checkpoint
+
+
+def test_a_second_sweep_on_a_folder_in_use_refuses_naming_the_holder_and_a_dead_holder_is_taken_over(
+        tmp_path, fake_mpi, monkeypatch):
+    fake, called = fake_mpi
+    monkeypatch.setenv("FAKE_WAIT_FOR_SIGNAL", "n01-sync-seed1")
+    started = Path(os.environ["FAKE_CALLS"] + ".started")
+    out = tmp_path / "out"
+    job = _sweep_until_started(fake, out, started)
+    try:
+        monkeypatch.delenv("FAKE_WAIT_FOR_SIGNAL")
+        with pytest.raises(UserError) as refused:
+            _run_sweep(fake, out, *GRID)
+        assert refused.value.culprit == str(out)
+        assert refused.value.message.startswith(f"in use by pid {job.pid} on ") and "sweep.py --launcher" in \
+            refused.value.message, refused.value.message
+        assert len(called()) == 1   # the second sweep ran nothing
+        job.kill()  # the holder dies (SIGKILL): its lock file is left behind
+        job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert (out / ".cnnpar-lock").exists()
+    rc, text = _run_sweep(fake, out, *GRID)
+    assert rc == 0, text
+    assert f"sweep: note: took over the lock of pid {job.pid} on " in text and "which has ended" in text
+
+
+def _launcher_for_tests():
+    from mpi_util import mpiexec
+
+    return launchers.make_launcher(mpiexec())
+
+
+def test_an_interrupted_sweep_point_resumes_from_its_checkpoint_bit_identical(tmp_path):
+    from cnnpar.runlog import open_log
+
+    grid_args = ("--ranks", "1", "--seeds", "1", "--", "--dataset", "mnist-5k", "--steps", "30000",
+                 "--checkpoint-every", "2000")
+    args, extra = _args(*grid_args)
+    groups, _, _ = sweep.build_groups(args, extra)
+    (point,) = grid.expand(groups, extra)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert runner.sweep([point], whole, _launcher_for_tests(), sys.executable, stream=io.StringIO()) == 0
+    job = subprocess.Popen([sys.executable, str(REPO / "launch" / "sweep.py"), "--launcher",
+                            _launcher_for_tests().argv[0], "--out", str(stopped), *grid_args],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env())
+    ckpt = stopped / (point.name + ".ckpt")
+    try:
+        for _ in range(1200):
+            if ckpt.exists() or job.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert ckpt.exists() and job.poll() is None, job.communicate()[0]
+        job.send_signal(signal.SIGINT)
+        output, _ = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 130, output
+    assert open_log(stopped / point.name).status != "complete"
+    buffer = io.StringIO()
+    assert runner.sweep([point], stopped, _launcher_for_tests(), sys.executable, stream=buffer) == 0, \
+        buffer.getvalue()
+    assert "(1 resumed from their checkpoints)" in buffer.getvalue()
+    assert not (stopped / "incomplete").exists() and not ckpt.exists()
+    with open_log(whole / point.name) as want, open_log(stopped / point.name) as got:
+        assert got.status == "complete"
+        assert np.array_equal(got.final["params"], want.final["params"])
+        assert np.array_equal(got.steps["loss"], want.steps["loss"])
+        assert np.array_equal(got.steps["step"], want.steps["step"])

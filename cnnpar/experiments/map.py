@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""The accuracy map of issue 13, run cheaply and resumably: where does accuracy rise with ranks?
+"""The accuracy map, run cheaply and resumably: where does accuracy rise with ranks?
 
     cnnpar map --out runs/map                # every group, in order (many hours on 2 cores)
     cnnpar map --out runs/map --dry-run      # the groups, their run counts and the time estimate
     cnnpar map --out runs/map --parts mnist-epochs,race
     cnnpar map --out runs/map --complete-fits  # then the best settings at the rank counts skipped
     cnnpar map --out /tmp/m --tiny           # CI: a handful of points (preset `map-tiny`)
+    cnnpar map --out runs/map --slurm-array 16 --dry-run   # a Slurm job array: the plan per task
+    cnnpar map --out runs/map --slurm-array 16             # submit it, and the report job after it
     cnnpar report runs/map             # the report from the logs
 
 The grid is the `map` preset of cnnpar/experiments/presets.py: each of its groups is a part here, run in its order.
@@ -22,9 +24,13 @@ How a point runs is a property of the point, recorded in the log folder it goes 
 - `noise`: one-process reruns with --noise-scale (B_small = 1 sample, B_big = N).
 
 Logs: OUT/<how>/<name>.h5, name = `d<dataset>-<budget>-n<N>-<mode>-seed<S>-lr<lr>-<reduce>.h5`. Resuming: a
-point whose log is complete or diverged (the loss became NaN: a result, accuracy at chance) is skipped;
-anything else found there is moved to OUT/incomplete/ and run again. The estimate of the time left is
-learnt from the runs done (seconds per sample per dataset and mode, plus a per-run start cost).
+point whose log is complete or diverged (the loss became NaN: a result, accuracy at chance) is skipped; a
+point stopped after a checkpoint (points of more than 20,000 samples write one every 20,000) continues from
+it, bit-identical to an uninterrupted run; anything else found there is moved to OUT/incomplete/ and run
+again. One map at a time uses a folder (OUT/.cnnpar-lock names the holder); the tasks of one Slurm job
+array share it, each running its own slice of the points (every N-th point of the full list, so a requeued
+or resubmitted task runs the same points). The estimate of the time left is learnt from the runs done
+(seconds per sample per dataset and mode, plus a per-run start cost).
 """
 
 from __future__ import annotations
@@ -35,13 +41,16 @@ import contextlib
 import io
 import multiprocessing
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from cnnpar.errors import UserError, exit_on_user_error
+from cnnpar.experiments.resumable import (FolderLock, Progress, array_task, drop_checkpoint, hms, log_state,
+                                          move_aside, slice_of)
 from cnnpar.experiments.map_grid import MapPoint, Part, fit_completion, parts  # noqa: F401 (the map's API)
 
 # Seconds per sample and per run (start, data, evaluation), measured on this 2-core machine, for the estimate
@@ -50,6 +59,7 @@ PRIOR_S_PER_SAMPLE = {"sync": 45e-6, "race": 1.2e-3}
 PRIOR_S_PER_RUN = {"mnist-5k": 0.15, "fashion-mnist": 1.3, "mnist": 1.3, "race": 6.0, "real-ranks": 5.0}
 # A real-ranks run past this is stopped and counted failed (fashion-mnist's 12-rank rma race took > 1800 s here).
 RUN_TIMEOUT_S = 3600.0
+EXIT_STOPPED = 75   # a signal stopped the map: resumable (the job scripts requeue on it), as for cnnpar sweep
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -61,32 +71,23 @@ def log_path(out: Path, point: MapPoint) -> Path:
 
 
 def state_of(path: Path) -> str:
-    """'todo', 'done', 'diverged' or 'stale' (something else is there)."""
-    if not path.exists():
-        return "todo"
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            status = f.attrs["status"]
-    except Exception:  # noqa: BLE001 - an unreadable leftover is stale, whatever the reason
-        return "stale"
-    status = status.decode().rstrip("\0") if isinstance(status, bytes) else str(status)
-    return {"complete": "done", "diverged": "diverged"}.get(status, "stale")
-
-
-def move_aside(out: Path, path: Path, output: str = "") -> None:
-    folder = out / "incomplete"
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}"
-    if path.exists():
-        os.replace(path, target)
-    if output:
-        target.with_suffix(".txt").write_text(output)
+    """'todo', 'done', 'diverged', 'resumable', 'running' or 'stale' (cnnpar.experiments.resumable)."""
+    return log_state(path).state
 
 
 # ----------------------------------------------------------------------------------------------------
 # running
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGUSR1 (a time limit, preemption, scancel): the running points checkpoint and stop."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
+_children = set()   # real-ranks launchers running now, to pass a stop on to
 
 
 def run_in_process(job) -> dict:
@@ -113,6 +114,7 @@ def run_real_ranks(point: MapPoint, path: Path, launcher, timeout_s: float = RUN
     # test's) fills with variables that make a child mpirun take itself for part of that job and exit 1
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=dict(os.environ))
+    _children.add(job)
     try:
         output, _ = job.communicate(timeout=timeout_s)
         rc = job.returncode
@@ -125,6 +127,8 @@ def run_real_ranks(point: MapPoint, path: Path, launcher, timeout_s: float = RUN
             output, _ = job.communicate()
         output = (output or "") + f"\nmap: stopped after {timeout_s:g} s (--run-timeout)"
         rc = 124
+    finally:
+        _children.discard(job)
     return {"rc": rc, "seconds": time.perf_counter() - start, "output": (output or "")[-3000:]}
 
 
@@ -147,6 +151,10 @@ class Estimator:
         sample_key, run_key = self.kind(point)
         return self.s_per_run[run_key] + point.samples() * self.s_per_sample[sample_key]
 
+    def remaining(self, points) -> tuple:
+        """(seconds, how many points have no estimate: none, the priors cover every kind)."""
+        return sum(self.predict(p) for p in points), 0
+
     def add(self, point, seconds: float) -> None:
         """Scale the kind's per-sample cost by the ratio measured/predicted (a running mean of ratios)."""
         sample_key, _ = self.kind(point)
@@ -157,101 +165,130 @@ class Estimator:
         self.seen[sample_key] = n + 1
 
 
-def hms(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+def part_seconds(estimator, points, jobs: int) -> float:
+    """Wall seconds of a part's points: the one-process ones `jobs` at a time, real-ranks ones in turn."""
+    pooled = [p for p in points if p.how != "real-ranks"]
+    return (sum(estimator.predict(p) for p in pooled) / max(1, min(jobs, len(pooled) or 1))
+            + sum(estimator.predict(p) for p in points if p.how == "real-ranks"))
 
 
 def say_now(text: str) -> None:
     print(text, flush=True)
 
 
+def unique_points(selected) -> list:
+    """Every point of the parts once, in order (a point two parts share runs once, into one log)."""
+    seen, points = set(), []
+    for part in selected:
+        for p in part.points:
+            if (p.how, p.name) not in seen:
+                seen.add((p.how, p.name))
+                points.append(p)
+    return points
+
+
+def slice_parts(selected, task: int, slices: int) -> list:
+    """The parts restricted to array task `task`'s points (resumable.slice_of over all their points)."""
+    mine = set(slice_of(unique_points(selected), task, slices))
+    return [Part(part.name, part.doc, tuple(p for p in part.points if p in mine)) for part in selected]
+
+
+def pending_points(out: Path, part, dry_run: bool) -> list:
+    """The part's points still to run; leftovers without a checkpoint are moved aside (not in a dry run)."""
+    pending = []
+    for point in part.points:
+        path = log_path(out, point)
+        found = log_state(path)
+        if found.state == "running":
+            raise UserError(str(path), "is being written by a live process outside this map: stop it, or wait "
+                            "for it")
+        if found.state == "stale" and not dry_run:
+            move_aside(path, out, reason=f"leftover found by the map: {found.detail}")
+        if found.state in ("todo", "stale", "resumable"):
+            pending.append(point)
+    return pending
+
+
 def run_map(out: Path, selected: list, jobs: int, dry_run: bool = False, say=say_now,
-            run_timeout_s: float = RUN_TIMEOUT_S) -> int:
+            run_timeout_s: float = RUN_TIMEOUT_S, launcher_spec: str | None = None) -> int:
     """Run every pending point of the selected parts; returns the number of failed runs."""
     estimator = Estimator()
     failures = 0
     for part in selected:
-        pending = []
-        for point in part.points:
-            path = log_path(out, point)
-            state = state_of(path)
-            if state == "stale" and not dry_run:
-                move_aside(out, path)
-                state = "todo"
-            if state in ("todo", "stale"):
-                pending.append(point)
-        estimate = sum(estimator.predict(p) for p in pending) / (jobs if pending and pending[0].how !=
-                                                                  "real-ranks" else 1)
+        pending = pending_points(out, part, dry_run)
+        resumed = sum(log_state(log_path(out, p)).state == "resumable" for p in pending)
         say(f"map: part {part.name}: {len(part.points)} points, {len(part.points) - len(pending)} done, "
-            f"{len(pending)} to run, estimate {hms(estimate)} -- {part.doc}")
+            f"{len(pending)} to run{f' ({resumed} resumed from checkpoints)' if resumed else ''}, "
+            f"estimate {hms(part_seconds(estimator, pending, jobs))} -- {part.doc}")
         if dry_run or not pending:
             continue
-        failures += _run_part(out, pending, jobs, estimator, say, run_timeout_s)
+        failures += _run_part(out, pending, jobs, estimator, say, run_timeout_s, launcher_spec)
     return failures
 
 
-def _run_part(out, pending, jobs, estimator, say, run_timeout_s) -> int:
+def _run_part(out, pending, jobs, estimator, say, run_timeout_s, launcher_spec) -> int:
     for how in ("one-process", "real-ranks", "noise"):
         (out / how).mkdir(parents=True, exist_ok=True)
     one_process = [p for p in pending if p.how != "real-ranks"]
     real = [p for p in pending if p.how == "real-ranks"]
     failures = 0
-    progress = _Progress(len(pending), estimator, pending, jobs, say)
+    progress = Progress(pending, estimator, jobs)
     if one_process:
         context = multiprocessing.get_context("spawn")  # workers initialise MPI themselves, each a singleton
-        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context)
+        try:
             jobs_iter = ((p, log_path(out, p)) for p in one_process)
             for point, outcome in zip(one_process, pool.map(run_in_process, jobs_iter, chunksize=1)):
                 failures += _record(out, point, outcome, estimator, progress, say)
+        except Stopped:
+            # the running points get the signal too, checkpoint and end; no new one starts
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in list(getattr(pool, "_processes", {}).values()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGTERM)
+            raise
+        pool.shutdown()
     if real:
         from cnnpar.experiments.launchers import make_launcher
 
-        launcher = make_launcher(None)
+        launcher = make_launcher(launcher_spec)
         for point in real:
-            outcome = run_real_ranks(point, log_path(out, point), launcher, run_timeout_s)
+            try:
+                outcome = run_real_ranks(point, log_path(out, point), launcher, run_timeout_s)
+            except Stopped:
+                for child in list(_children):
+                    with contextlib.suppress(ProcessLookupError):
+                        child.send_signal(signal.SIGTERM)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        child.wait(timeout=60)
+                raise
             failures += _record(out, point, outcome, estimator, progress, say)
-    progress.finish()
     return failures
 
 
 def _record(out, point, outcome, estimator, progress, say) -> int:
     path = log_path(out, point)
     state = state_of(path)
-    progress.step(point, outcome["seconds"])
-    if state == "done" or state == "diverged":
+    progress.step(point)
+    if state in ("done", "diverged"):
         estimator.add(point, outcome["seconds"])
-        return 0
-    say(f"map: FAILED {point.name} (exit {outcome['rc']}):\n{outcome['output']}")
-    move_aside(out, path, outcome["output"])
-    return 1
-
-
-class _Progress:
-    def __init__(self, total, estimator, pending, jobs, say):
-        self.total, self.done, self.estimator, self.jobs, self.say = total, 0, estimator, jobs, say
-        self.left = list(pending)
-        self.start = time.perf_counter()
-        self.next_line = 0.0
-
-    def step(self, point, seconds):
-        self.done += 1
-        self.left.remove(point)
-        elapsed = time.perf_counter() - self.start
-        if elapsed >= self.next_line or self.done == self.total:
-            rest = sum(self.estimator.predict(p) for p in self.left)
-            rest /= self.jobs if self.left and self.left[0].how != "real-ranks" else 1
-            self.say(f"map: {self.done}/{self.total} runs in {hms(elapsed)}, about {hms(rest)} left "
-                     f"(last: {point.name}, {seconds:.1f} s)")
-            self.next_line = elapsed + 60.0
-
-    def finish(self):
-        pass
+        drop_checkpoint(path)
+        ok = 0
+    else:
+        say(f"map: FAILED {point.name} (exit {outcome['rc']}):\n{outcome['output']}")
+        move_aside(path, out, outcome["output"])
+        ok = 1
+    if progress.elapsed_s() >= getattr(progress, "next_line_s", 0.0) or not progress.pending:
+        say(f"map: {progress.finished}/{progress.total} runs in {hms(progress.elapsed_s())}, about "
+            f"{hms(part_seconds(estimator, progress.pending, progress.jobs))} left (last: {point.name}, "
+            f"{outcome['seconds']:.1f} s)")
+        progress.next_line_s = progress.elapsed_s() + 60.0
+    return ok
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnpar map", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--out", default="runs/map", help="the map's folder (default runs/map)")
     parser.add_argument("--parts", default="", help="comma-separated part names (default: all, in order)")
     parser.add_argument("--jobs", type=int, default=2, help="one-process runners at once (default 2)")
@@ -262,8 +299,63 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-timeout", type=float, default=RUN_TIMEOUT_S,
                         help=f"seconds a real-ranks run may take before it is stopped and counted as failed "
                              f"(default {RUN_TIMEOUT_S:g})")
+    parser.add_argument("--launcher", help="MPI launcher of the real-ranks points, as for cnnpar sweep, e.g. "
+                        "\"srun --mpi=pmi2 --ntasks={n}\" (default: the mpiexec next to this Python)")
+    parser.add_argument("--slices", type=int, default=0, help="run one slice of the points: every N-th of the "
+                        "full list (with --task, or Slurm's SLURM_ARRAY_TASK_ID inside a job array)")
+    parser.add_argument("--task", type=int, help="which slice, 0..N-1 (default: SLURM_ARRAY_TASK_ID)")
+    parser.add_argument("--slurm-array", type=int, default=0, metavar="N",
+                        help="submit the map as a Slurm job array of N tasks (launch/slurm/map.sbatch) and the "
+                             "report as a job that runs when the array ends; with --dry-run, print the plan: "
+                             "points and estimated time per task, and the sbatch commands")
+    parser.add_argument("--sbatch", default="", help="extra sbatch options for --slurm-array's array job, "
+                        "e.g. \"--ntasks=12 --time=04:00:00 --partition=standard\"")
     parser.add_argument("--dry-run", action="store_true", help="print the parts, counts and estimates only")
     return parser
+
+
+def array_commands(args, out: Path, passed: list) -> tuple:
+    """(the array job's sbatch command, the report job's sbatch command with DEPENDENCY as a placeholder)."""
+    array = (["sbatch", "--parsable", f"--array=0-{args.slurm_array - 1}"] + shlex.split(args.sbatch)
+             + ["launch/slurm/map.sbatch", "--out", str(out), "--slices", str(args.slurm_array)] + passed)
+    report = (["sbatch", "--parsable", "--dependency=afterany:DEPENDENCY"] + shlex.split(args.sbatch)
+              + ["--job-name=cnnpar-map-report", "--ntasks=1", f"--output={out}/report.out",
+                 "launch/slurm/map.sbatch", "--report", str(out)])
+    return array, report
+
+
+def array_plan(args, out: Path, selected: list, passed: list, say=say_now) -> int:
+    """Print (--dry-run) or submit the map as a job array and its report job."""
+    estimator = Estimator()
+    say(f"map: job array of {args.slurm_array} tasks over {out}, {args.jobs} one-process runs at once per task")
+    worst = 0.0
+    for task in range(args.slurm_array):
+        mine = slice_parts(selected, task, args.slurm_array)
+        pending = [p for part in mine for p in pending_points(out, part, dry_run=True)]
+        seconds = part_seconds(estimator, pending, args.jobs)
+        worst = max(worst, seconds)
+        ranks = max((p.ranks for p in pending if p.how == "real-ranks"), default=1)
+        say(f"  task {task}: {sum(len(part.points) for part in mine)} points, {len(pending)} to run "
+            f"({sum(p.how == 'real-ranks' for p in pending)} with real ranks, up to {ranks}), "
+            f"estimate {hms(seconds)}")
+    say(f"map: the array ends in about {hms(worst)} once all its tasks run at once")
+    array, report = array_commands(args, out, passed)
+    if args.dry_run:
+        say("then: " + shlex.join(array))
+        say("then: " + shlex.join(report).replace("DEPENDENCY", "<array job id>"))
+        return 0
+    done = subprocess.run(array, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UserError("sbatch", (done.stderr or done.stdout).strip().splitlines()[-1] if
+                        (done.stderr or done.stdout).strip() else f"exit status {done.returncode}")
+    job = done.stdout.strip().split(";")[0]
+    after = subprocess.run([w.replace("DEPENDENCY", job) for w in report], capture_output=True, text=True)
+    if after.returncode != 0:
+        raise UserError("sbatch", f"the array is job {job}, but its report job was refused: "
+                                  f"{after.stderr.strip() or after.returncode}")
+    say(f"map: submitted job array {job} ({args.slurm_array} tasks) and report job {after.stdout.strip()} "
+        f"(runs when the array ends); their output: slurm-{job}_*.out, {out}/report.out")
+    return 0
 
 
 @exit_on_user_error
@@ -281,12 +373,48 @@ def main(argv=None) -> int:
             raise UserError("--parts", f"no part {name!r}; the parts are: {', '.join(by_name)}")
     selected = [by_name[n] for n in wanted] if wanted else available
     out = Path(args.out)
-    failures = run_map(out, selected, args.jobs, args.dry_run, run_timeout_s=args.run_timeout)
-    if args.complete_fits and not args.dry_run:
-        from cnnpar.analysis.map_report import completion_points
+    if args.slurm_array:
+        if args.slurm_array < 1 or args.slices or args.task is not None:
+            raise UserError("--slurm-array", "takes a task count of at least 1, and no --slices/--task")
+        passed = (["--tiny"] if args.tiny else []) + (["--parts", args.parts] if args.parts else []) + \
+            (["--run-timeout", f"{args.run_timeout:g}"] if args.run_timeout != RUN_TIMEOUT_S else [])
+        return array_plan(args, out, selected, passed)
+    task, array_job = array_task()
+    task = args.task if args.task is not None else task
+    if args.slices:
+        if task is None or not 0 <= task < args.slices:
+            raise UserError("--task", f"a slice of 0..{args.slices - 1} is needed with --slices {args.slices} "
+                            f"(got {task}; inside a job array it is SLURM_ARRAY_TASK_ID)")
+        total = len(unique_points(selected))
+        selected = slice_parts(selected, task, args.slices)
+        print(f"map: task {task} of {args.slices}: {len(unique_points(selected))} of the {total} points",
+              flush=True)
+    elif args.task is not None:
+        raise UserError("--task", "needs --slices")
+    if args.dry_run:
+        run_map(out, selected, args.jobs, True, run_timeout_s=args.run_timeout, launcher_spec=args.launcher)
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    previous = {name: signal.signal(getattr(signal, name), _raise_stopped) for name in ("SIGTERM", "SIGUSR1")}
+    try:
+        with FolderLock(out, array_job if args.slices else "") as lock:
+            if lock.note:
+                print(f"map: {lock.note}", flush=True)
+            failures = run_map(out, selected, args.jobs, run_timeout_s=args.run_timeout,
+                               launcher_spec=args.launcher)
+            if args.complete_fits:
+                from cnnpar.analysis.map_report import completion_points
 
-        extra = completion_points(out)
-        failures += run_map(out, [fit_completion(extra)], args.jobs, run_timeout_s=args.run_timeout)
+                extra = completion_points(out)
+                failures += run_map(out, [fit_completion(extra)], args.jobs, run_timeout_s=args.run_timeout,
+                                    launcher_spec=args.launcher)
+    except Stopped as stop:
+        print(f"map: stopped by {stop} (time limit, preemption or scancel); the running points checkpoint "
+              "where they can. Run the same command again, or let the requeued job, resume.", flush=True)
+        return EXIT_STOPPED
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
     return 1 if failures else 0
 
 

@@ -8,7 +8,12 @@ import os
 from dataclasses import dataclass
 
 from cnnpar.errors import UserError
+from cnnpar.experiments.resumable import resume_args
 from cnnpar.experiments.runner import TRAIN_SIZES
+
+# A point checkpoints every this many samples (about 1 s of sync training here, minutes of a race), so a
+# stopped one continues from there; shorter points are cheaper to rerun than to checkpoint.
+CHECKPOINT_SAMPLES = 20000
 
 # the train flags a map group may set (cnnpar/experiments/presets.py); anything else would go unrecorded in the names
 MAP_FLAGS = {"dataset", "epochs", "steps", "reduce", "lr", "race_window", "race_audit", "noise_scale",
@@ -51,9 +56,15 @@ class MapPoint:
     def samples(self) -> int:
         return self.steps * self.ranks if self.budget == "steps" else TRAIN_SIZES.get(self.dataset, 60000)
 
+    def checkpoint_every(self) -> str:
+        """Steps between checkpoints ('' = none): one step is `ranks` samples, whichever way the point runs."""
+        return str(max(1, CHECKPOINT_SAMPLES // self.ranks)) if self.samples() > CHECKPOINT_SAMPLES else ""
+
     def run_args(self, log_path) -> list:
-        """Arguments of the run that computes this point: one process with N samples per rank, or N ranks."""
+        """Arguments of the run that computes this point: one process with N samples per rank, or N ranks;
+        resumable from its checkpoint where it writes them."""
         args = self.flags() + ["--seed", str(self.seed), "--log", os.fspath(log_path), "--quiet"]
+        args += resume_args(self.checkpoint_every())
         if self.how in ("one-process", "noise"):
             args += ["--samples-per-rank", str(self.ranks)]
         if self.how == "noise":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import datetime
 import itertools
 import json
 import math
@@ -24,6 +23,8 @@ from cnnpar.errors import UserError
 from cnnpar.modes import is_race_mode
 from cnnpar.experiments.grid import Point
 from cnnpar.experiments.launchers import Launcher
+from cnnpar.experiments.resumable import (FolderLock, Progress, drop_checkpoint, hms, log_state,  # noqa: F401
+                                          move_aside, slice_of)
 
 # Training-set sizes, for the time estimate of epoch-budget runs before any run of that shape finished.
 TRAIN_SIZES = {"mnist-5k": 4000, "mnist": 60000, "fashion-mnist": 60000}
@@ -85,51 +86,30 @@ def config_differences(log_config: dict, log_ranks: int, point: Point) -> list:
 
 
 def classify(path: Path, point: Point) -> tuple:
-    """('todo' | 'done' | 'diverged' | 'stale' | 'conflict', detail) for the point's log path.
+    """('todo' | 'done' | 'diverged' | 'resumable' | 'running' | 'stale' | 'conflict', detail) for the point's
+    log path (cnnpar.experiments.resumable.log_state, and the sweep's settings checked against the log's).
 
     A run whose loss became NaN is a result, not a failure: its log lives in OUT/diverged/ and the point
     counts as done (rerunning it would diverge again)."""
     from cnnpar import runlog
 
-    if not path.exists():
+    found = log_state(path)
+    if found.state == "todo":
         kept = path.parent / DIVERGED_DIR / path.name
-        if kept.exists():
-            try:
-                log = runlog.open_log(kept)
-            except UserError:
-                return "todo", ""
-            if log.status == "diverged":
-                diffs = config_differences(log.config, log.ranks, point)
-                return ("conflict", "; ".join(diffs)) if diffs else ("diverged", log.status_message)
+        if log_state(kept).state == "diverged":
+            log = runlog.open_log(kept)
+            diffs = config_differences(log.config, log.ranks, point)
+            return ("conflict", "; ".join(diffs)) if diffs else ("diverged", log.status_message)
         return "todo", ""
-    if not runlog.is_complete_log(path):
-        try:
-            log = runlog.open_log(path)
-            return "stale", f"status {log.status}"
-        except UserError as err:
-            return "stale", err.message
-    log = runlog.open_log(path)
-    diffs = config_differences(log.config, log.ranks, point)
-    if diffs:
-        return "conflict", "; ".join(diffs)
-    return "done", ""
-
-
-def move_aside(path: Path, out: Path, output: str = "", reason: str = "") -> Path:
-    """Move a leftover log to OUT/incomplete/NAME.STAMP.h5 (and the run's output beside it)."""
-    folder = out / "incomplete"
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    target = folder / f"{path.stem}.{stamp}{path.suffix}"
-    n = 1
-    while target.exists():
-        target = folder / f"{path.stem}.{stamp}-{n}{path.suffix}"
-        n += 1
-    if path.exists():
-        os.replace(path, target)
-    if output or reason:
-        target.with_suffix(".txt").write_text((f"# {reason}\n" if reason else "") + output)
-    return target
+    if found.state in ("done", "resumable"):
+        log = runlog.open_log(path)
+        diffs = config_differences(log.config, log.ranks, point)
+        if diffs:  # a stopped run with other settings cannot be continued; a complete one is not reused
+            return ("conflict", "; ".join(diffs)) if found.state == "done" else ("stale", "; ".join(diffs))
+        return found.state, found.detail
+    if found.state == "running":
+        return "running", found.detail
+    return "stale", found.detail or f"status {found.status}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,18 +204,11 @@ def load_times(out: Path) -> dict:
 
 
 def save_times(out: Path, times: dict) -> None:
-    tmp = out / (TIMES_FILE + ".tmp")
+    """Merged with what is there: the tasks of a job array share the file."""
+    times = dict(load_times(out), **times)
+    tmp = out / f"{TIMES_FILE}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(times, indent=1, sort_keys=True))
     os.replace(tmp, out / TIMES_FILE)
-
-
-def hms(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,7 +248,8 @@ class Runner:
         return env
 
     def command(self, point: Point) -> list:
-        return self.launcher.command(point.ranks, self.python, point.train_args(self.out / point.name))
+        return self.launcher.command(point.ranks, self.python, point.train_args(self.out / point.name)
+                                     + (["--resume", "auto"] if checkpointed(point) else []))
 
     def run(self, point: Point) -> Outcome:
         from cnnpar import runlog
@@ -312,6 +286,8 @@ class Runner:
         if rc != 0 and SCHEDULER_STOP.search(output or ""):
             return Outcome(point, False, seconds, rc, output or "", "stopped by the scheduler", stopped=True)
         ok = rc == 0 and not message and runlog.is_complete_log(path)
+        if ok:
+            drop_checkpoint(path)
         if not ok and not message and path.exists():
             try:
                 log = runlog.open_log(path)
@@ -350,6 +326,14 @@ class Runner:
             procs = list(self.procs)
         for proc in procs:
             self.kill(proc, first, grace_s)
+
+
+def checkpointed(point: Point) -> bool:
+    """Whether the point's runs write checkpoints (a preset's `checkpoint_every`, or the flag after `--`):
+    then a stopped run continues from its latest one (`--resume auto`) instead of starting over."""
+    given = dict(point.base, **dict(point.named)).get("checkpoint_every")
+    extra = [a for a in point.extra if a == "--checkpoint-every" or a.startswith("--checkpoint-every=")]
+    return bool(given) or bool(extra)
 
 
 def failure_signature(outcome: Outcome) -> tuple:
@@ -400,9 +384,25 @@ def prior_seconds(points) -> float:
 
 
 def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, timeout: float | None = None,
-          dry_run: bool = False, preset: str | None = None, stream=None) -> int:
+          dry_run: bool = False, preset: str | None = None, stream=None, task: int | None = None,
+          slices: int = 1, array_job: str = "") -> int:
+    """Run the points that have no complete log in `out`; with `task`, only that array task's slice of them
+    (resumable.slice_of), beside the other tasks of the array job `array_job`."""
     stream = stream or sys.stdout
+    if task is not None:
+        print(f"sweep: array task {task} of {slices}: {len(slice_of(points, task, slices))} of the "
+              f"{len(points)} runs", file=stream, flush=True)
+        points = slice_of(points, task, slices)
+    if dry_run:
+        return _sweep(points, out, launcher, python, jobs, timeout, dry_run, preset, stream)
+    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, array_job) as folder_lock:
+        if folder_lock.note:
+            print(f"sweep: {folder_lock.note}", file=stream, flush=True)
+        return _sweep(points, out, launcher, python, jobs, timeout, dry_run, preset, stream)
 
+
+def _sweep(points, out, launcher, python, jobs, timeout, dry_run, preset, stream) -> int:
     def say(text=""):
         print(text, file=stream, flush=True)
 
@@ -415,8 +415,13 @@ def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, tim
         more = f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else ""
         raise UserError(str(out), f"{len(conflicts)} complete log(s) there were made with other settings than "
                                   f"this sweep asks for: {listing}{more}. Use another --out, or move them away")
+    live = [p.name for p in points if states[p.name][0] == "running"]
+    if live:
+        raise UserError(str(out / live[0]), f"is being written by a live process outside this sweep"
+                        f"{f' (and {len(live) - 1} more)' if len(live) > 1 else ''}: stop it, or wait for it")
     done = [p for p in points if states[p.name][0] in ("done", "diverged")]
     stale = [p for p in points if states[p.name][0] == "stale"]
+    resumed = [p for p in points if states[p.name][0] == "resumable"]
     todo = [p for p in points if states[p.name][0] not in ("done", "diverged")]
     estimator = Estimator(load_times(out) if out.is_dir() else {})
     for p in done:
@@ -428,7 +433,8 @@ def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, tim
     left /= min(jobs, max(len(todo), 1))
     flavour = launcher.flavour + (f" {launcher.version}" if launcher.version else "")
     say(f"sweep{' ' + preset if preset else ''}: {len(points)} runs into {out}: {len(done)} already complete, "
-        f"{len(todo)} to run{f' ({len(stale)} over incomplete leftovers)' if stale else ''}; "
+        f"{len(todo)} to run{f' ({len(stale)} over incomplete leftovers)' if stale else ''}"
+        f"{f' ({len(resumed)} resumed from their checkpoints)' if resumed else ''}; "
         f"estimated {hms(left) if todo else '0s'}{' (prior from the reference machine)' if unknown and todo else ''}")
     say(f"launcher: {shlex.join(launcher.argv)} ({flavour}); {launcher.cores} usable cores here")
     if dry_run:
@@ -437,14 +443,13 @@ def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, tim
             state, detail = states[p.name]
             note = {"done": "# skip: complete log exists", "diverged": f"# skip: diverged earlier "
                     f"({DIVERGED_DIR}/)", "stale": f"# rerun: leftover log ({detail}) "
-                    "would be moved to incomplete/", "todo": ""}[state]
+                    "would be moved to incomplete/", "resumable": f"# resume: {detail}", "todo": ""}[state]
             say(f"[{i}/{len(points)}] {shlex.join(runner.command(p))}{'  ' + note if note else ''}")
         return 0
     if not todo:
         say("nothing to run.")
         return 0
 
-    out.mkdir(parents=True, exist_ok=True)
     for p in stale:
         moved = move_aside(out / p.name, out, reason=f"leftover found by the sweep: {states[p.name][1]}")
         say(f"moved incomplete {p.name} ({states[p.name][1]}) to {moved.relative_to(out)}")
@@ -453,16 +458,16 @@ def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, tim
     times = dict(estimator.known)
     failures, diverged = [], []
     succeeded = []
-    started = time.monotonic()
     lock = threading.Lock()
     counter = itertools.count(len(done) + 1)
-    pending = list(todo)
+    progress = Progress(todo, estimator, jobs, fallback=prior_seconds)
+    pending = progress.pending
 
     def report(outcome: Outcome) -> None:
         with lock:
             i = next(counter)
             p = outcome.point
-            pending.remove(p)
+            progress.step(p)
             if outcome.ok:
                 estimator.add(p, outcome.seconds)
                 times[p.name] = outcome.seconds
@@ -482,12 +487,8 @@ def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, tim
             else:
                 failures.append(outcome)
                 result = f"FAILED after {hms(outcome.seconds)}: {outcome.message}"
-            left, unknown = estimator.remaining(pending)
-            if unknown:
-                left += prior_seconds([q for q in pending if estimator.predict(q) is None])
-            left /= min(jobs, max(len(pending), 1))
-            say(f"[{i}/{len(points)}] {p.name}: {result} | elapsed {hms(time.monotonic() - started)}, "
-                f"left ~{hms(left) if pending else '0s'}")
+            say(f"[{i}/{len(points)}] {p.name}: {result} | elapsed {hms(progress.elapsed_s())}, "
+                f"left ~{hms(progress.left_s())}")
             if not outcome.ok and not outcome.diverged and outcome.message != "interrupted":
                 say(f"    command: {shlex.join(runner.command(p))}")
                 if outcome.output.strip():
@@ -539,7 +540,7 @@ def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, tim
     ok = len(todo) - len(failures) - len(diverged)
     say(f"sweep: {ok} run(s) done now, {len(done)} earlier, {len(failures)} failed"
         f"{f', {len(diverged)} diverged (logs in {DIVERGED_DIR}/)' if diverged else ''}; "
-        f"{hms(time.monotonic() - started)}; logs in {out}")
+        f"{hms(progress.elapsed_s())}; logs in {out}")
     if failures:
         say("failed: " + ", ".join(f.point.name for f in failures))
         return 1
