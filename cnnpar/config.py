@@ -36,6 +36,8 @@ class Config:
     dataset: str = _opt("auto", "dataset name (mnist, fashion-mnist, mnist-5k) or a directory holding the four IDX "
                         "files; 'auto' = full mnist when fetched, else the bundled mnist-5k")
     data_dir: str = _opt("", "where datasets are looked for first (then $CNNPAR_DATA, then the project's data/)")
+    input_scale: float = _opt(1.0, "pixels are read as bytes / 255 x this: 1 = [0, 1], 255 = the raw 0-255 "
+                              "bytes (the paper does not say whether its code scales them)")
     # --- model ---
     arch: str = _opt("small", "network: 'small', 'lenet', or a layer stack in the grammar below")
     # --- optimisation ---
@@ -102,6 +104,8 @@ class Config:
                 raise UserError(flag, f"must not be negative, got {value}")
         if not (self.lr > 0 and self.lr < float("inf")):
             raise UserError("--lr", f"must be a positive finite number, got {self.lr}")
+        if not (self.input_scale > 0 and self.input_scale < float("inf")):
+            raise UserError("--input-scale", f"must be a positive finite number, got {self.input_scale}")
         if not (0 <= self.momentum < 1):
             raise UserError("--momentum", f"must be in [0, 1), got {self.momentum}")
         for flag, value, allowed in (("--mode", self.mode, MODES), ("--reduce", self.reduce, REDUCES),
