@@ -49,6 +49,9 @@ class Config:
     data_dir: str = _opt("", "where datasets are looked for first (then $CNNPAR_DATA, then the project's data/)",
                          affects=(), why="only where a dataset's files are looked for: the dataset's name says which "
                                          "they are")
+    input_scale: float = _opt(1.0, "pixels are read as bytes / 255 x this: 1 = [0, 1], 255 = the raw 0-255 "
+                              "bytes (the paper does not say whether its code scales them)",
+                              affects=(NUMBERS,), why="every input the network sees")
     # --- model ---
     arch: str = _opt("small", "network: 'small', 'lenet', or a layer stack in the grammar below",
                      affects=(NUMBERS,), why="the network trained")
@@ -155,6 +158,8 @@ class Config:
                 raise UserError(flag, f"must not be negative, got {value}")
         if not (self.lr > 0 and self.lr < float("inf")):
             raise UserError("--lr", f"must be a positive finite number, got {self.lr}")
+        if not (self.input_scale > 0 and self.input_scale < float("inf")):
+            raise UserError("--input-scale", f"must be a positive finite number, got {self.input_scale}")
         if not (0 <= self.momentum < 1):
             raise UserError("--momentum", f"must be in [0, 1), got {self.momentum}")
         for flag, value, allowed in (("--mode", self.mode, MODES), ("--reduce", self.reduce, REDUCES),

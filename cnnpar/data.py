@@ -27,7 +27,7 @@ file, that is an error rather than a silent fall-through to an older copy):
 5. ``fashion-mnist`` only: ``/usr/share/datasets/fashion-mnist/``, where Debian's ``dataset-fashion-mnist``
    package installs it.
 
-Pixels are scaled to float32 in [0, 1] (x / 255) once, at load; images come out as C-contiguous
+Pixels are scaled to float32 in [0, 1] (x / 255; times --input-scale if given) once, at load; images come out as C-contiguous
 (N, 1, H, W) float32 (28 x 28 for the named datasets) and labels as int32. Every defect in a file (magic,
 truncation, sizes, label range, counts, gzip) is a `UserError` naming the file. Training never downloads.
 
@@ -399,22 +399,24 @@ def read_split_uint8(directory) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _scaled(images: np.ndarray) -> np.ndarray:
+def _scaled(images: np.ndarray, input_scale: float = 1.0) -> np.ndarray:
     scaled = images.astype(np.float32).reshape(images.shape[0], 1, *images.shape[1:])
-    scaled /= np.float32(255)
+    # one division by 255 / scale: scale 1 gives the usual [0, 1] bits, scale 255 the raw bytes exactly
+    scaled /= np.float32(255 / input_scale)
     return scaled
 
 
-def load_dataset(name: str = AUTO, data_dir: str | None = None) -> Dataset:
-    """The dataset `name` (see the module docstring) with pixels as float32 in [0, 1]; never downloads."""
+def load_dataset(name: str = AUTO, data_dir: str | None = None, input_scale: float = 1.0) -> Dataset:
+    """The dataset `name` (see the module docstring) with pixels as float32 in [0, input_scale] (default
+    [0, 1]); never downloads."""
     resolved, directory, _ = _locate(name, data_dir)
     arrays = read_split_uint8(directory)
     return Dataset(
         name=resolved,
         source=str(directory),
-        train_images=_scaled(arrays["train_images"]),
+        train_images=_scaled(arrays["train_images"], input_scale),
         train_labels=arrays["train_labels"].astype(np.int32),
-        test_images=_scaled(arrays["test_images"]),
+        test_images=_scaled(arrays["test_images"], input_scale),
         test_labels=arrays["test_labels"].astype(np.int32),
     )
 

@@ -171,7 +171,7 @@ def _data_and_model(config: Config, world, dist, fold: int, say, started):
     resume = None
     with _dist.collective_check(world):
         _, notice = data.resolve_dataset(config.dataset, config.data_dir or None)
-        dataset = data.load_dataset(config.dataset, config.data_dir or None)
+        dataset = data.load_dataset(config.dataset, config.data_dir or None, config.input_scale)
         if config.folds > 1:
             dataset = data.fold_split(dataset, config.folds, fold, config.seed)
         network = model_lib.build_network(config.arch, dataset.train_images.shape[1:], dataset.n_classes)

@@ -22,7 +22,7 @@ from hypothesis.extra import numpy as hnp
 
 from cnnpar import data
 from cnnpar.data import (Dataset, epoch_permutation, fetch, fold_split, global_batch_size, load_dataset, read_idx,
-                         rank_slices, resolve_dataset, step_slice, steps_per_epoch, write_idx)
+                         rank_slices, read_split_uint8, resolve_dataset, step_slice, steps_per_epoch, write_idx)
 from cnnpar.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -651,3 +651,12 @@ def test_fuzzed_idx_files_give_a_user_error_or_a_valid_array(labels, gz, cut, fl
             assert str(path) in err.line() and "\n" not in err.line()
         else:
             assert result.dtype == np.uint8 and result.ndim in (1, 3)
+
+
+def test_input_scale_gives_the_raw_bytes_or_the_usual_unit_pixels():
+    unit = load_dataset("mnist-5k")
+    raw = load_dataset("mnist-5k", input_scale=255)
+    bytes_ = read_split_uint8(unit.source)["train_images"]
+    assert np.array_equal(raw.train_images[:, 0], bytes_.astype(np.float32))  # 255 = the bytes, exactly
+    assert np.array_equal(load_dataset("mnist-5k", input_scale=1.0).train_images, unit.train_images)
+    assert unit.train_images.max() == 1.0 and raw.test_images.max() == 255.0

@@ -227,7 +227,7 @@ def run_map(out: Path, selected: list, jobs: int, dry_run: bool = False, say=say
 
 
 def _run_part(out, pending, jobs, estimator, say, run_timeout_s, launcher_spec) -> int:
-    for how in ("one-process", "real-ranks", "noise"):
+    for how in {"one-process", "real-ranks", "noise"} | {p.how for p in pending}:
         (out / how).mkdir(parents=True, exist_ok=True)
     one_process = [p for p in pending if p.how != "real-ranks"]
     real = [p for p in pending if p.how == "real-ranks"]
