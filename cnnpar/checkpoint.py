@@ -9,7 +9,8 @@ and read back, then renamed), so a kill or a full disk at any moment leaves the
 previous checkpoint intact. No pickle anywhere: opening a checkpoint cannot run
 code.
 
-The checkpoint of a log lives beside it: `runpaths.checkpoint_path(log)`.
+The checkpoint of a log lives beside it: `runpaths.checkpoint_path(log)`. `resume_state` decides what a
+run given --resume continues from; `Checkpointer` decides when the trainer writes one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import shutil
 
 import numpy as np
 
-from .config import DEFAULTS, NUMBERS, RESUME_FIELDS, fields_that_change
+from . import runpaths
+from .config import DEFAULTS, NUMBERS, RESUME_FIELDS, checkpoint_interval, fields_that_change
 from .errors import UserError, WriteError
 from .runlog._h5 import write_failure_cause
 from .runlog.schema import OPTIONAL_GROUPS
@@ -130,3 +132,66 @@ def check_compatible(state: dict, config, ranks: int, n_params: int, path: str) 
                         f"the checkpointed run's settings")
     if state["params"].shape != (n_params,):
         raise UserError("--resume", f"{path} holds {state['params'].size} params, the network has {n_params}")
+
+
+def resume_state(config, log_path: str, ranks: int, n_params: int):
+    """The checkpoint to continue from, checked against this run; None for a fresh start; {"complete": True}
+    when the log is finished already; {"set_aside": PATH} when a dead attempt's log without a checkpoint
+    was moved to PATH (start over)."""
+    from .runlog import is_complete_log
+    from .runlog.lock import writer_alive
+
+    if not config.resume:
+        return None
+    path = runpaths.checkpoint_path(log_path) if config.resume == "auto" else config.resume
+    if config.resume == "auto" and not os.path.exists(path):
+        if not os.path.exists(log_path):
+            return None  # 'auto' with nothing there yet: job scripts can always pass it
+        if is_complete_log(log_path):
+            return {"complete": True}
+        # A job killed before its first checkpoint (SIGKILL, a node lost): a requeued job must start over,
+        # and the dead attempt's log is kept beside it, never overwritten.
+        if writer_alive(log_path):
+            raise UserError("--log", f"{log_path} is being written by a running job right now; --resume auto "
+                            f"neither continues nor replaces it")
+        return {"set_aside": runpaths.set_aside(log_path)}
+    state = load(path)
+    check_compatible(state, config, ranks, n_params, path)
+    if not os.path.exists(log_path):
+        owner = runpaths.log_of_checkpoint(path)
+        if owner and os.path.abspath(owner) != os.path.abspath(log_path):
+            raise UserError("--resume", f"{path} continues the log {owner}, not {log_path}: "
+                            f"pass --log {owner}")
+        raise UserError("--log", f"{log_path} is missing; the checkpoint {path} continues that log")
+    if is_complete_log(log_path):
+        return {"complete": True}
+    return state
+
+
+class Checkpointer:
+    """Decides when to checkpoint and writes one (rank 0; the window is flushed first, so the log and the
+    checkpoint agree on how many steps are done)."""
+
+    def __init__(self, config, log_path, steps_per_epoch, ranks, optimizer, noise=None):
+        interval = checkpoint_interval(config.checkpoint_every)
+        self.every_steps = 0
+        if interval is not None:
+            count, unit = interval
+            self.every_steps = count * (steps_per_epoch if unit == "epochs" else 1)
+        self.path = runpaths.checkpoint_path(log_path)
+        self.config_json = config.to_json()
+        self.ranks = ranks
+        self.optimizer = optimizer
+        self.noise = noise
+
+    def due(self, steps_done: int) -> bool:
+        return self.every_steps > 0 and steps_done % self.every_steps == 0
+
+    def save(self, log, params, steps_done, epoch_sums, train_time_s, samples_done) -> None:
+        if log is None:
+            return
+        log.flush()
+        save(self.path, params=params, velocity=self.optimizer.velocity, step=steps_done, epoch_sums=epoch_sums,
+             train_time_s=train_time_s, samples_done=samples_done, config_json=self.config_json, ranks=self.ranks,
+             log_steps=log.rows("steps"), log_epochs=log.rows("epochs"),
+             noise_sums=None if self.noise is None else self.noise.epoch_sums())

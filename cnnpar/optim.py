@@ -85,3 +85,20 @@ class SGD:
         self.velocity = self.velocity.astype(dtype)
         self._momentum_typed = dtype.type(self.momentum)  # float32 scalars keep the update in float32
         self._scale = math.nan
+
+
+# ---------------------------------------------------------------------------------------- the lr schedule
+
+def learning_rate(config, step: int, global_batch: int) -> float:
+    """The base lr, or with --lr-scaling linear the lr x global batch reached by a linear warm-up."""
+    if config.lr_scaling == "none":
+        return config.lr
+    target = config.lr * global_batch
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr + (target - config.lr) * (step + 1) / config.warmup_steps
+    return target
+
+
+def learning_rate_constant_from(config) -> int:
+    """The first step from which learning_rate no longer changes (the loop stops asking it then)."""
+    return config.warmup_steps if config.lr_scaling != "none" else 0

@@ -8,7 +8,11 @@ SGD step, so the replicas stay identical (checked by checksum).
 
 main() reads top to bottom: config -> ranks/seeds -> data -> model ->
 exchange -> loop -> evaluate -> close. Rank 0 alone prints and writes the
-HDF5 log; all ranks decide together on errors.
+HDF5 log; all ranks decide together on errors. What surrounds the run lives
+with what it concerns: the log's and the checkpoint's paths in runpaths,
+resuming and checkpointing in checkpoint, the lr schedule in optim, the
+window of step statistics (and the divergence check) in window, the log's
+record of the machine in environment.
 """
 
 from __future__ import annotations
@@ -18,20 +22,30 @@ from . import dist as _dist
 _dist.pin_threads()  # before numpy and numba load their thread pools
 
 import datetime  # noqa: E402
-import itertools  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import zlib  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from . import __version__  # noqa: E402
 from .config import Config, parse_config, build_parser  # noqa: E402
 from .errors import EXIT_USER_ERROR, EXIT_WRITE_ERROR, UserError, WriteError  # noqa: E402
 from .progress import Speaker, milestone, samples_per_s, write_milestones  # noqa: E402
+from .window import Diverged, StepWindow, flush_window  # noqa: E402
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpointer
+    from .data import Dataset
+    from .dist import Dist
+    from .exchange import Exchange
+    from .model import Network
+    from .noise import NoiseMeter
+    from .optim import SGD
+    from .runlog import RunLogWriter
+    from .signals import StopRequest
 
 milestone("imported")
 
@@ -150,23 +164,10 @@ def _warnings(config: Config, dist) -> list:
     return lines
 
 
-def _compile_kernels(config: Config, dist, network, dataset, say) -> None:
-    """The kernels this run calls, compiled across the node's ranks on a first run, loaded when warm."""
-    from . import warmup
-
-    from mpi4py import MPI
-
-    max_node_size = dist.comm.allreduce(dist.node_size, op=MPI.MAX) if dist.n_nodes > 1 else dist.node_size
-    exchange = warmup.exchange_kernels(config.mode, config.allreduce, dist.size, config.samples_per_rank,
-                                       network.dtype, dist.n_nodes, max_node_size)
-    plan = warmup.Plan(network, dataset.train_images, dataset.train_labels, exchange)
-    warmup.prepare(dist, plan, say)
-
-
 def _data_and_model(config: Config, world, dist, fold: int, say, started):
     """Load the data and build the network on every rank; rank 0 checks the log path and any checkpoint.
     Collective: a user error anywhere ends every rank with one line before anything is written."""
-    from . import data, model as model_lib
+    from . import checkpoint, data, model as model_lib, runpaths
 
     resume = None
     with _dist.collective_check(world):
@@ -183,39 +184,51 @@ def _data_and_model(config: Config, world, dist, fold: int, say, started):
         if config.noise_scale and global_batch < 2:
             raise UserError("--noise-scale", "needs two batch sizes to compare: run 2 or more ranks, or give "
                             "one rank --samples-per-rank 2 or more")
-        log_path = _log_path(config, world, started)
-        if world.Get_rank() == 0:
-            resume = _resume_state(config, log_path, dist.size, network.n_params)
+        log_path = runpaths.log_path(config, world.Get_size(), started)
+        if world.Get_rank() == 0:  # checked writable before training, and the checkpoint against this run
+            runpaths.check_log_path(log_path, make_folder=not config.log, resuming=bool(config.resume))
+            resume = checkpoint.resume_state(config, log_path, dist.size, network.n_params)
     if notice:
         say.line(notice)
     return dataset, network, log_path, world.bcast(resume, root=0)
+
+
+def _compile_kernels(config: Config, dist, network, dataset, say) -> None:
+    """The kernels this run calls, compiled across the node's ranks on a first run, loaded when warm."""
+    from . import warmup
+
+    from mpi4py import MPI
+
+    max_node_size = dist.comm.allreduce(dist.node_size, op=MPI.MAX) if dist.n_nodes > 1 else dist.node_size
+    exchange = warmup.exchange_kernels(config.mode, config.allreduce, dist.size, config.samples_per_rank,
+                                       network.dtype, dist.n_nodes, max_node_size)
+    plan = warmup.Plan(network, dataset.train_images, dataset.train_labels, exchange)
+    warmup.prepare(dist, plan, say)
 
 
 @dataclass
 class Run:
     """The parts of one run that the loop works with, built once before it starts."""
     config: Config
-    dist: object             # cnnpar.dist.Dist: this replica group's ranks and nodes
-    dataset: object          # cnnpar.data.Dataset
-    network: object          # cnnpar.model.Network
+    dist: Dist               # this replica group's ranks and nodes
+    dataset: Dataset
+    network: Network
     params: np.ndarray       # the flat float32 parameter block (possibly living in the exchange's window)
     grads: np.ndarray        # the flat gradient block, same layout
-    exchange: object         # cnnpar.exchange.Exchange
-    optimizer: object        # cnnpar.optim.SGD
-    log: object              # cnnpar.runlog.RunLogWriter on world rank 0, None elsewhere
+    exchange: Exchange
+    optimizer: SGD
+    log: RunLogWriter | None  # on world rank 0, None elsewhere
     say: Speaker
-    saver: "_Checkpointer"
+    saver: Checkpointer
     steps_per_epoch: int
     total_steps: int
-    stop: object             # cnnpar.signals.StopRequest: signals and write errors, agreed at window flushes
-    noise: object = None     # cnnpar.noise.NoiseMeter with --noise-scale (its epoch sums travel in checkpoints)
+    stop: StopRequest        # signals and write errors, agreed at window flushes
+    noise: NoiseMeter | None = None  # with --noise-scale (its epoch sums travel in checkpoints)
 
 
 def _start(config, dist, dataset, network, exchange, log_path, resume, say, started, stop=None) -> Run:
     """Params (fresh or from the checkpoint), the optimizer, the log (new or continued) and the checkpointer."""
-    from mpi4py import MPI
-
-    from . import data, model as model_lib, optim, runlog, signals
+    from . import checkpoint, data, environment, model as model_lib, optim, runlog, signals
 
     params = network.init_params(config.seed)
     if resume is not None:
@@ -233,7 +246,7 @@ def _start(config, dist, dataset, network, exchange, log_path, resume, say, star
     with _dist.collective_check(dist.world):  # a full disk here ends every rank with one line
         if dist.world.Get_rank() == 0 and resume is None:
             log = runlog.RunLogWriter(log_path, config.to_json(), _config_fields(config),
-                                      _environment(dist, MPI, exchange), _layout_rows(network), dist.size,
+                                      environment.describe(dist, exchange), _layout_rows(network), dist.size,
                                       dataset.n_classes, created=runlog.utc_stamp(started),
                                       world_ranks=dist.world.Get_size())
         elif dist.world.Get_rank() == 0:
@@ -245,7 +258,7 @@ def _start(config, dist, dataset, network, exchange, log_path, resume, say, star
         noise = NoiseMeter(network.n_params, dist.size, config.samples_per_rank, dist.rank == 0)
         if resume is not None and dist.rank == 0 and resume.get("noise_sums") is not None:
             noise.restore_epoch_sums(resume["noise_sums"])
-    saver = _Checkpointer(config, log_path, steps_per_epoch, dist.size, optimizer, noise)
+    saver = checkpoint.Checkpointer(config, log_path, steps_per_epoch, dist.size, optimizer, noise)
     return Run(config=config, dist=dist, dataset=dataset, network=network, params=params, grads=grads,
                exchange=exchange, optimizer=optimizer, log=log, say=say, saver=saver,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
@@ -264,7 +277,7 @@ def _train_and_log(run: Run, world, fold: int, resume) -> dict:
     except _Stopped as halt:
         _close_stopped(log, halt, world.Get_rank() == 0)
         raise SystemExit(halt.stop.exit_status)
-    except _Diverged as div:
+    except Diverged as div:
         if log is not None:
             log.close("diverged", str(div))
         if world.Get_rank() == 0:
@@ -365,92 +378,6 @@ def _summary_line(config: Config, result: dict, log_path: str) -> str:
             f"({result['samples_per_s']:.0f} samples/s, training only) | log {log_path}")
 
 
-def _set_aside(log_path: str) -> str:
-    """Rename a log out of the way to the first free `<name>.no-checkpoint-N<ext>` beside it; a hard link
-    then an unlink, so an existing file of that name is never replaced."""
-    stem, ext = os.path.splitext(log_path)
-    for n in itertools.count(1):
-        target = f"{stem}.no-checkpoint-{n}{ext}"
-        try:
-            os.link(log_path, target)
-        except FileExistsError:
-            continue
-        except OSError as err:
-            raise UserError("--log", f"{log_path} has no checkpoint to resume from and cannot be set aside "
-                            f"({err.strerror or err}): move it away or choose another --log") from None
-        os.unlink(log_path)
-        return target
-    raise AssertionError("unreachable")
-
-
-def _resume_state(config: Config, log_path: str, ranks: int, n_params: int):
-    """The checkpoint to continue from, checked against this run; None for a fresh start."""
-    from . import checkpoint, runpaths
-    from .runlog import is_complete_log
-    from .runlog.lock import writer_alive
-
-    if not config.resume:
-        return None
-    path = runpaths.checkpoint_path(log_path) if config.resume == "auto" else config.resume
-    if config.resume == "auto" and not os.path.exists(path):
-        if not os.path.exists(log_path):
-            return None  # 'auto' with nothing there yet: job scripts can always pass it
-        if is_complete_log(log_path):
-            return {"complete": True}
-        # A job killed before its first checkpoint (SIGKILL, a node lost): a requeued job must start over,
-        # and the dead attempt's log is kept beside it, never overwritten.
-        if writer_alive(log_path):
-            raise UserError("--log", f"{log_path} is being written by a running job right now; --resume auto "
-                            f"neither continues nor replaces it")
-        return {"set_aside": _set_aside(log_path)}
-    state = checkpoint.load(path)
-    checkpoint.check_compatible(state, config, ranks, n_params, path)
-    if not os.path.exists(log_path):
-        owner = runpaths.log_of_checkpoint(path)
-        if owner and os.path.abspath(owner) != os.path.abspath(log_path):
-            raise UserError("--resume", f"{path} continues the log {owner}, not {log_path}: "
-                            f"pass --log {owner}")
-        raise UserError("--log", f"{log_path} is missing; the checkpoint {path} continues that log")
-    if is_complete_log(log_path):
-        return {"complete": True}
-    return state
-
-
-class _Checkpointer:
-    """Decides when to checkpoint and writes one (rank 0; the window is flushed first, so the log and the
-    checkpoint agree on how many steps are done)."""
-
-    def __init__(self, config, log_path, steps_per_epoch, ranks, optimizer, noise=None):
-        from .config import checkpoint_interval
-        from .runpaths import checkpoint_path
-
-        interval = checkpoint_interval(config.checkpoint_every)
-        self.every_steps = 0
-        if interval is not None:
-            count, unit = interval
-            self.every_steps = count * (steps_per_epoch if unit == "epochs" else 1)
-        self.path = checkpoint_path(log_path)
-        self.config_json = config.to_json()
-        self.ranks = ranks
-        self.optimizer = optimizer
-        self.noise = noise
-
-    def due(self, steps_done: int) -> bool:
-        return self.every_steps > 0 and steps_done % self.every_steps == 0
-
-    def save(self, log, params, steps_done, epoch_sums, train_time_s, samples_done) -> None:
-        from . import checkpoint
-
-        if log is None:
-            return
-        log.flush()
-        checkpoint.save(self.path, params=params, velocity=self.optimizer.velocity, step=steps_done,
-                        epoch_sums=epoch_sums, train_time_s=train_time_s, samples_done=samples_done,
-                        config_json=self.config_json, ranks=self.ranks,
-                        log_steps=log.rows("steps"), log_epochs=log.rows("epochs"),
-                        noise_sums=None if self.noise is None else self.noise.epoch_sums())
-
-
 def _gather_folds(config, world, dist, fold, result) -> dict:
     """With --folds k, world rank 0 collects every fold's held-out accuracy (sent by each group's root)."""
     if config.folds == 1:
@@ -461,10 +388,6 @@ def _gather_folds(config, world, dist, fold, result) -> dict:
         return {}
     rows = sorted(row for row in everyone if row is not None)
     return {"fold_acc": np.array([r[1] for r in rows]), "fold_loss": np.array([r[2] for r in rows])}
-
-
-class _Diverged(Exception):
-    pass
 
 
 @dataclass
@@ -494,6 +417,7 @@ def _loop(run: Run, start: _Position) -> dict:
     slice of every step) is computed once, statistics go to plain Python accumulators, and everything
     else (logging, checks, progress) happens once per window of steps."""
     from .data import epoch_permutation, rank_slices
+    from .optim import learning_rate, learning_rate_constant_from
 
     config, dist, dataset, network = run.config, run.dist, run.dataset, run.network
     params, grads, exchange, optimizer, log, saver = (run.params, run.grads, run.exchange, run.optimizer,
@@ -505,9 +429,9 @@ def _loop(run: Run, start: _Position) -> dict:
     forward_backward_at = network.sampled_forward_backward(dataset.train_images, dataset.train_labels)
     starts, stops, step_counts = (a.tolist() for a in rank_slices(n_train, ranks, k, rank))
     global_batch = ranks * k
-    lr_constant_from = _learning_rate_constant_from(config)
-    lr = _learning_rate(config, lr_constant_from, global_batch)
-    window = _StepWindow(config.log_window)
+    lr_constant_from = learning_rate_constant_from(config)
+    lr = learning_rate(config, lr_constant_from, global_batch)
+    window = StepWindow(config.log_window)
     window.noise = noise = run.noise
     check_every = config.check_every
     first_step, train_time_s, samples_done = start.step, start.train_time_s, start.samples_done
@@ -524,7 +448,7 @@ def _loop(run: Run, start: _Position) -> dict:
             epoch, step_in_epoch = epoch + 1, 0
             order = epoch_permutation(config.seed, epoch, n_train)
         if step < lr_constant_from:
-            lr = _learning_rate(config, step, global_batch)
+            lr = learning_rate(config, step, global_batch)
         start_at, stop, step_count = starts[step_in_epoch], stops[step_in_epoch], step_counts[step_in_epoch]
 
         t0 = time.perf_counter()
@@ -555,7 +479,7 @@ def _loop(run: Run, start: _Position) -> dict:
         if flushed:
             if progress is not None:
                 progress.update(step, samples_done, train_time_s + time.perf_counter() - loop_start, window.rows)
-            _flush_window(window, comm, log, exchange)
+            flush_window(window, comm, log, exchange)
         if check_every and steps_done % check_every == 0:
             _check_replicas(comm, params, step, log, exchange)
 
@@ -634,58 +558,6 @@ def _warn_if_not_learning(run: Run, result: dict) -> None:
                      f"--lr (now {run.config.lr:g}) or --reduce mean")
 
 
-class _StepWindow:
-    """Per-step statistics of this rank (one tuple of FIELDS per step), kept until they are gathered to
-    rank 0 in one go. A list of tuples: appending one costs a fraction of writing a row of an array."""
-
-    FIELDS = ("step", "epoch", "loss_sum", "count", "step_count", "arrive_s", "reduce_s", "wait_s", "lr")
-
-    def __init__(self, size: int):
-        self.size = size
-        self.rows = []
-        self.noise = None  # a cnnpar.noise.NoiseMeter with --noise-scale: its rows travel in the same gather
-
-
-def _flush_window(window, comm, log, exchange) -> None:
-    """Gather the window's per-rank rows to rank 0, which derives the step figures and logs them.
-    Rank 0 also decides, for everyone, whether the run has diverged."""
-    n_fields = len(_StepWindow.FIELDS)  # fromiter over the flattened tuples: ~30% faster than np.array
-    rows = np.fromiter(itertools.chain.from_iterable(window.rows), np.float64,
-                       count=len(window.rows) * n_fields).reshape(len(window.rows), n_fields)
-    window.rows.clear()
-    gathered = comm.gather(rows if window.noise is None else (rows, window.noise.take_rows()), root=0)
-    if window.noise is not None and comm.Get_rank() == 0:
-        gathered, noise_rows = [g[0] for g in gathered], [g[1] for g in gathered]
-    audit = exchange.drain_audit()
-    bad_step = -1
-    if comm.Get_rank() == 0:
-        per_rank = np.stack(gathered, axis=1)  # (steps, ranks, fields)
-        f = {name: per_rank[:, :, i] for i, name in enumerate(_StepWindow.FIELDS)}
-        counts = f["count"]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rank_loss = np.where(counts > 0, f["loss_sum"] / counts, np.nan)
-            loss = f["loss_sum"].sum(axis=1) / np.maximum(counts.sum(axis=1), 1)
-        exchange_s, wait_s = exchange.split_wait(f["arrive_s"], f["reduce_s"], f["wait_s"])
-        steps = f["step"][:, 0].astype(np.int64)
-        if log is not None:
-            log.append_steps(steps, f["epoch"][:, 0].astype(np.int32), loss.astype(np.float32),
-                             rank_loss.astype(np.float32), f["step_count"][:, 0].astype(np.int32),
-                             f["arrive_s"].astype(np.float32), exchange_s.astype(np.float32),
-                             wait_s.astype(np.float32), f["lr"][:, 0].astype(np.float32))
-            if audit is not None:
-                log.append_audit(**audit)
-            if window.noise is not None:
-                log.append_noise(int(steps[0]), int(steps[-1]), **window.noise.window_summary(
-                    noise_rows, f["step_count"][:, 0]))
-        nonfinite = ~np.isfinite(loss)
-        if nonfinite.any():
-            bad_step = int(steps[np.argmax(nonfinite)])
-    bad_step = comm.bcast(bad_step, root=0)
-    if bad_step >= 0:
-        raise _Diverged(f"the loss became NaN or infinite at step {bad_step}; try a smaller --lr "
-                        f"or --reduce mean")
-
-
 def _check_replicas(comm, params, step, log, exchange) -> None:
     """Every replica must hold the same params; a mismatch is a bug in an exchange, so stop."""
     if not exchange.replicas_agree:
@@ -715,68 +587,6 @@ def _evaluate(network, params, dataset, dist):
     return totals[0] / n_test, totals[1] / n_test, confusion
 
 
-def _learning_rate(config: Config, step: int, global_batch: int) -> float:
-    """The base lr, or with --lr-scaling linear the lr x global batch reached by a linear warm-up."""
-    if config.lr_scaling == "none":
-        return config.lr
-    target = config.lr * global_batch
-    if config.warmup_steps and step < config.warmup_steps:
-        return config.lr + (target - config.lr) * (step + 1) / config.warmup_steps
-    return target
-
-
-def _learning_rate_constant_from(config: Config) -> int:
-    """The first step from which _learning_rate no longer changes (the loop stops asking it then)."""
-    return config.warmup_steps if config.lr_scaling != "none" else 0
-
-
-def _log_path(config: Config, world, started) -> str:
-    """The log's path (default runs/<date-time>-n<ranks>-<mode>.h5), checked writable before training."""
-    path = config.log
-    if not path:
-        stamp = started.strftime("%Y%m%d-%H%M%S")
-        path = os.path.join("runs", f"{stamp}-n{world.Get_size()}-{config.mode}.h5")
-    if world.Get_rank() == 0:
-        _check_log_path(path, make_folder=not config.log, resuming=bool(config.resume))
-    return path
-
-
-def _check_log_path(path: str, make_folder: bool, resuming: bool) -> None:
-    """Raise a UserError naming what is wrong with `path` as a new (or, resuming, continued) log file.
-    The last check creates and removes a file beside it, so a place the file system refuses (/proc, a
-    read-only mount) is caught here rather than by HDF5 after the kernels were compiled."""
-    if path.endswith(os.sep) or os.path.isdir(path):
-        raise UserError("--log", f"{path} is a folder; give a file path such as "
-                        f"{os.path.join(path, 'run.h5')}")
-    if os.path.exists(path):
-        if not resuming:
-            raise UserError("--log", f"{path} already exists; choose another path or remove it")
-        if not os.access(path, os.R_OK | os.W_OK):
-            raise UserError("--log", f"{path} cannot be continued: it is not readable and writable")
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    above = folder
-    while not os.path.exists(above):
-        above = os.path.dirname(above)
-    if not os.path.isdir(above):
-        raise UserError("--log", f"{above} is a file, not a folder, so {path} cannot be created")
-    if not os.path.isdir(folder):
-        if not make_folder:
-            raise UserError("--log", f"the folder {folder} does not exist")
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as err:
-            raise UserError("--log", f"cannot create the folder {folder}: {err.strerror}") from None
-    # The probe is a sibling, never the log's own name: a reader polling for the log (a watcher, a soak)
-    # must not find an empty file there, even for a moment.
-    probe = os.path.join(folder, f".cnnpar-probe-{os.getpid()}")
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        os.unlink(probe)
-    except OSError as err:
-        raise UserError("--log", f"{path} cannot be created: {err.strerror}") from None
-
-
 def _config_fields(config: Config) -> dict:
     import dataclasses
 
@@ -785,42 +595,6 @@ def _config_fields(config: Config) -> dict:
 
 def _layout_rows(network) -> list:
     return [(p.name, tuple(p.shape), p.offset, p.size) for p in network.layout]
-
-
-def _environment(dist, MPI, exchange) -> dict:
-    import platform
-
-    import h5py
-    import mpi4py
-    import numba
-
-    return {
-        "cnnpar": __version__, "python": platform.python_version(), "numpy": np.__version__,
-        "numba": numba.__version__, "mpi4py": mpi4py.__version__, "h5py": h5py.__version__,
-        "mpi_library": MPI.Get_library_version().replace("\0", "").strip().splitlines()[0],
-        "hostnames": list(dist.hostnames), "ranks": dist.world.Get_size(), "cores": dist.cores,
-        "physical_cores": _physical_cores(), "nodes": dist.n_nodes, "oversubscribed": dist.oversubscribed,
-        "wait": "yield" if dist.yield_when_waiting else "spin",
-        "threads_per_rank": int(numba.config.NUMBA_NUM_THREADS), "exchange": exchange.describe(),
-    }
-
-
-def _physical_cores() -> int:
-    """Distinct (package, core) pairs in /proc/cpuinfo; 0 when unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return 0
-    cores, package = set(), None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "physical id":
-            package = value.strip()
-        elif key == "core id":
-            cores.add((package, value.strip()))
-    return len(cores)
 
 
 if __name__ == "__main__":

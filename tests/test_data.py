@@ -21,8 +21,8 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from cnnpar import data
-from cnnpar.data import (Dataset, epoch_permutation, fetch, fold_split, global_batch_size, load_dataset, read_idx,
-                         rank_slices, read_split_uint8, resolve_dataset, step_slice, steps_per_epoch, write_idx)
+from cnnpar.data import (Dataset, epoch_permutation, fetch, fold_split, load_dataset, read_idx, rank_slices,
+                         read_split_uint8, resolve_dataset, steps_per_epoch, write_idx)
 from cnnpar.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -279,7 +279,7 @@ def test_search_order_data_dir_then_env_then_project(tmp_path, monkeypatch):
     explicit, env_root, project = tmp_path / "explicit", tmp_path / "env", tmp_path / "project"
     for root, n_train in ((explicit, 20), (env_root, 30), (project, 40)):
         _write_split(root / "mnist", _tiny_arrays(n_train=n_train))
-    monkeypatch.setattr(data, "project_data_dir", lambda: project)
+    monkeypatch.setattr(data.locate, "project_data_dir", lambda: project)
     monkeypatch.setenv("CNNPAR_DATA", str(env_root))
     assert len(load_dataset("mnist", str(explicit)).train_labels) == 20
     (explicit / "mnist").rename(explicit / "elsewhere")
@@ -293,7 +293,7 @@ def test_auto_prefers_fetched_mnist_else_bundled_with_a_notice(tmp_path, monkeyp
     project = tmp_path / "project"
     project.mkdir()
     (project / "mnist-5k").symlink_to(BUNDLED)
-    monkeypatch.setattr(data, "project_data_dir", lambda: project)
+    monkeypatch.setattr(data.locate, "project_data_dir", lambda: project)
     resolved, notice = resolve_dataset("auto", None)
     assert resolved == "mnist-5k"
     assert notice is not None and "\n" not in notice and "python -m cnnpar.data fetch mnist" in notice
@@ -306,7 +306,7 @@ def test_auto_prefers_fetched_mnist_else_bundled_with_a_notice(tmp_path, monkeyp
 def test_a_partial_dataset_is_an_error_not_a_fall_through(tmp_path, monkeypatch):
     project = tmp_path / "project"
     _write_split(project / "mnist")
-    monkeypatch.setattr(data, "project_data_dir", lambda: project)
+    monkeypatch.setattr(data.locate, "project_data_dir", lambda: project)
     partial = tmp_path / "mine" / "mnist"
     partial.mkdir(parents=True)
     labels = project / "mnist" / "train-labels-idx1-ubyte.gz"
@@ -317,7 +317,7 @@ def test_a_partial_dataset_is_an_error_not_a_fall_through(tmp_path, monkeypatch)
 
 
 def test_named_dataset_not_found_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "project_data_dir", lambda: None)
+    monkeypatch.setattr(data.locate, "project_data_dir", lambda: None)
     with pytest.raises(UserError) as caught:
         load_dataset("mnist", str(tmp_path))
     assert caught.value.culprit == "--dataset" and "fetch mnist" in caught.value.message
@@ -360,7 +360,7 @@ DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 @pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist to run this")
 def test_fashion_mnist_from_debian(monkeypatch):
-    monkeypatch.setattr(data, "project_data_dir", lambda: None)
+    monkeypatch.setattr(data.locate, "project_data_dir", lambda: None)
     dataset = load_dataset("fashion-mnist")
     assert dataset.source == str(DEBIAN_FASHION)
     assert len(dataset.train_labels) == 60000 and len(dataset.test_labels) == 10000
@@ -393,6 +393,27 @@ def test_fold_split_is_stratified_disjoint_and_deterministic():
 
 # ----------------------------------------------------------------------------------------------------
 # sharding
+
+# The package docstring's rule written out one step at a time, the reference the trainer's all-steps-at-once
+# rank_slices is checked against.
+
+def global_batch_size(n_samples: int, ranks: int, samples_per_rank: int, step: int) -> int:
+    """Samples in step `step` of an epoch over all ranks: ranks*k, less on the last step."""
+    batch = ranks * samples_per_rank
+    if not 0 <= step < steps_per_epoch(n_samples, ranks, samples_per_rank):
+        raise ValueError(f"step {step} out of range for an epoch of {n_samples} samples in batches of {batch}")
+    return min(batch, n_samples - step * batch)
+
+
+def step_slice(n_samples: int, ranks: int, samples_per_rank: int, step: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of `rank`'s samples in the epoch permutation at `step`; may be empty on a short step."""
+    if not 0 <= rank < ranks:
+        raise ValueError(f"rank {rank} out of range for {ranks} ranks")
+    size = global_batch_size(n_samples, ranks, samples_per_rank, step)
+    base, extra = divmod(size, ranks)
+    start = step * ranks * samples_per_rank + rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
 
 @pytest.mark.parametrize("n_samples", [1, 5, 11, 24, 97])
 def test_every_sample_once_per_epoch_for_1_to_12_ranks(n_samples):
@@ -435,6 +456,12 @@ def test_short_last_step_leaves_some_ranks_empty_but_in_range():
         step_slice(13, 12, 1, 2, 0)
     with pytest.raises(ValueError):
         step_slice(13, 12, 1, 0, 12)
+    starts, stops, sizes = rank_slices(13, 12, 1, 0)
+    assert (starts.tolist(), stops.tolist(), sizes.tolist()) == ([0, 12], [1, 13], [12, 1])
+    starts, stops, _ = rank_slices(13, 12, 1, 11)
+    assert (starts.tolist(), stops.tolist()) == ([11, 13], [12, 13])
+    with pytest.raises(ValueError):
+        rank_slices(13, 12, 1, 12)
 
 
 def test_permutation_is_the_same_everywhere_and_changes_by_epoch():
@@ -551,7 +578,7 @@ def test_fetch_dropped_connection_leaves_nothing(tmp_path, served):
 
 def test_fetch_refuses_plain_http_defaults_unknown_names_and_unwritable_dirs(tmp_path):
     with pytest.raises(UserError) as caught:
-        data._check_mirror("http://example.org/mnist/", explicit=False)
+        data.download._check_mirror("http://example.org/mnist/", explicit=False)
     assert caught.value.culprit == "--mirror"
     with pytest.raises(UserError):
         fetch("mnist", tmp_path, ["file:///etc/"], timeout=1)

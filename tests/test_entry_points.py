@@ -243,7 +243,7 @@ def test_a_closed_output_pipe_stops_quietly(tmp_path):
 def test_the_log_path_check_never_creates_the_log_itself(tmp_path, monkeypatch):
     """A watcher polling for the log must never find an empty file at its name (seen as 'not an HDF5 file'
     by launch/soak.py's live reads): the writability probe is a sibling file."""
-    from cnnpar import train
+    from cnnpar import runpaths
 
     created = []
     real_open = os.open
@@ -253,9 +253,9 @@ def test_the_log_path_check_never_creates_the_log_itself(tmp_path, monkeypatch):
             created.append(os.fspath(name))
         return real_open(name, flags, *args)
 
-    monkeypatch.setattr(train.os, "open", recording_open)
+    monkeypatch.setattr(runpaths.os, "open", recording_open)
     log = tmp_path / "run.h5"
-    train._check_log_path(str(log), make_folder=False, resuming=False)
+    runpaths.check_log_path(str(log), make_folder=False, resuming=False)
     assert created and str(log) not in created, created
     assert sorted(tmp_path.iterdir()) == []  # and the probe is gone
 
