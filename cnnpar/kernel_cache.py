@@ -188,15 +188,34 @@ def serialize_cache_saves() -> None:
     unlocked = cls.save
 
     def save(self, key, data):
-        with open(os.path.join(self._cache_path, ".cnnpar-save.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                unlocked(self, key, data)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        _saving[0] += 1
+        try:
+            with open(os.path.join(self._cache_path, ".cnnpar-save.lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    unlocked(self, key, data)
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        finally:
+            _saving[0] -= 1
+            if not _saving[0] and _deferred:
+                _deferred.pop()()
 
     save._cnnpar_locked = True
     cls.save = save
+
+
+_saving = [0]   # cache saves in progress in this process
+_deferred = []  # what after_saves() put off until they end
+
+
+def after_saves(action) -> None:
+    """Run `action` now, or, when a signal handler calls this inside a cache save, right after the save
+    (a save is a few milliseconds): an exit then never leaves an index without its data file."""
+    if _saving[0]:
+        _deferred[:] = [action]
+    else:
+        action()
 
 
 def recorded_seconds() -> dict:

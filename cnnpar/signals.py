@@ -21,12 +21,16 @@ SIGUSR1 and SIGUSR2; so under Open MPI a run stops as `preempted` whichever of t
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from . import kernel_cache
 
 SECOND_SIGNAL_S = 1.0
 WRITE_ERROR_CODE = 1 << 10  # above every signal number: a failed write outranks a signal
@@ -76,11 +80,32 @@ class StopRequest:
         self._mine = np.zeros(1, np.int32)
         self._agreed = np.zeros(1, np.int32)
 
+    def install_for_startup(self, speaks: bool) -> "StopRequest":
+        """Until `install()`: a stop signal ends this process at once (`exit_at_once`). Start-up (data,
+        kernels, the exchange's windows) has no step boundary to agree at and has written nothing."""
+        self._speaks = speaks
+        return self._take(self._exit_at_once)
+
     def install(self) -> "StopRequest":
-        if not self._previous and threading.current_thread() is threading.main_thread():
+        """From here (just before the log is created) stop signals are noted, and acted upon at a step."""
+        return self._take(self._note)
+
+    def _take(self, handler) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._note)
+                previous = signal.signal(signum, handler)
+                self._previous.setdefault(signum, previous)
         return self
+
+    def _exit_at_once(self, signum, frame) -> None:
+        if not self.signum:
+            self.signum = signum
+        if self._speaks:
+            line = (f"cnnpar: stopped by {signal.Signals(signum).name} while starting (loading data, compiling "
+                    f"kernels); nothing was written: run the same command again\n")
+        exit_at_once(128 + signum, line if self._speaks else "")
+
+    _speaks = False
 
     def stand_down(self) -> None:
         """No second signal kills at once from here: the timer is cancelled and the stop signals, should
@@ -89,7 +114,7 @@ class StopRequest:
         if signal.SIGALRM in self._previous:
             signal.setitimer(signal.ITIMER_REAL, 0)
         for signum in STOP_SIGNALS:
-            if signum in self._previous:
+            if signum in self._previous and signal.getsignal(signum) is signal.SIG_DFL:
                 signal.signal(signum, self._note)
 
     def restore(self) -> None:
@@ -154,3 +179,40 @@ class StopRequest:
             return None
         self.stand_down()  # every rank now stops (or finishes): the shutdown is not to be cut short
         return Stop(0 if code == WRITE_ERROR_CODE else code)
+
+
+_children = []  # processes this one started that must not outlive it (the compile helper)
+
+
+def end_with_me(process) -> None:
+    """`process` (a subprocess.Popen) is ended too when a stop signal ends this process at start-up."""
+    _children.append(process)
+
+
+def exit_at_once(status: int, line: str = "") -> None:
+    """End the process now with `status` after writing `line` to stderr, without cleaning up (nothing
+    has been written that needs closing). A numba cache save in progress finishes first
+    (kernel_cache.after_saves), so no half-written entry is left; a child started with `end_with_me`
+    gets SIGTERM."""
+    def leave():
+        for child in _children:
+            try:
+                child.terminate()
+            except OSError:
+                pass
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a flush the signal interrupted: what it held is lost
+                pass
+        if line:
+            os.write(2, line.encode())
+        os._exit(status)
+
+    kernel_cache.after_saves(leave)
+
+
+def exit_at_once_on_stop_signals() -> None:
+    """For a helper process (the compile helper): a stop signal ends it at once and quietly."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda signum, frame: exit_at_once(128 + signum))

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     world = MPI.COMM_WORLD
     owns_process = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    stop = StopRequest()
+    stop = StopRequest().install_for_startup(speaks=world.Get_rank() == 0)
     try:
         return train(argv, stop)
     except SystemExit:
@@ -130,6 +130,8 @@ def train(argv, stop=None) -> int:
     # --- exchange, then the run's parts around it: params, optimizer, log, checkpoints ---
     exchange = make_exchange(config, dist, network.n_params, network=network)
     milestone("exchange")
+    if stop is not None:
+        stop.install()  # the log is created next: from here a stop waits for a step boundary
     try:
         run = _start(config, dist, dataset, network, exchange, log_path, resume, say, started, stop)
         say.line(_startup_line(run, log_path))

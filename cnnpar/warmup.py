@@ -121,8 +121,9 @@ class Plan:
         """Written by node rank 0 once the plan compiled; a failure to write only costs the notice."""
         try:
             os.makedirs(os.path.dirname(self.stamp_path), exist_ok=True)
-            with open(self.stamp_path, "w") as f:
+            with open(f"{self.stamp_path}.{os.getpid()}.tmp", "w") as f:  # whole or absent, whatever kills us
                 f.write(json.dumps({"identity": self.identity, "compile_s": round(seconds, 3)}) + "\n")
+            os.replace(f.name, self.stamp_path)
         except OSError:
             pass
 
@@ -205,9 +206,12 @@ def compile_with_helper(plan: Plan, on_task_done=None) -> None:
     start or dies, this process compiles what it left (slower, same result)."""
     import subprocess
 
+    from .signals import end_with_me
+
     command = [sys.executable, "-m", "cnnpar.warmup", "--serve-plan", json.dumps(plan.spec)]
     try:
         helper = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        end_with_me(helper)
     except OSError:
         helper = None
     for number, phase in enumerate(plan.phases):
@@ -242,7 +246,11 @@ def compile_with_helper(plan: Plan, on_task_done=None) -> None:
 
 def serve_plan(spec: dict) -> int:
     """The helper's side of compile_with_helper: for each phase number read on stdin, compile that phase's
-    odd-numbered tasks and answer `done INDEX SECONDS` for each."""
+    odd-numbered tasks and answer `done INDEX SECONDS` for each. A stop signal (a terminal's ^C reaches
+    it too) ends it at once and quietly, after any cache save in progress."""
+    from .signals import exit_at_once_on_stop_signals
+
+    exit_at_once_on_stop_signals()
     kernel_cache.serialize_cache_saves()
     plan = Plan.from_spec(spec)
     for line in sys.stdin:

@@ -22,7 +22,7 @@ import pytest
 from cnnpar import launcher
 from cnnpar.errors import UserError
 from cnnpar.runlog import open_log
-from mpi_util import REPO, clean_env, run_train
+from mpi_util import REPO, clean_env, mpiexec, run_train
 
 MPICH = "MPICH Version:      4.1.2\nMPICH Release date: Wed Jun  7 15:22:45 CDT 2023\n"
 OPENMPI = "Open MPI v4.1.4, package: Debian OpenMPI, ident: 4.1.4, repo rev: v4.1.4, May 26, 2022\0"
@@ -294,3 +294,51 @@ def test_srun_without_the_matching_plugin_is_refused_not_run_as_separate_jobs(tm
     ours = [line for line in output.splitlines() if line.startswith("cnnpar")]
     assert len(ours) == 1, ours
     assert ours[0].startswith("cnnpar: error: launcher: srun started 2 tasks, but each sees an MPI world of 1 rank")
+
+
+# Slurm's time limits count in minutes, and slurmctld checks them every 30 s, sending a --signal warning
+# at the first check that finds the job within the warning time plus 30 s of its end: `--time=2` with
+# `--signal=B:USR1@60` warns 30-60 s after the start (after the start-up, before the limit). The run
+# trains for longer than that (about 80 s on an idle 2-core machine), so its first start cannot finish.
+TIME_LIMIT = ("--time=2", "--signal=B:USR1@60")
+TIME_LIMIT_EPOCHS = "80"
+
+
+@needs_slurm
+def test_a_time_limit_warning_checkpoints_requeues_and_resumes_bit_identical(tmp_path):
+    """A real time limit: the job's own --signal warning stops the run with a checkpoint, the job script
+    requeues the job, and the second start resumes and ends bit-identical to an uninterrupted run."""
+    log_path, out = tmp_path / "limited.h5", tmp_path / "limited.out"
+    line = _readme_jobs()["multinode"].replace(" launch/slurm/", f" {' '.join(TIME_LIMIT)} launch/slurm/")
+    job_id = _submit(line, out, "--epochs", TIME_LIMIT_EPOCHS, "--log", log_path)
+    # The same run without interruption, by the MPI's own launcher, meanwhile (it only slows the job down)
+    whole_path = tmp_path / "whole.h5"
+    whole = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, "-m", "cnnpar.train", "--dataset", "mnist-5k", "--reduce", "sum",
+                              "--epochs", TIME_LIMIT_EPOCHS, "--seed", "1", "--checkpoint-every", "1e",
+                              "--log", str(whole_path), "--quiet"], cwd=REPO, env=clean_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait(job_id, timeout_s=120, until=("RUNNING",) + FINAL_STATES)
+        # Requeued by its job script at the warning: the time limit never ended it
+        info = _wait(job_id, timeout_s=180, until=("PENDING", "REQUEUED") + FINAL_STATES)
+        assert info["JobState"] in ("PENDING", "REQUEUED"), out.read_text()
+        # The second start gets time to finish, and may begin at once (a requeued job waits otherwise)
+        subprocess.run(["scontrol", "update", f"jobid={job_id}", "TimeLimit=10", "StartTime=now"], timeout=30)
+        info = _wait(job_id, timeout_s=600)
+        output, _ = whole.communicate(timeout=600)
+    finally:
+        if whole.poll() is None:
+            whole.kill()
+    assert whole.returncode == 0, output
+    text = out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
+    assert "cnnpar: job: SIGUSR1 from Slurm (the time limit is near)" in text
+    stopped = [row for row in text.splitlines() if row.startswith("cnnpar: stopped by SIGUSR1 after step ")]
+    assert len(stopped) == 1 and f"checkpoint {log_path}.ckpt written" in stopped[0], text
+    assert "DUE TO TIME LIMIT" not in text and "requeueing job" in text and "resuming" in text, text
+    print(f"time-limited job {job_id}: {stopped[0]}")
+    resumed, reference = _result(log_path), _result(whole_path)
+    assert resumed["status"] == "complete"
+    assert np.array_equal(resumed["step"], reference["step"])
+    assert np.array_equal(resumed["loss"], reference["loss"])
+    assert np.array_equal(resumed["params"], reference["params"])

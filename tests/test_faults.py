@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -394,6 +395,102 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, to):
         assert log.status == "incomplete"
     _plain_open(path)
     _h5dump_reads(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# stop signals during the first run's compile (a cold kernel cache)
+
+COMPILE_FLAGS = ["--dataset", "mnist-5k", "--seed", "3", "--steps", "40"]
+COMPILE_EXIT_WITHIN_S = 5.0  # the goal is 2 s (docs/faults.md quotes the measured figures); a loaded machine
+
+
+@pytest.fixture(scope="module")
+def warm_reference(tmp_path_factory):
+    """The short run, with this tree's usual (warm) kernel cache."""
+    path = tmp_path_factory.mktemp("ref") / "warm.h5"
+    done = run_train(SIGNAL_RANKS, *COMPILE_FLAGS, "--log", path, "--quiet")
+    assert done.returncode == 0, done.stderr
+    return open_log(path)
+
+
+def _output_reader(job):
+    """The job's stderr lines as they come (a thread reads them, so the job never blocks on the pipe)."""
+    import threading
+
+    seen = []
+
+    def read():
+        for text in job.stderr:
+            seen.append(text.rstrip("\n"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return seen, reader
+
+
+@pytest.mark.parametrize("to, signum", [("group", signal.SIGINT), ("mpirun", signal.SIGTERM),
+                                        ("rank 0", signal.SIGKILL)],
+                         ids=["SIGINT-to-group", "SIGTERM-to-mpirun", "SIGKILL-to-rank0"])
+def test_a_stop_signal_during_the_first_compile(tmp_path, warm_reference, to, signum):
+    """Mid-compile on a cold cache: out within seconds with one line (none for SIGKILL), no log, and the
+    next run on that cache loads or recompiles what was left and trains bit-identical."""
+    if to == "mpirun":
+        _skip_unless_launcher_forwards_signals()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    path = tmp_path / "cold.h5"
+    tag = f"cold-{os.getpid()}-{signum}"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CNNPAR_TEST_TAG=tag, CNNPAR_CACHE_DIR=str(cache))
+    command = [mpiexec(), "-n", str(SIGNAL_RANKS), sys.executable, "-m", "cnnpar.train", *COMPILE_FLAGS,
+               "--log", str(path)]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env=env, start_new_session=True)
+    seen, reader = _output_reader(job)
+    try:
+        pids = wait_for_rank_pids(tag, SIGNAL_RANKS)
+        deadline = time.monotonic() + 120
+        while not any(text.startswith("compiling numba kernels") for text in seen):
+            assert job.poll() is None and time.monotonic() < deadline, seen
+            time.sleep(0.02)
+        time.sleep(random.uniform(0.5, 3.0))  # somewhere in the compile (10-35 s here)
+        assert not any(re.match(r"compiled (\d+)/\1 kernels", text) for text in seen), seen  # still compiling
+        sent_at = time.monotonic()
+        if to == "group":
+            os.killpg(job.pid, signum)
+        elif to == "mpirun":
+            os.kill(job.pid, signum)
+        else:
+            os.kill(pids[0], signum)
+        job.wait(timeout=60)
+        exit_s = time.monotonic() - sent_at
+        reader.join(timeout=30)  # EOF: no helper process holds the job's output open
+        assert not reader.is_alive(), "a process of the job outlived it"
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    stderr = "\n".join(seen)
+    ours = [text for text in _lines(stderr) if text.startswith("cnnpar:")]
+    print(f"compile row {to} {signum.name}: exit {job.returncode} after {exit_s:.2f} s, {len(ours)} cnnpar line(s)")
+    assert exit_s <= COMPILE_EXIT_WITHIN_S, exit_s
+    assert job.returncode != 0 and "Traceback" not in stderr, stderr
+    if signum == signal.SIGKILL:
+        assert ours == [], stderr
+    else:
+        _assert_stop_status(job.returncode, 128 + signum, stderr)
+        assert len(ours) == 1 and ours[0].startswith(f"cnnpar: stopped by {signum.name} while starting"), stderr
+        assert "nothing was written" in ours[0]
+        leftovers = [str(p) for p in cache.rglob("*") if ".tmp" in p.name]
+        assert leftovers == [], leftovers  # a save in progress was finished first, not cut
+    assert not path.exists() and not list(tmp_path.glob("cold.h5*")), sorted(os.listdir(tmp_path))
+    # The next run on the same cache: whatever was saved loads, the rest compiles, and it trains the same
+    again = run_train(SIGNAL_RANKS, *COMPILE_FLAGS, "--log", path, "--quiet", env={"CNNPAR_CACHE_DIR": str(cache)},
+                      timeout=300)
+    assert again.returncode == 0, again.stderr
+    with open_log(path) as log:
+        assert log.complete
+        assert np.array_equal(log.final["params"], warm_reference.final["params"])
+        assert np.array_equal(log.steps["loss"], warm_reference.steps["loss"])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from cnnpar.errors import UserError
 from cnnpar.runlog import (FORMAT, FORMAT_VERSION, RunLogWriter, is_complete_log, open_log)
+from mpi_util import run_train
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUT = [("conv1.w", (8, 1, 5, 5), 0, 200), ("conv1.b", (8,), 200, 8), ("dense.w", (10, 8), 208, 80),
@@ -504,6 +505,7 @@ def test_info_says_what_a_log_holds(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{path}: complete\n")
     assert "80 steps, last step 79, 2 epochs" in done.stdout and "no writer holds it" in done.stdout
+    assert "complete: nothing to resume\n" in done.stdout and "--resume auto" not in done.stdout
     missing = subprocess.run([sys.executable, "-m", "cnnpar.runlog", "info", str(tmp_path / "nope.h5")],
                              capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and missing.stderr.strip() == f"cnnpar: error: {tmp_path / 'nope.h5'}: no such file"
@@ -603,3 +605,25 @@ def test_csv_export_writes_every_table_without_pandas(tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and again.stderr.startswith("cnnpar: error: --csv: ")
     assert "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+def test_info_on_a_complete_run_with_its_last_checkpoint_beside_it_says_it_is_stale(tmp_path):
+    """A checkpointed run that finished leaves its last checkpoint: `info` must not send the user to
+    --resume auto (which would only answer `nothing to resume`), and says the checkpoint can go."""
+    path = tmp_path / "done.h5"
+    done = run_train(2, "--dataset", "mnist-5k", "--epochs", "2", "--checkpoint-every", "1e", "--log", path,
+                     "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert os.path.exists(f"{path}.ckpt")  # the first epoch's
+    info = subprocess.run([sys.executable, "-m", "cnnpar.runlog", "info", str(path)], capture_output=True,
+                          text=True, cwd=REPO)
+    assert info.returncode == 0, info.stderr
+    assert info.stdout.startswith(f"{path}: complete\n") and "--resume auto" not in info.stdout, info.stdout
+    assert f"the checkpoint {path}.ckpt is stale" in info.stdout and "can be removed" in info.stdout
+    resumed = run_train(2, "--dataset", "mnist-5k", "--epochs", "2", "--checkpoint-every", "1e", "--log", path,
+                        "--resume", "auto")
+    assert resumed.returncode == 0 and "nothing to resume" in resumed.stdout + resumed.stderr  # what it said
+    os.remove(f"{path}.ckpt")
+    info = subprocess.run([sys.executable, "-m", "cnnpar.runlog", "info", str(path)], capture_output=True,
+                          text=True, cwd=REPO)
+    assert "complete: nothing to resume" in info.stdout and "checkpoint" not in info.stdout, info.stdout

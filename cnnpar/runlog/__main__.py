@@ -40,10 +40,27 @@ def _info(path: str) -> str:
                      f"{100 * acc if not math.isnan(acc) else float('nan'):.1f}%")
     else:
         lines.append("  final: not written")
-    checkpoint = checkpoint_path(path)
-    if os.path.exists(checkpoint):
-        lines.append(f"  checkpoint {checkpoint}: continue with the same flags and --resume auto")
+    lines.append(_next_step(path, log))
     return "\n".join(lines)
+
+
+def _next_step(path: str, log) -> str:
+    """What to do with the log and the checkpoint beside it, as the trainer's --resume auto would see them."""
+    checkpoint = checkpoint_path(path)
+    has_checkpoint = os.path.exists(checkpoint)
+    if log.complete:
+        if has_checkpoint:  # --resume auto answers `nothing to resume` and never reads it again
+            return (f"  complete: nothing to resume; the checkpoint {checkpoint} is stale (the run went on to "
+                    f"finish after it) and can be removed")
+        return "  complete: nothing to resume"
+    if log.writer_alive:
+        return "  being written by a live run: wait for it (--resume auto refuses a log in use)"
+    if log.status == "diverged":
+        return "  diverged: a resumed run would follow the same trajectory; change --lr or --reduce"
+    if has_checkpoint:
+        return f"  checkpoint {checkpoint}: continue with the same flags and --resume auto"
+    return "  no checkpoint: --resume auto keeps this log aside (<name>.no-checkpoint-N.h5) and starts over"
+
 
 
 def export_csv(path: str, folder: str) -> list:
