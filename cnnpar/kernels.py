@@ -62,7 +62,15 @@ T_DOUT = 14    # offset of d(loss)/d(output) in the delta workspace
 T_ARGMAX = 15  # offset in the int workspace (pool only)
 T_XPAD = 16    # conv only: offset of its padded input (C, H+2P, W+2P) in the activation workspace
 T_SCRATCH = 17  # conv only: offset of the scratch all convs share (conv2d_scratch_size long)
-T_COLUMNS = 18
+T_FUSED = 18    # FUSED_CONV: a conv that runs the pool and relu after it (the next two rows) in its own
+                # pass; FUSED_DONE: one of those two rows (nothing left to do); 0: runs on its own
+T_FUSED_OUT = 19     # FUSED_CONV: the relu row's output offset (the pooled, rectified activation)
+T_FUSED_ARGMAX = 20  # FUSED_CONV: the pool row's argmax offset
+T_FUSED_DOUT = 21    # FUSED_CONV: the relu row's d(loss)/d(output) offset
+T_COLUMNS = 22
+
+FUSED_CONV = 1
+FUSED_DONE = 2
 
 
 # --------------------------------------------------------------------------------------------- conv
@@ -88,6 +96,21 @@ def conv2d_forward(out, xpad, scratch, x, weight, bias, pad):
 
     xpad (C,H+2P,W+2P) receives the padded input (the backward reads it); scratch: 1-D,
     conv2d_scratch_size(...) long."""
+    _conv_forward(out, out, out, False, xpad, scratch, x, weight, bias, pad)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def conv_pool_relu_forward(pooled, argmax, plane_shape, xpad, scratch, x, weight, bias, pad):
+    """pooled (F,PH,PW) = relu(maxpool2(conv(x) + bias)) in one pass: each filter's output is pooled
+    straight from the conv's accumulator, never stored. argmax (F,PH,PW) int32 as maxpool2_forward's
+    (flat index into the conv output (F,OH,OW)); plane_shape: any array of shape (F,OH,OW), not touched.
+    The same values, bit for bit, as conv2d_forward, maxpool2_forward, relu_forward in turn."""
+    _conv_forward(plane_shape, pooled, argmax, True, xpad, scratch, x, weight, bias, pad)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _conv_forward(out, pooled, argmax, fused, xpad, scratch, x, weight, bias, pad):
+    # out gives the output shape, and receives the output unless fused (then pooled/argmax do)
     F, OH, OW = out.shape
     C, Hp, Wp = xpad.shape
     K = weight.shape[2]
@@ -131,9 +154,47 @@ def conv2d_forward(out, xpad, scratch, x, weight, bias, pad):
                         shifted = src[kx:]
                         for i in range(L):
                             acc[i] += wk * shifted[i]
-        _unwiden(out[f], acc, Wp)
-        if K == 5 and twin != f:
-            _unwiden(out[twin], twin_acc, Wp)
+        if fused:
+            _pool_relu_wide(pooled[f], argmax[f], acc, Wp, f * OH * OW, OW)
+            if K == 5 and twin != f:
+                _pool_relu_wide(pooled[twin], argmax[twin], twin_acc, Wp, twin * OH * OW, OW)
+        else:
+            _unwiden(out[f], acc, Wp)
+            if K == 5 and twin != f:
+                _unwiden(out[twin], twin_acc, Wp)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _pool_relu_wide(pooled, argmax, wide, Wp, plane_at, OW):
+    # pooled (PH,PW) = relu(2x2 max of the wide-layout plane); argmax: flat index into (F,OH,OW) of the
+    # window's maximum, plane_at being the filter's plane start. Selects in maxpool2_forward's order, so
+    # ties and NaN resolve the same way.
+    PH, PW = pooled.shape
+    zero = pooled.dtype.type(0)
+    for py in range(PH):
+        top = wide[2 * py * Wp:]
+        bottom = wide[(2 * py + 1) * Wp:]
+        base = plane_at + 2 * py * OW
+        out_row = pooled[py]
+        argmax_row = argmax[py]
+        for px in range(PW):
+            i = 2 * px
+            best = top[i]
+            where = i
+            v = top[i + 1]
+            better = v > best
+            best = v if better else best
+            where = i + 1 if better else where
+            v = bottom[i]
+            better = v > best
+            best = v if better else best
+            where = OW + i if better else where
+            v = bottom[i + 1]
+            better = v > best
+            best = v if better else best
+            where = OW + i + 1 if better else where
+            out_row[px] = best if not (best <= 0) else zero
+            argmax_row[px] = base + where
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -324,6 +385,25 @@ def conv2d_backward(dx, dweight, dbias, scratch, dout, xpad, weight, pad, need_d
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def conv_pool_relu_backward(dx, dweight, dbias, scratch, dplane, dpooled, pooled, argmax, xpad, weight, pad,
+                            need_dx):
+    """The backward of conv_pool_relu_forward: dpooled (F,PH,PW) is dL/d(its output), pooled and argmax
+    what it left. dplane (F,OH,OW) receives dL/d(conv output); the rest as conv2d_backward, and the
+    same bits as relu_backward, maxpool2_backward, conv2d_backward in turn, with one call and one pass
+    over the pooled values instead of three."""
+    plane = dplane.reshape(dplane.size)
+    zero = plane.dtype.type(0)
+    for i in range(plane.shape[0]):
+        plane[i] = zero
+    dpooled_flat = dpooled.reshape(dpooled.size)
+    pooled_flat = pooled.reshape(pooled.size)
+    argmax_flat = argmax.reshape(argmax.size)
+    for j in range(dpooled_flat.shape[0]):
+        plane[argmax_flat[j]] = dpooled_flat[j] if not (pooled_flat[j] <= 0) else zero
+    conv2d_backward(dx, dweight, dbias, scratch, dplane, xpad, weight, pad, need_dx)
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def _add5(dst, v0, v1, v2, v3, v4):
     dst[0] += v0
     dst[1] += v1
@@ -476,6 +556,8 @@ def softmax_xent_backward(dlogits, probs, label):
 @njit(cache=True, fastmath=FASTMATH)
 def _layer_forward(params, work, iwork, row, image):
     op = row[T_OP]
+    if row[T_FUSED] == FUSED_DONE:
+        return
     C, H, W, F, OH, OW = row[T_C], row[T_H], row[T_W], row[T_F], row[T_OH], row[T_OW]
     if row[T_IN] < 0:
         x_flat = image.reshape(image.size)
@@ -489,7 +571,15 @@ def _layer_forward(params, work, iwork, row, image):
         Hp, Wp = H + 2 * P, W + 2 * P
         xpad = work[row[T_XPAD]:row[T_XPAD] + C * Hp * Wp].reshape((C, Hp, Wp))
         scratch = work[row[T_SCRATCH]:row[T_SCRATCH] + conv2d_scratch_size(C, H, W, F, K, P)]
-        conv2d_forward(out_flat.reshape((F, OH, OW)), xpad, scratch, x_flat.reshape((C, H, W)), weight, bias, P)
+        if row[T_FUSED] == FUSED_CONV:
+            pooled_shape = (F, OH // 2, OW // 2)
+            n_pooled = F * (OH // 2) * (OW // 2)
+            pooled = work[row[T_FUSED_OUT]:row[T_FUSED_OUT] + n_pooled].reshape(pooled_shape)
+            argmax = iwork[row[T_FUSED_ARGMAX]:row[T_FUSED_ARGMAX] + n_pooled].reshape(pooled_shape)
+            conv_pool_relu_forward(pooled, argmax, out_flat.reshape((F, OH, OW)), xpad, scratch,
+                                   x_flat.reshape((C, H, W)), weight, bias, P)
+        else:
+            conv2d_forward(out_flat.reshape((F, OH, OW)), xpad, scratch, x_flat.reshape((C, H, W)), weight, bias, P)
     elif op == OP_RELU:
         relu_forward(out_flat, x_flat)
     elif op == OP_POOL:
@@ -505,6 +595,8 @@ def _layer_forward(params, work, iwork, row, image):
 @njit(cache=True, fastmath=FASTMATH)
 def _layer_backward(params, grads, work, iwork, row, image):
     op = row[T_OP]
+    if row[T_FUSED] == FUSED_DONE:
+        return
     C, H, W, F, OH, OW = row[T_C], row[T_H], row[T_W], row[T_F], row[T_OH], row[T_OW]
     n_in = C * H * W
     n_out = F * OH * OW
@@ -524,8 +616,17 @@ def _layer_backward(params, grads, work, iwork, row, image):
         Hp, Wp = H + 2 * P, W + 2 * P
         xpad = work[row[T_XPAD]:row[T_XPAD] + C * Hp * Wp].reshape((C, Hp, Wp))
         scratch = work[row[T_SCRATCH]:row[T_SCRATCH] + conv2d_scratch_size(C, H, W, F, K, P)]
-        conv2d_backward(din.reshape((C, H, W)), dweight, grads[b0:b0 + F], scratch, dout.reshape((F, OH, OW)),
-                        xpad, weight, P, need_dx)
+        if row[T_FUSED] == FUSED_CONV:
+            pooled_shape = (F, OH // 2, OW // 2)
+            n_pooled = F * (OH // 2) * (OW // 2)
+            pooled = work[row[T_FUSED_OUT]:row[T_FUSED_OUT] + n_pooled].reshape(pooled_shape)
+            dpooled = work[row[T_FUSED_DOUT]:row[T_FUSED_DOUT] + n_pooled].reshape(pooled_shape)
+            argmax = iwork[row[T_FUSED_ARGMAX]:row[T_FUSED_ARGMAX] + n_pooled].reshape(pooled_shape)
+            conv_pool_relu_backward(din.reshape((C, H, W)), dweight, grads[b0:b0 + F], scratch,
+                                    dout.reshape((F, OH, OW)), dpooled, pooled, argmax, xpad, weight, P, need_dx)
+        else:
+            conv2d_backward(din.reshape((C, H, W)), dweight, grads[b0:b0 + F], scratch,
+                            dout.reshape((F, OH, OW)), xpad, weight, P, need_dx)
     elif op == OP_RELU:
         relu_backward(din, dout, work[row[T_OUT]:row[T_OUT] + n_out])
     elif op == OP_POOL:

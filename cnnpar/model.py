@@ -255,6 +255,7 @@ class Network:
     def _build_table(self):
         steps = self._execution_order()
         table = np.full((len(steps), K.T_COLUMNS), -1, np.int64)
+        table[:, K.T_FUSED] = 0
         act = 0              # activation offsets grow from the start of the workspace
         acts, sizes = [], []
         iwork = 0
@@ -305,6 +306,15 @@ class Network:
                 iwork += f * oh * ow
             if layer.kind == "conv":
                 row[K.T_XPAD], row[K.T_SCRATCH] = xpads[i], scratch_at
+        # conv, pool, relu in a row (as 'conv,relu,pool' runs) are one pass of the conv's kernels
+        for i in range(len(steps) - 2):
+            if ([layer.kind for layer in steps[i:i + 3]] == ["conv", "pool", "relu"]
+                    and table[i, K.T_FUSED] == 0):
+                table[i, K.T_FUSED] = K.FUSED_CONV
+                table[i + 1, K.T_FUSED] = table[i + 2, K.T_FUSED] = K.FUSED_DONE
+                table[i, K.T_FUSED_OUT] = table[i + 2, K.T_OUT]
+                table[i, K.T_FUSED_ARGMAX] = table[i + 1, K.T_ARGMAX]
+                table[i, K.T_FUSED_DOUT] = table[i + 2, K.T_DOUT]
         assert probs_at == table[-1, K.T_OUT] + n_classes
         # the first layer's unused dx is a typed view of the workspace start: make it long enough
         n_work = max(n_work, int(np.prod(self.input_shape)))

@@ -5,12 +5,15 @@
 Prints a readable table, then, as its LAST line, one JSON object with every figure. The step is what a
 rank does per step: zero the grads, forward+backward of k samples (one numba call), one SGD step.
 GFLOP/s are nominal (Network.flops_per_sample: dense multiply-adds x 2, forward + backward) over the
-forward+backward time, and are compared with the core's peak measured here as a float32 192x192
-matmul through numpy's BLAS pinned to one thread. --vs-torch runs PyTorch eager on the same
+forward+backward time, and are compared with the core's float32 peak measured here by a numba loop of
+independent fused multiply-adds on vectors (fma_peak_gflops; numpy's BLAS matmul 192x192 on one
+thread is printed beside it). --vs-torch runs PyTorch eager on the same
 architecture, one thread, at batch 1 and batch 64 (zero_grad, forward, summed cross-entropy,
-backward, SGD step) in the same run. --layers adds each layer's forward and backward kernel time, each
-run many times inside one numba call (no Python call cost; data hot in cache, so the parts sum to less
-than the whole step). Timings are medians of many runs, each repeated in rounds, the
+backward, SGD step) in the same run. --layers adds a roofline table: each kernel's forward and backward
+time (run many times inside one numba call: no Python call cost, data hot in cache, so the parts sum
+to less than the whole step), its nominal FLOPs and the bytes it reads and writes per sample, its
+GFLOP/s and their fraction of the measured peak. A conv followed by pool and relu runs as one kernel
+('conv+pool+relu'), so its row holds all three. Timings are medians of many runs, each repeated in rounds, the
 best round's median kept (other processes on a shared machine only ever slow a round down).
 """
 
@@ -49,6 +52,47 @@ def _median_us(fn, calls: int, rounds: int) -> float:
             times[i] = time.perf_counter() - t0
         best = min(best, float(np.median(times)))
     return best * 1e6
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _fma_loop(x, rounds, c):
+    # twelve independent accumulators per input load, each vectorised: the loop is bound by the
+    # FMA units, not by loads or by an FMA's latency
+    zero = x.dtype.type(0)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = s9 = s10 = s11 = zero
+    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11 = (c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8],
+                                                        c[9], c[10], c[11])
+    for _ in range(rounds):
+        for i in range(x.shape[0]):
+            v = x[i]
+            s0 += v * c0
+            s1 += v * c1
+            s2 += v * c2
+            s3 += v * c3
+            s4 += v * c4
+            s5 += v * c5
+            s6 += v * c6
+            s7 += v * c7
+            s8 += v * c8
+            s9 += v * c9
+            s10 += v * c10
+            s11 += v * c11
+    return s0 + s1 + s2 + s3 + s4 + s5 + s6 + s7 + s8 + s9 + s10 + s11
+
+
+def fma_peak_gflops(rounds: int = 15) -> float:
+    """The core's float32 peak as this numba/LLVM build reaches it: the best of `rounds` runs of ~0.5 ms
+    (short, so the best one dodges preemption on a shared machine)."""
+    x = np.random.default_rng(0).random(2048, dtype=np.float32)
+    c = np.random.default_rng(1).random(12, dtype=np.float32) * np.float32(1e-3)
+    repeats = 10
+    _fma_loop(x, 1, c)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        _fma_loop(x, repeats, c)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 12 * x.shape[0] * repeats / best / 1e9
 
 
 def peak_gflops() -> float:
@@ -101,9 +145,42 @@ def _repeat_layer(n, backward, params, grads, work, iwork, row, image):
             K._layer_forward(params, work, iwork, row, image)
 
 
-def bench_layers(arch: str, calls: int, rounds: int) -> list[dict]:
-    """Per table row (the order the kernels run: 'relu,pool' runs as 'pool,relu'), microseconds of
-    its forward and its backward kernel on one sample, repeated `calls` times inside numba."""
+def layer_costs(network, row) -> dict:
+    """Nominal FLOPs (multiply-adds x 2) and bytes read + written (float32 and int32 arrays, each once)
+    per sample, forward and backward, of one table row's kernels."""
+    op, fused = int(row[K.T_OP]), int(row[K.T_FUSED])
+    C, H, W, F, OH, OW, Kk, P = (int(row[c]) for c in (K.T_C, K.T_H, K.T_W, K.T_F, K.T_OH, K.T_OW, K.T_K, K.T_P))
+    need_dx = int(row[K.T_DIN] >= 0)
+    n_in, n_out = C * H * W, F * OH * OW
+    bytes_ = 4
+    if op == K.OP_CONV:
+        macs = n_out * C * Kk * Kk
+        n_weights = F * C * Kk * Kk + F
+        padded = C * (H + 2 * P) * (W + 2 * P)
+        forward_bytes = (n_in + padded + n_weights + n_out) * bytes_
+        backward_bytes = (n_out + padded + 2 * n_weights + (n_weights + 2 * n_in) * need_dx) * bytes_
+        if fused == K.FUSED_CONV:
+            pooled = F * (OH // 2) * (OW // 2)
+            forward_bytes += (3 * pooled - n_out) * bytes_      # the pooled values and argmax, not the plane
+            backward_bytes += (3 * pooled + n_out) * bytes_     # dpooled, pooled, argmax read; the plane written
+        return {"forward_flops": 2 * macs, "backward_flops": 2 * macs * (1 + need_dx),
+                "forward_bytes": forward_bytes, "backward_bytes": backward_bytes}
+    if op == K.OP_DENSE:
+        macs = n_in * F
+        return {"forward_flops": 2 * macs, "backward_flops": 2 * macs * (1 + need_dx),
+                "forward_bytes": (macs + n_in + 2 * F) * bytes_,
+                "backward_bytes": (2 * macs + n_in + 3 * F + (macs + n_in) * need_dx) * bytes_}
+    if op == K.OP_POOL:
+        return {"forward_flops": 0, "backward_flops": 0, "forward_bytes": (n_in + 2 * n_out) * bytes_,
+                "backward_bytes": (2 * n_out + n_in) * bytes_}
+    return {"forward_flops": 0, "backward_flops": 0, "forward_bytes": 2 * n_in * bytes_,
+            "backward_bytes": 3 * n_in * bytes_}
+
+
+def bench_layers(arch: str, calls: int, rounds: int, peak: float) -> list[dict]:
+    """Per table row (the order the kernels run: 'relu,pool' runs as 'pool,relu'; rows run by a fused
+    conv are left out), microseconds of its forward and its backward kernel on one sample, repeated
+    `calls` times inside numba, with layer_costs' figures and GFLOP/s against `peak`."""
     network = build_network(arch)
     params = network.init_params(0)
     grads = np.zeros_like(params)
@@ -114,8 +191,11 @@ def bench_layers(arch: str, calls: int, rounds: int) -> list[dict]:
     names = {K.OP_CONV: "conv", K.OP_RELU: "relu", K.OP_POOL: "pool", K.OP_DENSE: "dense"}
     rows = []
     for index, row in enumerate(network.table):
-        figures = {"layer": index, "op": names[int(row[K.T_OP])]}
-        for key, backward in (("forward_us", False), ("backward_us", True)):
+        if row[K.T_FUSED] == K.FUSED_DONE:
+            continue
+        op = names[int(row[K.T_OP])] + ("+pool+relu" if row[K.T_FUSED] == K.FUSED_CONV else "")
+        figures = {"layer": index, "op": op, **layer_costs(network, row)}
+        for way, backward in (("forward", False), ("backward", True)):
             def run(n, backward=backward, row=row):
                 _repeat_layer(n, backward, params, grads, network._work, network._iwork, row, images[0])
             run(1)
@@ -124,9 +204,24 @@ def bench_layers(arch: str, calls: int, rounds: int) -> list[dict]:
                 t0 = time.perf_counter()
                 run(calls)
                 best = min(best, (time.perf_counter() - t0) / calls)
-            figures[key] = best * 1e6
+            figures[f"{way}_us"] = best * 1e6
+            figures[f"{way}_gflops"] = figures[f"{way}_flops"] / (best * 1e9)
+            figures[f"{way}_fraction_of_peak"] = figures[f"{way}_gflops"] / peak
+            figures[f"{way}_flops_per_byte"] = figures[f"{way}_flops"] / figures[f"{way}_bytes"]
         rows.append(figures)
     return rows
+
+
+def print_roofline(rows: list[dict], peak: float) -> None:
+    print(f"  roofline, one sample, peak {peak:.0f} GFLOP/s (FMA loop):")
+    print(f"  {'layer':>5} {'kernel':<16} {'way':<8} {'us':>7} {'kFLOP':>8} {'KB':>7} {'FLOP/B':>7} "
+          f"{'GFLOP/s':>8} {'of peak':>8}")
+    for figures in rows:
+        for way in ("forward", "backward"):
+            print(f"  {figures['layer']:5d} {figures['op']:<16} {way:<8} {figures[f'{way}_us']:7.2f} "
+                  f"{figures[f'{way}_flops'] / 1e3:8.1f} {figures[f'{way}_bytes'] / 1e3:7.1f} "
+                  f"{figures[f'{way}_flops_per_byte']:7.2f} {figures[f'{way}_gflops']:8.1f} "
+                  f"{100 * figures[f'{way}_fraction_of_peak']:7.0f}%")
 
 
 def bench_torch(grammar: str, batch: int, calls: int, rounds: int) -> float:
@@ -191,24 +286,24 @@ def main(argv=None) -> int:
     if args.k != 1:
         batched = bench_numba(args.arch, args.k, max(args.calls // args.k, 20), args.rounds)
         result[f"step_us_per_sample_k{args.k}"] = batched["step_us_per_sample"]
-    peak = peak_gflops()
+    peak = fma_peak_gflops()
     result["peak_gflops"] = peak
-    result["peak_method"] = "numpy float32 matmul 192x192, BLAS pinned to 1 thread"
+    result["peak_method"] = "numba float32 FMA loop, 12 independent vector accumulators, 1 thread"
+    result["blas_gflops"] = peak_gflops()
+    result["blas_method"] = "numpy float32 matmul 192x192, BLAS pinned to 1 thread"
     result["fraction_of_peak"] = result["gflops"] / peak
     print(f"arch {args.arch} ({result['grammar']}), {result['n_params']} params, one core")
     print(f"  forward+backward per sample  {result['fwd_bwd_us_per_sample']:8.1f} us")
     print(f"  full step (zero, fwd+bwd, SGD){result['step_us']:8.1f} us   {result['samples_per_s']:.0f} samples/s")
     print(f"  {result['gflops']:.1f} GFLOP/s nominal = {100 * result['fraction_of_peak']:.0f}% of the "
-          f"{peak:.0f} GFLOP/s peak ({result['peak_method']})")
+          f"{peak:.0f} GFLOP/s peak ({result['peak_method']}; BLAS matmul {result['blas_gflops']:.0f})")
     print(f"  full step, grads zeroed inside the SGD pass (SGD.step(..., zero_grads=True)) "
           f"{result['step_us_zero_in_sgd']:.1f} us")
     if args.k != 1:
         print(f"  k={args.k}: {result[f'step_us_per_sample_k{args.k}']:.1f} us per sample")
     if args.layers:
-        result["layers"] = bench_layers(args.arch, max(args.calls // 10, 50), 4 * args.rounds)
-        for figures in result["layers"]:
-            print(f"  layer {figures['layer']} {figures['op']:5s}  forward {figures['forward_us']:6.2f} us  "
-                  f"backward {figures['backward_us']:6.2f} us")
+        result["layers"] = bench_layers(args.arch, max(args.calls // 10, 50), 4 * args.rounds, peak)
+        print_roofline(result["layers"], peak)
     if args.vs_torch:
         import torch
 
