@@ -671,7 +671,7 @@ def test_array_slices_are_disjoint_cover_the_grid_and_a_timed_preset_is_refused(
     for task in (1, 0):
         buffer = io.StringIO()
         assert runner.sweep(points, out, launchers.make_launcher(str(fake)), sys.executable, stream=buffer,
-                            task=task, slices=2, array_job="41") == 0, buffer.getvalue()
+                            task=task, slices=2) == 0, buffer.getvalue()
         texts.append(buffer.getvalue())
     assert "sweep: array task 1 of 2: 2 of the 4 runs" in texts[0]
     ran = [call[call.index("--log") + 1] for call in called()]

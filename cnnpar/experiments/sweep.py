@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     if args.timeout < 0:
         raise UserError("--timeout", f"must not be negative, got {args.timeout}")
     groups, out, preset = build_groups(args, extra)
-    task, array_job = array_slice(args, preset)
+    task = array_slice(args, preset)
     points = expand(groups, extra)
     if not points:
         raise UserError("grid", "no runs: the ranks, modes or seeds list is empty")
@@ -194,26 +194,25 @@ def main(argv=None) -> int:
     launcher = make_launcher(args.launcher)
     out = out.resolve() if not args.dry_run else out
     return sweep(points, out, launcher, args.python, args.jobs, args.timeout or None, args.dry_run, preset,
-                 task=task, slices=args.slices or 1, array_job=array_job)
+                 task=task, slices=args.slices or 1)
 
 
 def array_slice(args, preset) -> tuple:
-    """(task, array job id) of a sliced sweep, (None, '') of a whole one."""
+    """The task of a sliced sweep, None for a whole one."""
     if not args.slices:
         if args.task is not None:
             raise UserError("--task", "needs --slices")
-        return None, ""
+        return None
     if args.slices < 1:
         raise UserError("--slices", f"must be at least 1, got {args.slices}")
     if preset and load_presets()[preset].timed:
         raise UserError("--slices", f"the {preset} preset's timings are results: its runs stay sequential in "
                                     "one allocation (launch/slurm/sweep.sbatch)")
-    task, array_job = array_task()
-    task = args.task if args.task is not None else task
+    task = args.task if args.task is not None else array_task()
     if task is None or not 0 <= task < args.slices:
         raise UserError("--task", f"a slice of 0..{args.slices - 1} is needed with --slices {args.slices} (got "
                                   f"{task}; inside a job array it is SLURM_ARRAY_TASK_ID)")
-    return task, array_job
+    return task
 
 
 if __name__ == "__main__":
