@@ -342,3 +342,76 @@ def test_a_time_limit_warning_checkpoints_requeues_and_resumes_bit_identical(tmp
     assert np.array_equal(resumed["step"], reference["step"])
     assert np.array_equal(resumed["loss"], reference["loss"])
     assert np.array_equal(resumed["params"], reference["params"])
+
+
+def _map_logs(folder) -> dict:
+    """{how/name: log} of a map folder's results (not its incomplete/ leftovers)."""
+    return {f"{p.parent.name}/{p.name}": p for how in ("one-process", "real-ranks", "noise")
+            for p in sorted((folder / how).glob("*.h5"))}
+
+
+@needs_slurm
+def test_map_job_array_equals_a_local_map_and_a_cancelled_task_resubmitted_completes_its_slice(tmp_path):
+    line = _readme_jobs()["map"]
+    array, local = tmp_path / "array", tmp_path / "local"
+    started = time.monotonic()
+    job = _submit(line, tmp_path / "map-%a.out", "--out", array)
+    report = subprocess.run(["sbatch", "--parsable", f"--dependency=afterany:{job}", "--ntasks=1",
+                             f"--output={tmp_path / 'report.out'}", "launch/slurm/map.sbatch", "--report",
+                             str(array)], capture_output=True, text=True, cwd=REPO, env=_environment(),
+                            timeout=60)
+    assert report.returncode == 0, report.stderr
+    report_id = report.stdout.strip().split(";")[0]
+    # the same map run here meanwhile, the reference the array's logs must equal
+    here = subprocess.Popen([sys.executable, "-m", "cnnpar", "map", "--tiny", "--out", str(local), "--jobs", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=clean_env())
+    try:
+        # task 0 is cancelled while it runs the audited race of its slice (the longest point: tens of seconds)
+        from cnnpar.experiments import map as tiny_map
+
+        first = f"{job}_0"
+        (race,) = [p for p in tiny_map.unique_points(tiny_map.slice_parts(tiny_map.parts(tiny=True), 0, 4))
+                   if p.mode == "race"]
+        race_log = tiny_map.log_path(array, race)
+        deadline = time.monotonic() + 300
+        while not (race_log.exists() and _job(first).get("JobState") == "RUNNING"):
+            assert time.monotonic() < deadline, (_job(first), (tmp_path / "map-0.out").read_text()
+                                                 if (tmp_path / "map-0.out").exists() else "")
+            time.sleep(0.2)
+        subprocess.run(["scancel", first], check=True, timeout=30)
+        assert _wait(first)["JobState"] == "CANCELLED"
+        again = _submit(line.replace("--array=0-3", "--array=0"), tmp_path / "map-0-again.out", "--out", array)
+        # the report waits for the resubmitted task too (a user does the same after a resubmission)
+        subprocess.run(["scontrol", "update", f"jobid={report_id}", f"dependency=afterany:{job}:{again}"],
+                       check=True, timeout=30)
+        output, _ = here.communicate(timeout=400)
+        assert here.returncode == 0, output
+    finally:
+        if here.poll() is None:
+            here.kill()
+    info = _wait(report_id, 400)
+    assert info["JobState"] == "COMPLETED", (tmp_path / "report.out").read_text()
+    tasks = {k: _job(f"{job}_{k}") for k in range(1, 4)} | {"again": _job(again)}
+    for name, task in tasks.items():
+        out = tmp_path / ("map-0-again.out" if name == "again" else f"map-{name}.out")
+        assert task["JobState"] == "COMPLETED", out.read_text()
+        assert task["EndTime"] <= info["StartTime"]   # ISO times: the report ran after every task ended
+    print(f"map array {job}: 4 tasks (task 0 cancelled, resubmitted as {again}), report {report_id}, "
+          f"{time.monotonic() - started:.0f} s in all")
+    # the race the cancel stopped was moved aside and run again (too short to checkpoint)
+    assert list((array / "incomplete").glob(race.name.replace(".h5", ".*.h5")))
+    assert (array / "report" / "explain.md").exists()
+
+    ours, theirs = _map_logs(array), _map_logs(local)
+    assert sorted(ours) == sorted(theirs) and len(ours) == 9
+    for name, path in theirs.items():
+        with open_log(path) as want, open_log(ours[name]) as got:
+            assert got.status == want.status == "complete", name
+            assert (got.ranks, got.config["mode"]) == (want.ranks, want.config["mode"])
+            if want.config["mode"] == "race":
+                continue   # a race's losses differ between any two runs: the same kind of run is all
+            assert np.array_equal(got.final["params"], want.final["params"]), name
+            assert np.array_equal(got.steps["loss"], want.steps["loss"]), name
+            assert np.array_equal(got.steps["rank_loss"], want.steps["rank_loss"]), name
+            for column in ("train_loss", "test_loss"):
+                assert np.array_equal(got.epochs[column], want.epochs[column]), name

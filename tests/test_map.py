@@ -145,7 +145,10 @@ def test_a_stopped_map_point_resumes_from_its_checkpoint_bit_identical(tmp_path)
 
 
 def test_a_second_map_on_a_folder_in_use_refuses_with_one_line_naming_the_holder(tmp_path):
-    from cnnpar.experiments.resumable import FolderLock
+    import os
+
+    from cnnpar.experiments import map as map_launcher
+    from cnnpar.experiments.resumable import FolderLock, sliced
 
     with FolderLock(tmp_path):
         done = subprocess.run([sys.executable, "-m", "cnnpar", "map", "--tiny", "--out", str(tmp_path)],
@@ -154,12 +157,15 @@ def test_a_second_map_on_a_folder_in_use_refuses_with_one_line_naming_the_holder
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"cnnpar: error: {tmp_path}: in use by pid "), lines
     assert not (tmp_path / "one-process").exists()
-    # tasks of one job array share a folder; another array, or a plain map, may not join them
-    with FolderLock(tmp_path, array_job="77"):
-        FolderLock(tmp_path, array_job="77").acquire().release()
-        for other in ("78", ""):
+    # the slices of one map share a folder, one task per slice; another grid, or a plain map, may not join
+    points = map_launcher.unique_points(map_launcher.parts(tiny=True))
+    with sliced(tmp_path, points, 1, 4):
+        with sliced(tmp_path, points, 2, 4):
+            pass
+        for task, others, slices in ((1, points, 4), (2, points[1:], 4), (2, points, 3), (None, points, 1)):
             try:
-                FolderLock(tmp_path, array_job=other).acquire()
-                raise AssertionError(f"array job {other!r} joined array 77's folder")
+                with sliced(tmp_path, others, task, slices):
+                    raise AssertionError(f"slice {task} of {slices} joined")
             except UserError as err:
-                assert "array job 77" in err.message
+                assert err.message.startswith(f"in use by pid {os.getpid()} on "), err.message
+                assert ("slice 1 of 4" in err.message) == (task == 1), err.message

@@ -660,3 +660,22 @@ def test_an_interrupted_sweep_point_resumes_from_its_checkpoint_bit_identical(tm
         assert np.array_equal(got.final["params"], want.final["params"])
         assert np.array_equal(got.steps["loss"], want.steps["loss"])
         assert np.array_equal(got.steps["step"], want.steps["step"])
+
+
+def test_array_slices_are_disjoint_cover_the_grid_and_a_timed_preset_is_refused(tmp_path, fake_mpi):
+    fake, called = fake_mpi
+    out = tmp_path / "out"
+    args, extra = _args(*GRID)
+    points = grid.expand(sweep.build_groups(args, extra)[0], extra)
+    texts = []
+    for task in (1, 0):
+        buffer = io.StringIO()
+        assert runner.sweep(points, out, launchers.make_launcher(str(fake)), sys.executable, stream=buffer,
+                            task=task, slices=2) == 0, buffer.getvalue()
+        texts.append(buffer.getvalue())
+    assert "sweep: array task 1 of 2: 2 of the 4 runs" in texts[0]
+    ran = [call[call.index("--log") + 1] for call in called()]
+    assert len(ran) == len(set(ran)) == 4 and sorted(p.name for p in out.glob("*.h5")) == sorted(
+        p.name for p in points)
+    with pytest.raises(UserError, match="the paper preset's timings are results"):
+        sweep.array_slice(_args("--preset", "paper", "--slices", "2", "--task", "0")[0], "paper")

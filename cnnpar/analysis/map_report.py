@@ -27,7 +27,7 @@ from cnnpar.errors import UserError, exit_on_user_error
 
 SCRIPT = "map_report"
 PAPER = [PAPER_ACC_PCT[n] for n in range(1, 13)]
-GOOD_FIT_PP = 10.0       # the bar: a fit within 10 pp RMS of Table I
+GOOD_FIT_PP = 10.0       # the goal: a fit within 10 pp RMS of Table I
 CANDIDATES_TO_COMPLETE = 3  # settings per hypothesis and dataset completed at the rank counts the map skipped
 
 
@@ -459,7 +459,7 @@ def _overhead_lines(folder: Path) -> list:
     added = [r["median_step_us_with"] - r["median_step_us_without"] for r in rows if r["samples_per_rank"] == 1]
     verdict = "far above" if min(medians) > 2 else "above" if max(medians) > 2 else "within"
     return lines + ["", f"The medians are {min(medians):+.0f}% to {max(medians):+.0f}% of a step, {verdict} the "
-                    "issue's 2%, so `--noise-scale` " + ("stays off by default" if max(medians) > 2 else
+                    "goal of 2%, so `--noise-scale` " + ("stays off by default" if max(medians) > 2 else
                                                           "could be on by default") +
                     (f": with one sample per rank it adds {min(added):.0f}-{max(added):.0f} us a step (a squared "
                      "norm of the gradient on every rank, a second one of the sum on rank 0, a row per step to "

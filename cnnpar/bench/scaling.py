@@ -247,7 +247,7 @@ def lookup(points: list, k: int, exchange: str, n: int) -> float:
 
 
 def targets(runs: list, ddp_runs: list, ranks: list) -> list:
-    """The issue's targets as (name, value, threshold, passed). Each ratio is formed within one repeat (the two
+    """The targets as (name, value, threshold, passed). Each ratio is formed within one repeat (the two
     points ran minutes apart under the same conditions) and the median over repeats is reported."""
     out = []
     repeats = sorted({r.get("repeat", 0) for r in runs})
@@ -321,7 +321,7 @@ def markdown(points: list, ddp: list, goals: list, meta: dict) -> str:
         lines += ["## Failed points", ""] + [f"* {f['point']}: {f['error'][-300:]!r}" for f in meta["failures"]]
         lines.append("")
     if goals:
-        lines += ["## Targets (issue 7)", "", "Ratios formed within each repeat, median over repeats.", "",
+        lines += ["## Targets", "", "Ratios formed within each repeat, median over repeats.", "",
                   "| target | value (median) | per repeat | threshold | met |", "|---|---:|---|---:|---|"]
         for g in goals:
             met = {True: "yes", False: "NO", None: "-"}[g["passed"]]

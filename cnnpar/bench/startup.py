@@ -132,7 +132,7 @@ def fmt(value, digits=2) -> str:
 
 
 def targets(results: dict, ranks: list) -> list:
-    """(target, measured, met) rows for the issue's targets that these ranks allow."""
+    """(target, measured, met) rows for the targets that these ranks allow."""
     rows = []
     cold = {n: results[f"cold-{n}"] for n in ranks}
     warm = {n: results[f"warm-{n}"] for n in ranks}

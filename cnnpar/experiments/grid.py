@@ -72,6 +72,7 @@ class Preset:
     doc: str
     groups: list
     out: str          # default output folder
+    timed: bool = False   # its runs' timings are results: they run one at a time, never as an array
 
 
 def file_name(ranks: int, mode: str, seed: int, named=()) -> str:
@@ -247,5 +248,5 @@ def load_presets(data: dict | None = None) -> dict:
                                 list(spec["seeds"]), [dict(s) for s in spec.get("settings", [{}])],
                                 dict(spec.get("base", {})),
                                 {m: dict(b) for m, b in spec.get("mode_base", {}).items()}))
-        out[name] = Preset(name, preset["doc"], groups, preset["out"])
+        out[name] = Preset(name, preset["doc"], groups, preset["out"], bool(preset.get("timed", False)))
     return out

@@ -27,8 +27,8 @@ Logs: OUT/<how>/<name>.h5, name = `d<dataset>-<budget>-n<N>-<mode>-seed<S>-lr<lr
 point whose log is complete or diverged (the loss became NaN: a result, accuracy at chance) is skipped; a
 point stopped after a checkpoint (points of more than 20,000 samples write one every 20,000) continues from
 it, bit-identical to an uninterrupted run; anything else found there is moved to OUT/incomplete/ and run
-again. One map at a time uses a folder (OUT/.cnnpar-lock names the holder); the tasks of one Slurm job
-array share it, each running its own slice of the points (every N-th point of the full list, so a requeued
+again. One map at a time uses a folder (OUT/.cnnpar-lock names the holder); the slices of one map (the
+tasks of a Slurm job array, or their resubmissions) share it, each running its own slice of the points (every N-th point of the full list, so a requeued
 or resubmitted task runs the same points). The estimate of the time left is learnt from the runs done
 (seconds per sample per dataset and mode, plus a per-run start cost).
 """
@@ -49,8 +49,8 @@ import time
 from pathlib import Path
 
 from cnnpar.errors import UserError, exit_on_user_error
-from cnnpar.experiments.resumable import (FolderLock, Progress, array_task, drop_checkpoint, hms, log_state,
-                                          move_aside, slice_of)
+from cnnpar.experiments.resumable import (Progress, array_task, drop_checkpoint, hms, log_state,
+                                          move_aside, slice_of, sliced)
 from cnnpar.experiments.map_grid import MapPoint, Part, fit_completion, parts  # noqa: F401 (the map's API)
 
 # Seconds per sample and per run (start, data, evaluation), measured on this 2-core machine, for the estimate
@@ -215,6 +215,8 @@ def run_map(out: Path, selected: list, jobs: int, dry_run: bool = False, say=say
     estimator = Estimator()
     failures = 0
     for part in selected:
+        if not part.points:
+            continue   # none of this part's points is in this array task's slice
         pending = pending_points(out, part, dry_run)
         resumed = sum(log_state(log_path(out, p)).state == "resumable" for p in pending)
         say(f"map: part {part.name}: {len(part.points)} points, {len(part.points) - len(pending)} done, "
@@ -379,8 +381,8 @@ def main(argv=None) -> int:
         passed = (["--tiny"] if args.tiny else []) + (["--parts", args.parts] if args.parts else []) + \
             (["--run-timeout", f"{args.run_timeout:g}"] if args.run_timeout != RUN_TIMEOUT_S else [])
         return array_plan(args, out, selected, passed)
-    task, array_job = array_task()
-    task = args.task if args.task is not None else task
+    task = args.task if args.task is not None else array_task()
+    whole = unique_points(selected)
     if args.slices:
         if task is None or not 0 <= task < args.slices:
             raise UserError("--task", f"a slice of 0..{args.slices - 1} is needed with --slices {args.slices} "
@@ -397,9 +399,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     previous = {name: signal.signal(getattr(signal, name), _raise_stopped) for name in ("SIGTERM", "SIGUSR1")}
     try:
-        with FolderLock(out, array_job if args.slices else "") as lock:
-            if lock.note:
-                print(f"map: {lock.note}", flush=True)
+        with sliced(out, whole, task if args.slices else None, args.slices) as notes:
+            for note in notes:
+                print(f"map: {note}", flush=True)
             failures = run_map(out, selected, args.jobs, run_timeout_s=args.run_timeout,
                                launcher_spec=args.launcher)
             if args.complete_fits:

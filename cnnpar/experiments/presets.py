@@ -1,6 +1,7 @@
 """The sweep's named grids (`cnnpar sweep --preset NAME`), as plain data.
 
-A preset has a `doc`, a default output folder `out` and a list of `groups`. A group is one block of the grid,
+A preset has a `doc`, a default output folder `out`, a list of `groups`, and `timed` when its runs' timings
+are results (then it never runs as a job array). A group is one block of the grid,
 every setting x mode x rank count x seed:
   ranks, modes, seeds   the lists that are multiplied;
   settings              a list of {flag: value}, one grid dimension encoded in the file names ([{}]: none);
@@ -35,8 +36,10 @@ PRESETS = {
                f"paper's unprotected sum); --epochs {PAPER_EPOCHS} for every rank count, so bigger rank "
                "counts take fewer, bigger steps.",
         "out": "runs/paper",
+        "timed": True,   # Table I's times are results: one run at a time, in one allocation
         "groups": [{"name": "paper", "ranks": list(range(1, 13)), "modes": ["sync", "race"], "seeds": [1, 2, 3],
-                    "base": {"dataset": "mnist-5k", "reduce": "sum", "epochs": PAPER_EPOCHS}}],
+                    "base": {"dataset": "mnist-5k", "reduce": "sum", "epochs": PAPER_EPOCHS,
+                             "checkpoint_every": "1e"}}],  # a stopped run continues; not timed
     },
     "explain": {
         "doc": "controlled experiments that test the paper's explanation (analyse with cnnpar explain): "
@@ -61,7 +64,7 @@ PRESETS = {
     },
 }
 
-# --- the accuracy map (issue 13): cnnpar map runs these groups cheaply (a sync point of N ranks as one
+# --- the accuracy map: cnnpar map runs these groups cheaply (a sync point of N ranks as one
 # process with N samples per rank, many runs per Python process; race points and the `check` group with
 # real ranks); `sweep.py --preset map` would run every point with real ranks instead (days on 2 cores).
 MAP_LRS = ["0.001", "0.00178", "0.00316", "0.00562", "0.01", "0.0178", "0.0316", "0.0562", "0.1", "0.178", "0.316",

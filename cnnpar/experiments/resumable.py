@@ -4,8 +4,10 @@ second runner out, progress with the time left, and the slice of the points that
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -146,7 +148,8 @@ def _holder_text(path: Path) -> str:
         info = json.loads(path.read_text() or "{}")
     except (OSError, ValueError):
         return "another process (its lock file is unreadable)"
-    array = f", array job {info['array_job']}" if info.get("array_job") else ""
+    array = f", slice {info['slice']}" if info.get("slice") else ""
+    array += f", array job {info['array_job']}" if info.get("array_job") else ""
     return (f"pid {info.get('pid', '?')} on {info.get('host', '?')} since {info.get('started', '?')}{array}: "
             f"{info.get('command', '?')}")
 
@@ -156,14 +159,16 @@ class FolderLock:
     the lock itself is the run log's kind (cnnpar.runlog.lock: an open-file-description lock on one byte),
     which the kernel drops when the holder dies, so a dead holder's file is taken over, with a note.
 
-    Tasks of one job array share the folder (`array_job` = Slurm's array job id): they take the lock
-    shared, and only while no other runner holds it; each writes only its own slice's logs. A plain runner
-    takes it exclusively. Where the lock is not supported (not Linux), the file's pid is checked instead,
-    for this host only."""
+    The slices of one grid share the folder (`share`: the same key, from the grid's points and the slice
+    count, whichever job array or submission runs them): they take the lock shared, and only while no other
+    runner holds it; each also holds its own slice's lock exclusively (sliced()), and writes only its
+    slice's logs. A plain runner takes it exclusively. Where the lock is not supported (not Linux), the
+    file's pid is checked instead, for this host only."""
 
-    def __init__(self, out: Path, array_job: str = ""):
-        self.path = Path(out) / LOCK_FILE
-        self.array_job = array_job
+    def __init__(self, out: Path, share: str = "", name: str = LOCK_FILE, slice_text: str = ""):
+        self.path = Path(out) / name
+        self.share = share
+        self.slice_text = slice_text
         self.fd = None
         self.note = ""
 
@@ -179,27 +184,27 @@ class FolderLock:
         if lock.SUPPORTED:
             held = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, lock._request(fcntl.F_WRLCK))
             kind = lock._Flock.from_buffer_copy(held).l_type
-            shared_ok = self.array_job and kind == fcntl.F_RDLCK and \
-                _json(previous).get("array_job") == self.array_job
+            shared_ok = self.share and kind == fcntl.F_RDLCK and \
+                _json(previous).get("share") == self.share
             if kind != fcntl.F_UNLCK and not shared_ok:
                 os.close(fd)
                 raise UserError(str(self.path.parent), f"in use by {_holder_text(self.path)}; wait for it to "
                                 "end, or use another --out")
             try:
                 fcntl.fcntl(fd, fcntl.F_OFD_SETLK,
-                            lock._request(fcntl.F_RDLCK if self.array_job else fcntl.F_WRLCK))
+                            lock._request(fcntl.F_RDLCK if self.share else fcntl.F_WRLCK))
             except OSError:
                 os.close(fd)
                 raise UserError(str(self.path.parent), f"in use by {_holder_text(self.path)}; wait for it to "
                                 "end, or use another --out") from None
             if previous.strip() and kind == fcntl.F_UNLCK and \
-                    not (self.array_job and _json(previous).get("array_job") == self.array_job):
+                    not (self.share and _json(previous).get("share") == self.share):
                 self.note = f"note: took over the lock of {_holder_text(self.path)}, which has ended"
             joined = kind == fcntl.F_RDLCK
         else:
             info = _json(previous)
             if info.get("host") == socket.gethostname() and _alive(info.get("pid")) and \
-                    not (self.array_job and info.get("array_job") == self.array_job):
+                    not (self.share and info.get("share") == self.share):
                 os.close(fd)
                 raise UserError(str(self.path.parent), f"in use by {_holder_text(self.path)}; wait for it to "
                                 "end, or use another --out")
@@ -211,7 +216,8 @@ class FolderLock:
             text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                                "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-                               "array_job": self.array_job})
+                               "share": self.share, "slice": self.slice_text,
+                               "array_job": os.environ.get("SLURM_ARRAY_JOB_ID", "")})
             os.ftruncate(fd, 0)
             os.pwrite(fd, text.encode(), 0)
         return self
@@ -257,7 +263,31 @@ def slice_of(points, task: int, slices: int) -> list:
     return [p for i, p in enumerate(points) if i % slices == task]
 
 
-def array_task() -> tuple:
-    """(task, array job id) from Slurm's environment, or (None, '') outside an array."""
-    task = os.environ.get("SLURM_ARRAY_TASK_ID")
-    return (int(task), os.environ.get("SLURM_ARRAY_JOB_ID", "")) if task and task.isdigit() else (None, "")
+def slices_key(points, slices: int) -> str:
+    """What the slices of one grid share: its points' names and the slice count."""
+    digest = hashlib.sha256("\n".join([str(slices)] + [p.name for p in points]).encode()).hexdigest()
+    return digest[:16]
+
+
+@contextlib.contextmanager
+def sliced(out: Path, points, task: int | None, slices: int):
+    """The folder's lock for a whole run (task None), or shared by the grid's slices plus this slice's own;
+    yields the notes to print (a dead holder's lock taken over)."""
+    locks = [FolderLock(out)] if task is None else [
+        FolderLock(out, slices_key(points, slices)),
+        FolderLock(out, name=f"{LOCK_FILE}-slice{task}of{slices}", slice_text=f"{task} of {slices}")]
+    try:
+        notes = []
+        for lock in locks:
+            lock.acquire()
+            notes += [lock.note] if lock.note else []
+        yield notes
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def array_task() -> int | None:
+    """The task number from Slurm's environment, or None outside a job array."""
+    task = os.environ.get("SLURM_ARRAY_TASK_ID", "")
+    return int(task) if task.isdigit() else None

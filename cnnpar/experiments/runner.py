@@ -23,8 +23,8 @@ from cnnpar.errors import UserError
 from cnnpar.modes import is_race_mode
 from cnnpar.experiments.grid import Point
 from cnnpar.experiments.launchers import Launcher
-from cnnpar.experiments.resumable import (FolderLock, Progress, drop_checkpoint, hms, log_state,  # noqa: F401
-                                          move_aside, slice_of)
+from cnnpar.experiments.resumable import (Progress, drop_checkpoint, hms, log_state,  # noqa: F401
+                                          move_aside, slice_of, sliced)
 
 # Training-set sizes, for the time estimate of epoch-budget runs before any run of that shape finished.
 TRAIN_SIZES = {"mnist-5k": 4000, "mnist": 60000, "fashion-mnist": 60000}
@@ -385,10 +385,11 @@ def prior_seconds(points) -> float:
 
 def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, timeout: float | None = None,
           dry_run: bool = False, preset: str | None = None, stream=None, task: int | None = None,
-          slices: int = 1, array_job: str = "") -> int:
+          slices: int = 1) -> int:
     """Run the points that have no complete log in `out`; with `task`, only that array task's slice of them
-    (resumable.slice_of), beside the other tasks of the array job `array_job`."""
+    (resumable.slice_of), beside the grid's other slices."""
     stream = stream or sys.stdout
+    whole = list(points)
     if task is not None:
         print(f"sweep: array task {task} of {slices}: {len(slice_of(points, task, slices))} of the "
               f"{len(points)} runs", file=stream, flush=True)
@@ -396,9 +397,9 @@ def sweep(points, out: Path, launcher: Launcher, python: str, jobs: int = 1, tim
     if dry_run:
         return _sweep(points, out, launcher, python, jobs, timeout, dry_run, preset, stream)
     out.mkdir(parents=True, exist_ok=True)
-    with FolderLock(out, array_job) as folder_lock:
-        if folder_lock.note:
-            print(f"sweep: {folder_lock.note}", file=stream, flush=True)
+    with sliced(out, whole, task, slices) as notes:
+        for note in notes:
+            print(f"sweep: {note}", file=stream, flush=True)
         return _sweep(points, out, launcher, python, jobs, timeout, dry_run, preset, stream)
 
 

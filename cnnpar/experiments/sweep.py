@@ -48,6 +48,7 @@ from pathlib import Path
 from cnnpar.errors import UserError, exit_on_user_error
 from cnnpar.experiments.grid import OWN_FLAGS, Group, expand, load_presets, parse_int_list, parse_modes, parse_set
 from cnnpar.experiments.launchers import make_launcher
+from cnnpar.experiments.resumable import array_task
 from cnnpar.experiments.runner import expected_config, hms, prior_seconds, sweep
 
 
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "for cores and their timings are results)")
     parser.add_argument("--timeout", type=float, default=0, help="kill a run after this many seconds "
                         "(default 0: never)")
+    parser.add_argument("--slices", type=int, default=0, help="run one slice of the grid: every N-th run of the "
+                        "full list (--task, or SLURM_ARRAY_TASK_ID in a job array: launch/slurm/map.sbatch sweep "
+                        "...); not for timed presets (paper), whose timings need the machine to themselves")
+    parser.add_argument("--task", type=int, help="which slice, 0..N-1 (default: SLURM_ARRAY_TASK_ID)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
     parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     return parser
@@ -180,6 +185,7 @@ def main(argv=None) -> int:
     if args.timeout < 0:
         raise UserError("--timeout", f"must not be negative, got {args.timeout}")
     groups, out, preset = build_groups(args, extra)
+    task = array_slice(args, preset)
     points = expand(groups, extra)
     if not points:
         raise UserError("grid", "no runs: the ranks, modes or seeds list is empty")
@@ -187,7 +193,26 @@ def main(argv=None) -> int:
         expected_config(config)  # every distinct flag set is valid before anything runs
     launcher = make_launcher(args.launcher)
     out = out.resolve() if not args.dry_run else out
-    return sweep(points, out, launcher, args.python, args.jobs, args.timeout or None, args.dry_run, preset)
+    return sweep(points, out, launcher, args.python, args.jobs, args.timeout or None, args.dry_run, preset,
+                 task=task, slices=args.slices or 1)
+
+
+def array_slice(args, preset) -> tuple:
+    """The task of a sliced sweep, None for a whole one."""
+    if not args.slices:
+        if args.task is not None:
+            raise UserError("--task", "needs --slices")
+        return None
+    if args.slices < 1:
+        raise UserError("--slices", f"must be at least 1, got {args.slices}")
+    if preset and load_presets()[preset].timed:
+        raise UserError("--slices", f"the {preset} preset's timings are results: its runs stay sequential in "
+                                    "one allocation (launch/slurm/sweep.sbatch)")
+    task = args.task if args.task is not None else array_task()
+    if task is None or not 0 <= task < args.slices:
+        raise UserError("--task", f"a slice of 0..{args.slices - 1} is needed with --slices {args.slices} (got "
+                                  f"{task}; inside a job array it is SLURM_ARRAY_TASK_ID)")
+    return task
 
 
 if __name__ == "__main__":
