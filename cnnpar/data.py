@@ -27,9 +27,10 @@ file, that is an error rather than a silent fall-through to an older copy):
 5. ``fashion-mnist`` only: ``/usr/share/datasets/fashion-mnist/``, where Debian's ``dataset-fashion-mnist``
    package installs it.
 
-Pixels are scaled to float32 in [0, 1] (x / 255; times --input-scale if given) once, at load; images come out as C-contiguous
-(N, 1, H, W) float32 (28 x 28 for the named datasets) and labels as int32. Every defect in a file (magic,
-truncation, sizes, label range, counts, gzip) is a `UserError` naming the file. Training never downloads.
+Pixels are scaled to float32 in [0, 1] (x / 255; times --input-scale if given) once, at load; images come out
+as C-contiguous (N, 1, H, W) float32 (28 x 28 for the named datasets) and labels as int32. Every defect in a
+file (magic, truncation, sizes, label range, counts, gzip) is a `UserError` naming the file. Training never
+downloads.
 
 Sharding (data-parallel steps)
 ------------------------------
