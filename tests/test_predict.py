@@ -71,3 +71,18 @@ def test_predict_refuses_summed_gradients_in_one_line():
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
         "cnnpar: error: --reduce: the prediction is for averaged gradients ('mean'), not 'sum'"]
+
+
+def test_observed_critical_n_is_where_half_the_seeds_first_train():
+    from cnnpar.analysis.map_report import Setting
+
+    setting = Setting("mnist-5k", "epochs", "sync", "", "mean", "0.3", 0)
+    accs = {1: [10] * 8, 2: [10] * 5 + [80] * 3, 3: [10] * 4 + [80] * 4, 4: [80] * 8}
+    curves = {setting: {n: dict(enumerate(v, start=1)) for n, v in accs.items()}}
+    assert mech.observed_critical(curves, setting) == (3, list(range(1, 9)), 4)
+    del curves[setting][4], curves[setting][3]
+    assert mech.observed_critical(curves, setting) == (None, list(range(1, 9)), 2)
+    assert mech.agrees({"predicted": 2, "observed": None, "ranks_run": 2})
+    assert not mech.agrees({"predicted": 1, "observed": None, "ranks_run": 2})
+    assert mech.agrees({"predicted": 4, "observed": 3, "ranks_run": 8})
+    assert not mech.agrees({"predicted": None, "observed": 3, "ranks_run": 8})

@@ -554,7 +554,7 @@ def write_report(folder: Path, out: Path, probes: Path | None = None, climb: Pat
 
 
 def _json_value(value):
-    if isinstance(value, (np.floating, np.integer)):
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON")
 

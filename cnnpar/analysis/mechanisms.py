@@ -142,17 +142,21 @@ def collapse_lines(rows) -> list:
 
 
 def observed_critical(all_curves, setting, min_seeds: int = 8, max_n: int = 12):
-    """(smallest N at which at least half the seeds train, seeds) for a setting run at every N 1..max_n with
-    at least min_seeds common seeds; (None, seeds) when no N does; None when the setting lacks the runs."""
+    """(smallest N at which at least half the seeds train, seeds, largest N run) for a setting run at every N
+    1..K (K >= 2) with at least min_seeds common seeds; N is None when no N up to K does; None when the setting
+    lacks the runs."""
     by_rank = all_curves.get(setting, {})
-    ranks = list(range(1, max_n + 1))
-    if any(n not in by_rank for n in ranks):
+    top = 0
+    while top < max_n and top + 1 in by_rank and len(by_rank[top + 1]) >= min_seeds:
+        top += 1
+    if top < 2:
         return None
+    ranks = list(range(1, top + 1))
     seeds = sorted(set.intersection(*(set(by_rank[n]) for n in ranks)))
     if len(seeds) < min_seeds:
         return None
     fraction = trained_fraction(seed_matrix(by_rank, ranks, seeds))
-    return next((n for n, f in zip(ranks, fraction) if f >= 0.5), None), seeds
+    return next((n for n, f in zip(ranks, fraction) if f >= 0.5), None), seeds, top
 
 
 def one_rank_points(all_curves, dataset) -> list:
@@ -185,6 +189,14 @@ def calibrate(constraints) -> tuple:
     return float(math.sqrt(grid[lo] * grid[hi])), int(best), len(constraints)
 
 
+def agrees(row) -> bool:
+    """Predicted within +-1 of observed; 'none' observed up to K agrees with a prediction above K - 1."""
+    pred, obs = row["predicted"], row["observed"]
+    if obs is None:
+        return pred is None or pred >= row["ranks_run"]
+    return pred is not None and abs(pred - obs) <= 1
+
+
 def threshold_section(all_curves, setting_cls, probe_folder: Path, calibrate_on: str = "fashion-mnist") -> tuple:
     """(report lines, JSON rows): c fitted on calibrate_on's observed thresholds, predictions tested on the
     other datasets; the probe inputs come from the probe logs in probe_folder (cnnpar predict --probe-log)."""
@@ -201,14 +213,14 @@ def threshold_section(all_curves, setting_cls, probe_folder: Path, calibrate_on:
         if (s.reduce, s.budget, s.mode) == ("mean", "epochs", "sync") and s.dataset in probes:
             got = observed_critical(all_curves, s)
             if got is not None:
-                observed.append((s.dataset, float(s.lr), got[0], len(got[1])))
+                observed.append((s.dataset, float(s.lr), got[0], len(got[1]), got[2]))
     observed.sort()
     constraints = []
     if calibrate_on in probes:
         p = probes[calibrate_on]
-        for d, lr, n, _ in observed:
+        for d, lr, n, _, top in observed:
             if d == calibrate_on:
-                constraints.append(predict.c_interval(lr, n, p["eps_max"], p["b_noise"]))
+                constraints.append(predict.c_interval(lr, n, p["eps_max"], p["b_noise"], top))
         for lr, trains, _ in one_rank_points(all_curves, calibrate_on):
             low, high = predict.c_interval(lr, 1, p["eps_max"], p["b_noise"])
             constraints.append((low, math.inf) if trains else (0.0, low))
@@ -216,14 +228,13 @@ def threshold_section(all_curves, setting_cls, probe_folder: Path, calibrate_on:
         return [], []
     c, satisfied, total = calibrate(constraints)
     rows = []
-    for d, lr, n_obs, seeds in observed:
+    for d, lr, n_obs, seeds, top in observed:
         p = probes[d]
         pred = predict.critical_n(lr, p["eps_max"], p["b_noise"], c)
         rows.append({"dataset": d, "lr": lr, "predicted": pred, "observed": n_obs, "seeds": seeds,
-                     "role": "calibration" if d == calibrate_on else "test"})
+                     "ranks_run": top, "role": "calibration" if d == calibrate_on else "test"})
     held = [r for r in rows if r["role"] == "test"]
-    within = [r for r in held if r["predicted"] is not None and r["observed"] is not None
-              and abs(r["predicted"] - r["observed"]) <= 1]
+    within = [r for r in held if agrees(r)]
     lines = ["## The threshold as a prediction", "",
              "`cnnpar predict --dataset D --reduce mean --lr X` (cnnpar/analysis/predict.py) probes "
              f"{predict.PROBE_STEPS} steps at lr {predict.PROBE_LR} with {predict.PROBE_SAMPLES} samples per step "
@@ -239,11 +250,13 @@ def threshold_section(all_curves, setting_cls, probe_folder: Path, calibrate_on:
     lines += ["", f"c = {c:.3g}, fitted on {calibrate_on} ({satisfied} of {total} constraints met: its observed "
               "critical N and its one-rank runs' pass/fail at every lr they ran), then used unchanged on the "
               "other dataset:", "",
-              "| dataset | lr | role | predicted N | observed N | seeds per (lr, N) |", "|---|---|---|---|---|---|"]
+              "| dataset | lr | role | predicted N | observed N | seeds per (lr, N) | N run |",
+              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        text = lambda v: "none <= 12" if v is None else str(v)  # noqa: E731
-        lines.append(f"| {r['dataset']} | {r['lr']:g} | {r['role']} | {text(r['predicted'])} | "
-                     f"{text(r['observed'])} | {r['seeds']} |")
+        lines.append(f"| {r['dataset']} | {r['lr']:g} | {r['role']} | "
+                     f"{'none <= 12' if r['predicted'] is None else r['predicted']} | "
+                     f"{'none <= %d' % r['ranks_run'] if r['observed'] is None else r['observed']} | {r['seeds']} | "
+                     f"1..{r['ranks_run']} |")
     if held:
         lines += ["", f"Held out: {len(within)} of {len(held)} learning rates predicted within +-1 "
                   f"(the issue's target: 4 of 5)."]
@@ -328,7 +341,9 @@ def climb_lines(climb: dict, base_curves: dict) -> tuple:
              "The collapse law turns the paper's climb (+14.0 pp from n=4 to n=12 at a level of 26% at n=1) into "
              "a property of one rank: A(1, lr) must keep rising from lr/4 to lr/12 while A(1, lr) itself is "
              "15-40%. A(1, lr) over axes the map never had (one epoch unless named; mean over seeds +- the 95% "
-             "t-interval's half-width):", ""]
+             "t-interval's half-width, seeds in brackets; *base* is the map's own one-rank runs). The race with "
+             "averaged gradients has no axis of its own here: at one rank nothing races, so its A(1, lr) is the "
+             "base curve, and its N-rank curves need real ranks (not run for this report).", ""]
     summary = []
     for (dataset, axis), by_lr in sorted(axes.items()):
         ones = {lr: list(v[1].values()) for lr, v in by_lr.items() if 1 in v}
@@ -346,7 +361,13 @@ def climb_lines(climb: dict, base_curves: dict) -> tuple:
             values = seed_matrix(v, list(range(1, 13)), seeds)
             mean = values.mean(axis=1)
             sh = shape_of(mean, list(range(1, 13)))
+            one_lrs = np.array(sorted(ones))
+            one_acc = np.array([np.mean(ones[x]) for x in one_lrs])
+            law = [float(np.interp(np.log(lr / n), np.log(one_lrs), one_acc)) if one_lrs[0] <= lr / n else math.nan
+                   for n in range(3, 13)]
             summary.append({"dataset": dataset, "axis": axis, "kind": f"measured, N = 1..12, {len(seeds)} seeds",
+                            "law_residual_n3plus": float(np.nanmean(mean[2:] - np.array(law))),
+                            "jump_1_3": sh["jump_1_3"],
                             "lr": lr, "level_n1": sh["level_n1"], "climb_4_12": sh["climb_4_12"],
                             "rms_pp": _rms(mean, list(range(1, 13))), "curve": [round(float(x), 1) for x in mean],
                             "level_in_range": LEVEL_RANGE_PCT[0] <= sh["level_n1"] <= LEVEL_RANGE_PCT[1]})
@@ -357,6 +378,11 @@ def climb_lines(climb: dict, base_curves: dict) -> tuple:
                      f"{r['climb_4_12']:+.1f} | {r['rms_pp']:.1f} |" if "rms_pp" in r else
                      f"| {r['dataset']} | {r['axis']} | {r['kind']} | {r['lr']:.3g} | {r['level_n1']:.1f} | "
                      f"{r['climb_4_12']:+.1f} | |")
+    for r in (r for r in summary if "law_residual_n3plus" in r):
+        lines += ["", f"Measured at {r['dataset']}, {r['axis']}, lr {r['lr']:.3g}: "
+                  + ", ".join(f"n={n} {v:.1f}" for n, v in zip(range(1, 13), r["curve"]))
+                  + f" (jump 1->3 {r['jump_1_3']:+.1f} pp); against the collapse law's A(1, lr/N) the N >= 3 "
+                  f"points differ by {r['law_residual_n3plus']:+.1f} pp on average."]
     hits = [r for r in summary if r["level_in_range"]
             and abs(r["climb_4_12"] - CLIMB_TARGET_PP) <= CLIMB_TOLERANCE_PP]
     measured_hits = [r for r in hits if r["kind"].startswith("measured")]
@@ -429,8 +455,7 @@ def verdict_lines(fit, table: dict, threshold: dict, climb_rows: list, figure) -
     best_null = min(table["null_models"], key=lambda m: m["rms_pp"])
     lo, hi = r["rms_interval"]
     held = [row for row in (threshold or {}).get("rows", []) if row["role"] == "test"]
-    within = [row for row in held if row["predicted"] is not None and row["observed"] is not None
-              and abs(row["predicted"] - row["observed"]) <= 1]
+    within = [row for row in held if agrees(row)]
     measured = [c for c in climb_rows if c["kind"].startswith("measured")]
     best_climb = max(measured or climb_rows, key=lambda c: c["climb_4_12"]) if climb_rows else None
     first = (f"**The mechanism**: averaged gradients at a learning rate too high for one sample per step "
