@@ -38,9 +38,9 @@ class LogState:
 
 
 def checkpoint_of(path: Path) -> Path:
-    from cnnpar.checkpoint import path_for_log
+    from cnnpar.runpaths import checkpoint_path
 
-    return Path(path_for_log(os.fspath(path)))
+    return Path(checkpoint_path(os.fspath(path)))
 
 
 def log_state(path: Path) -> LogState:
