@@ -10,6 +10,7 @@ import sys
 from collections import defaultdict
 
 import numpy as np
+import pytest
 
 from cnnpar.errors import UserError
 from cnnpar.runlog import open_log
@@ -39,6 +40,7 @@ def test_tiny_map_and_report_agree_with_the_logs(tmp_path):
     folder, report = tmp_path / "map", tmp_path / "report"
     first = _run(REPO / "launch" / "map.py", "--out", folder, "--tiny", "--jobs", "1")
     assert "map: part tiny: 6 points, 0 done, 6 to run" in first.stdout
+    assert "map: part tiny-collapse: 2 points, 0 done, 2 to run" in first.stdout
     again = _run(REPO / "launch" / "map.py", "--out", folder, "--tiny", "--jobs", "1")  # resumable: nothing left
     assert "6 done, 0 to run" in again.stdout
     assert "tiny-check: 1 points, 1 done, 0 to run" in again.stdout
@@ -59,6 +61,13 @@ def test_tiny_map_and_report_agree_with_the_logs(tmp_path):
         assert abs(fit["accuracy_mean"][i] - means[-1]) < 1e-3
     paper = np.array(table["paper"][:3])
     assert abs(fit["rms_pp"] - np.sqrt(np.mean((np.array(means) - paper) ** 2))) < 1e-3
+    # the metrics that tell mechanisms apart, from the same numbers
+    assert fit["rms_interval_pp"] == [round(fit["rms_pp"], 2)] * 2  # one seed: every resample is the same curve
+    assert fit["trained_fraction"] == [float(m >= 50) for m in means]
+    assert fit["level_n1"] == round(means[0], 2) and fit["jump_1_3"] == round(means[2] - means[0], 2)
+    nulls = {m["name"]: m["rms_pp"] for m in table["null_models"]}
+    assert nulls["best constant"] == round(float(np.std(paper)), 2)
+    assert nulls["best step"] == round(float(np.std(paper[1:]) * np.sqrt(2 / 3)), 2)  # 26 | 68.4, 74.8
     # it is the closest of the two learning rates the tiny map ran
     other = 0.01 if lr == 0.178 else 0.178
     other_means = [np.mean(list(logged[("mnist-5k", "mean", other, n)].values())) for n in (1, 2, 3)]
@@ -86,6 +95,37 @@ def test_tiny_map_and_report_agree_with_the_logs(tmp_path):
         f"{lost_cell} ({100 * np.mean(lost > 0):.1f}) / {100 * race.final['attrs']['test_acc']:.1f}"
     for figure in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (report / figure).stat().st_size > 1000, figure
+
+    # the collapse law: A(N, 0.178) - A(1, 0.178 / N), from the logs
+    collapse = next(line for line in text.splitlines() if line.startswith("| mnist-5k | mean | 0.178 |"))
+    cells = [c.strip() for c in collapse.strip("|").split("|")]
+    for n, lr_one, cell in ((2, 0.089, cells[4]), (3, 0.0593, cells[5])):
+        residual = logged[("mnist-5k", "mean", 0.178, n)][1] - logged[("mnist-5k", "mean", lr_one, 1)][1]
+        assert cell == f"{residual:+.1f}", (n, cell, residual)
+
+    # the predictor: one probe, one JSON line, its inputs those of the probe's log
+    probe = tmp_path / "probe.h5"
+    done = _run(REPO / "analysis" / "predict.py", "--dataset", "mnist-5k", "--reduce", "mean", "--lr", "0.178",
+                "--probe-log", probe)
+    (line,) = done.stdout.splitlines()
+    result = json.loads(line)
+    inputs = result["inputs"]
+    log = open_log(probe)
+    weights = log.noise["steps"].astype(float)
+    g2 = np.sum(weights * log.noise["g2"]) / weights.sum()
+    trace = np.sum(weights * log.noise["trace"]) / weights.sum()
+    assert inputs["g2"] == pytest.approx(g2, rel=1e-12) and inputs["trace"] == pytest.approx(trace, rel=1e-12)
+    assert inputs["b_noise"] == pytest.approx(trace / g2, rel=1e-12)
+    assert inputs["probe_steps"] == log.final["attrs"]["steps"] == len(log.steps["step"])
+    assert log.config["lr"] == 0.01 and log.config["dataset"] == "mnist-5k" and inputs["seed"] == log.config["seed"]
+    assert inputs["curvature"] > 0 and inputs["eps_max"] == pytest.approx(1 / inputs["curvature"])
+    limit = inputs["c"] * inputs["eps_max"]
+    n = result["critical_n"]
+    if n is None:  # no N up to 12 satisfies lr <= c eps_max N / (N + B_noise)
+        assert limit * 12 / (12 + inputs["b_noise"]) < 0.178
+    else:
+        assert limit * n / (n + inputs["b_noise"]) >= 0.178
+        assert n == 1 or limit * (n - 1) / (n - 1 + inputs["b_noise"]) < 0.178
 
 
 def test_a_real_ranks_run_past_its_timeout_is_stopped_and_counted_failed(tmp_path):

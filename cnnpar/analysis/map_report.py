@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnpar.analysis import mechanisms as mech
 from cnnpar.analysis.common import PAPER_ACC_PCT, final_accuracy, lost_fraction, note
 from cnnpar.errors import UserError, exit_on_user_error
 
@@ -196,7 +197,11 @@ def fit(hyp: Hypothesis, all_curves: dict, dataset: str, ranks: list) -> dict | 
     if not candidates:
         return None
     most = max(len(c["seeds"]) for c in candidates)
-    return min((c for c in candidates if len(c["seeds"]) == most), key=lambda c: c["rms_pp"])
+    best = min((c for c in candidates if len(c["seeds"]) == most), key=lambda c: c["rms_pp"])
+    values = mech.seed_matrix(all_curves[best["setting"]], ranks, best["seeds"])
+    best.update(values=values, rms_interval=mech.bootstrap_rms(values, ranks), shape=mech.shape_of(best["mean"], ranks),
+                trained=mech.trained_fraction(values), candidates=len(candidates))
+    return best
 
 
 def fit_ranks(all_curves: dict) -> list:
@@ -225,9 +230,14 @@ def table1_json(fits) -> dict:
             "name": f"{hyp.name}:{dataset}", "description": hyp.description, "dataset": dataset,
             "flags": s.flags(), "mode": s.mode, "seeds": r["seeds"], "ranks": ranks,
             "accuracy_mean": [round(float(v), 4) for v in r["mean"]],
-            "accuracy_sd": [round(float(v), 4) for v in r["sd"]], "rms_pp": round(r["rms_pp"], 4)})
+            "accuracy_sd": [round(float(v), 4) for v in r["sd"]], "rms_pp": round(r["rms_pp"], 4),
+            "rms_interval_pp": [round(v, 2) for v in r["rms_interval"]],
+            **{k: round(float(v), 2) for k, v in r["shape"].items()},
+            "trained_fraction": [round(float(v), 3) for v in r["trained"]]})
     best = min(hypotheses, key=lambda h: h["rms_pp"])["name"] if hypotheses else None
-    return {"paper": PAPER, "hypotheses": hypotheses, "best": best}
+    ranks = fits[0][2] if fits else list(range(1, 13))
+    return {"paper": PAPER, "paper_shape": mech.PAPER_SHAPE, "null_models": mech.null_models(ranks),
+            "hypotheses": hypotheses, "best": best}
 
 
 def completion_points(folder: Path) -> list:
@@ -361,17 +371,8 @@ def plot_fits(plt, fits, out: Path) -> str:
                               f"{', ' + r['setting'].window if r['setting'].window else ''} "
                               f"(RMS {r['rms_pp']:.1f} pp)")
         ax.set_title(f"best fit of each hypothesis, {dataset}", fontsize=10)
-        ax.set_xlabel("ranks (paper: threads)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.set_xticks(range(1, 13))
-        ax.legend(fontsize=7, loc="lower right")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    name = "table1-fits.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name
+        mech.accuracy_axes(ax, range(1, 13))
+    return mech.save_figure(plt, fig, out, "table1-fits.png")
 
 
 def noise_runs(runs) -> list:
@@ -430,11 +431,7 @@ def plot_noise(plt, runs, out: Path) -> str | None:
         ax.set_title(f"gradient noise scale, {dataset} (same epochs)", fontsize=10)
         ax.legend(fontsize=6, ncol=2, loc="lower left")
         ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    name = "noise-scale.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name
+    return mech.save_figure(plt, fig, out, "noise-scale.png")
 
 
 def _overhead_lines(folder: Path) -> list:
@@ -519,7 +516,8 @@ def equivalence_checks(runs) -> list:
     return out
 
 
-def write_report(folder: Path, out: Path) -> dict:
+def write_report(folder: Path, out: Path, probes: Path | None = None, climb: Path | None = None,
+                 note: str = "") -> dict:
     runs = load_map(folder, with_params=True)
     if not runs:
         raise UserError(str(folder), "no map logs there (run cnnpar map --out FOLDER first)")
@@ -527,7 +525,6 @@ def write_report(folder: Path, out: Path) -> dict:
     all_curves = curves(runs)
     fits = all_fits(all_curves)
     table = table1_json(fits)
-    (out / "table1_fit.json").write_text(json.dumps(table, indent=1) + "\n")
     plt = _pyplot()
     datasets = sorted({s.dataset for s in all_curves})
     figures = {d: plot_heatmaps(plt, all_curves, d, out) + [plot_rank_maps(plt, all_curves, d, out)]
@@ -535,9 +532,31 @@ def write_report(folder: Path, out: Path) -> dict:
     fit_figure = plot_fits(plt, fits, out) if fits else None
     noise_figure = plot_noise(plt, runs, out)
     lines = _report_lines(folder, runs, all_curves, fits, table, figures, fit_figure)
+    collapse = mech.collapse_rows(all_curves, Setting)
+    lines += mech.collapse_lines(collapse)
+    threshold_lines, threshold = mech.threshold_section(all_curves, Setting, probes or folder / "probe")
+    lines += threshold_lines
+    base = {}
+    for s, by_rank in all_curves.items():
+        if (s.reduce, s.budget, s.mode) == ("mean", "epochs", "sync") and 1 in by_rank:
+            base.setdefault(s.dataset, {})[float(s.lr)] = by_rank[1]
+    climb_text, climb_rows = mech.climb_lines(mech.load_climb(climb or folder.parent / "climb"), base)
+    lines += climb_text
     lines += _noise_section(runs, noise_figure, folder)
+    table.update(threshold=threshold, climb=climb_rows)
+    best = min(fits, key=lambda f: f[3]["rms_pp"]) if fits else None
+    verdict = mech.verdict_lines(best, table, threshold, climb_rows,
+                                 mech.plot_verdict(plt, best, collapse, threshold, out))
+    lines[lines.index("## What ran"):lines.index("## What ran")] = verdict + ([note, ""] if note else [])
+    (out / "table1_fit.json").write_text(json.dumps(table, indent=1, default=_json_value) + "\n")
     (out / "explain.md").write_text("\n".join(lines) + "\n")
     return table
+
+
+def _json_value(value):
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def _report_lines(folder, runs, all_curves, fits, table, figures, fit_figure) -> list:
@@ -687,6 +706,7 @@ def _fits_section(fits, table, fit_figure, all_curves) -> list:
                      f"{','.join(map(str, r['seeds']))} | {r['rms_pp']:.1f} | "
                      f"{shape_rms(r['mean'], r_ranks):.1f} | {fmt_row(r['mean'])} |")
     lines += [""] + [f"- **{h.name}**: {h.description}." for h in HYPOTHESES] + [""]
+    lines += _metrics_lines(fits, table)
     best = min(fits, key=lambda f: f[3]["rms_pp"])
     if best[3]["rms_pp"] > GOOD_FIT_PP:
         lines += [f"**No hypothesis fits Table I within {GOOD_FIT_PP:.0f} pp RMS**: the closest is {best[0].name} "
@@ -700,6 +720,34 @@ def _fits_section(fits, table, fit_figure, all_curves) -> list:
     if fit_figure:
         lines += [f"![Table I fits]({fit_figure})", ""]
     return lines + _partial_fits(all_curves)
+
+
+def _metrics_lines(fits, table) -> list:
+    """What tells the mechanisms apart: the null models' RMS beside each fit's, with its bootstrap interval over
+    seeds, the curve's shape against the paper's, and the share of seeds that train at each rank count."""
+    ranks = fits[0][2]
+    paper = mech.PAPER_SHAPE
+    lines = ["### Do the fits beat curves that know no mechanism?", "",
+             "Null models fitted to Table I itself (no run behind them): " + "; ".join(
+                 f"{m['name']} {m['rms_pp']:.1f} pp" for m in table["null_models"]) + ". Each fit's RMS has a 95% "
+             f"bootstrap interval (its seeds resampled {mech.BOOTSTRAP_RESAMPLES} times, a seed being a whole curve). "
+             f"Shape: the n=1 level (paper {paper['level_n1']:.1f}%), the jump n=1 -> 3 (paper "
+             f"{paper['jump_1_3']:+.1f} pp), the climb n=4 -> 12 (paper {paper['climb_4_12']:+.1f} pp).", "",
+             "| hypothesis | dataset | settings compared | seeds | RMS (pp) | 95% interval | best null | n=1 level | "
+             "jump 1->3 | climb 4->12 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    best_null = min(m["rms_pp"] for m in table["null_models"])
+    for hyp, dataset, _, r in sorted(fits, key=lambda f: f[3]["rms_pp"]):
+        lo, hi = r["rms_interval"]
+        sh = r["shape"]
+        lines.append(f"| {hyp.name} | {dataset} | {r['candidates']} | {len(r['seeds'])} | {r['rms_pp']:.1f} | "
+                     f"{lo:.1f}-{hi:.1f} | {best_null:.1f} | {sh['level_n1']:.1f} | {sh['jump_1_3']:+.1f} | "
+                     f"{sh['climb_4_12']:+.1f} |")
+    lines += ["", f"Share of seeds that train (final accuracy >= {mech.TRAINED_PCT:.0f}%) per rank count:", "",
+              "| hypothesis | dataset | seeds | " + " | ".join(f"n={n}" for n in ranks) + " |",
+              "|---|---|---|" + "---|" * len(ranks)]
+    for hyp, dataset, _, r in sorted(fits, key=lambda f: (f[0].name, f[1])):
+        lines.append(f"| {hyp.name} | {dataset} | {len(r['seeds'])} | " + fmt_row(r["trained"], 2) + " |")
+    return lines + [""]
 
 
 def _partial_fits(all_curves) -> list:
@@ -825,6 +873,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("folder", help="the map folder written by cnnpar map")
     parser.add_argument("--out", default=os.path.join("analysis", "results", "explain"),
                         help="where explain.md, table1_fit.json and the figures go")
+    parser.add_argument("--note", default="", help="a paragraph for the report's head: where its logs came from")
+    parser.add_argument("--probes", default="", help="the predictor's probe logs (default FOLDER/probe)")
+    parser.add_argument("--climb", default="", help="the climb search's logs (default FOLDER/../climb)")
     return parser
 
 
@@ -834,7 +885,8 @@ def main(argv=None) -> int:
     folder = Path(args.folder)
     if not folder.is_dir():
         raise UserError(args.folder, "no such folder")
-    table = write_report(folder, Path(args.out))
+    table = write_report(folder, Path(args.out), Path(args.probes) if args.probes else None,
+                         Path(args.climb) if args.climb else None, args.note)
     print(f"map_report: wrote {Path(args.out) / 'explain.md'}; best fit {table['best']}")
     return 0
 

@@ -132,12 +132,12 @@ def critical_n(lr: float, eps_max: float, b_noise: float, c: float = CALIBRATED_
     return n if n <= max_n else None
 
 
-def c_interval(lr: float, observed_n, eps_max: float, b_noise: float) -> tuple:
-    """The constants c for which critical_n(lr, ...) == observed_n (observed None: no N up to MAX_N)."""
+def c_interval(lr: float, observed_n, eps_max: float, b_noise: float, max_n: int = MAX_N) -> tuple:
+    """The constants c for which critical_n(lr, ...) == observed_n (observed None: no N up to max_n)."""
     def c_for(b):  # the c at which B = b is exactly at the boundary
         return lr * (b + b_noise) / (b * eps_max)
     if observed_n is None:
-        return 0.0, c_for(MAX_N)
+        return 0.0, c_for(max_n)
     low = c_for(observed_n)
     high = c_for(observed_n - 1) if observed_n > 1 else math.inf
     return low, high

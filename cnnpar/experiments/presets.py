@@ -157,11 +157,15 @@ PRESETS["map"] = {
     ],
 }
 PRESETS["map-tiny"] = {
-    "doc": "CI's accuracy map: mnist-5k, one epoch, mean, lr 0.01/0.178, ranks 1,2,3, seed 1; one real 2-rank "
+    "doc": "CI's accuracy map: mnist-5k, one epoch, mean, lr 0.01/0.178, ranks 1,2,3, seed 1; one rank at lr "
+           "0.089/0.0593 (the collapse law); one real 2-rank "
            "twin, one --noise-scale rerun and one audited 2-rank race",
     "out": "runs/map-tiny",
     "groups": [
         _map_group("tiny", "", [1, 2, 3], [1], _lr_reduce(["0.01", "0.178"], ["mean"]), dict(_MNIST, **ONE_EPOCH)),
+        # one rank at 0.178/2 and 0.178/3: the other side of the collapse law's A(N, lr) = A(1, lr/N)
+        _map_group("tiny-collapse", "", [1], [1], _lr_reduce(["0.089", "0.0593"], ["mean"]),
+                   dict(_MNIST, **ONE_EPOCH)),
         _map_group("tiny-check", "", [2], [1], _lr_reduce(["0.178"], ["mean"], allreduce="auto"),
                    dict(_MNIST, **ONE_EPOCH)),
         _map_group("tiny-noise", "", [2], [1], _lr_reduce(["0.178"], ["mean"], **_NOISE),
