@@ -13,6 +13,7 @@ HDF5 log; all ranks decide together on errors.
 
 from __future__ import annotations
 
+from . import progress as _progress  # first: under a start-up trace it times the imports that follow
 from . import dist as _dist
 
 _dist.pin_threads()  # before numpy and numba load their thread pools
@@ -31,7 +32,7 @@ import numpy as np  # noqa: E402
 from . import __version__  # noqa: E402
 from .config import Config, parse_config, build_parser  # noqa: E402
 from .errors import EXIT_USER_ERROR, EXIT_WRITE_ERROR, UserError, WriteError  # noqa: E402
-from .progress import Speaker, milestone, write_milestones  # noqa: E402
+from .progress import Speaker, milestone, span  # noqa: E402
 
 milestone("imported")
 
@@ -61,7 +62,9 @@ def main(argv=None) -> int:
         _dist.abort_on_bug(world, exc)
     finally:
         if owns_process and not MPI.Is_finalized():
+            milestone("finalize")
             MPI.Finalize()
+            milestone("finalized")
         stop.restore()
     return 1
 
@@ -75,6 +78,7 @@ def train(argv, stop=None) -> int:
 
     world = MPI.COMM_WORLD
     milestone("mpi_init")
+    _progress.trace_rank(world.Get_rank())
     # --- config: parsed identically on every rank; rank 0 alone speaks ---
     if "-h" in argv or "--help" in argv:
         if world.Get_rank() == 0:
@@ -123,8 +127,7 @@ def train(argv, stop=None) -> int:
         exchange.close()
     if world.Get_rank() == 0:
         say.summary(_summary_line(config, result, log_path))
-        milestone("done")
-        write_milestones()
+    milestone("done")
     return 0
 
 
@@ -170,7 +173,8 @@ def _data_and_model(config: Config, world, dist, fold: int, say, started):
     resume = None
     with _dist.collective_check(world):
         _, notice = data.resolve_dataset(config.dataset, config.data_dir or None)
-        dataset = data.load_dataset(config.dataset, config.data_dir or None)
+        with span("data load"):
+            dataset = data.load_dataset(config.dataset, config.data_dir or None)
         if config.folds > 1:
             dataset = data.fold_split(dataset, config.folds, fold, config.seed)
         network = model_lib.build_network(config.arch, dataset.train_images.shape[1:], dataset.n_classes)
@@ -287,6 +291,7 @@ def _train_and_log(run: Run, world, fold: int, resume) -> dict:
             failure = err.line()
     failed = np.array([failure is not None], np.int32)  # every rank exits with rank 0's outcome, and
     run.dist.wait(world.Ibcast(failed, root=0))        # yields its core to rank 0 while that writes
+    milestone("log_closed")
     if failed[0]:
         if world.Get_rank() == 0:
             print(failure, file=sys.stderr, flush=True)
@@ -624,6 +629,7 @@ def _flush_window(window, comm, log, exchange) -> None:
     rows = np.fromiter(itertools.chain.from_iterable(window.rows), np.float64,
                        count=len(window.rows) * n_fields).reshape(len(window.rows), n_fields)
     window.rows.clear()
+    milestone("first_window")
     gathered = comm.gather(rows if window.noise is None else (rows, window.noise.take_rows()), root=0)
     if window.noise is not None and comm.Get_rank() == 0:
         gathered, noise_rows = [g[0] for g in gathered], [g[1] for g in gathered]
@@ -673,6 +679,11 @@ def _check_replicas(comm, params, step, log, exchange) -> None:
 
 def _evaluate(network, params, dataset, dist):
     """Each rank scores a contiguous shard of the test set; sums and the confusion matrix are reduced."""
+    with span("evaluate"):
+        return _evaluate_shards(network, params, dataset, dist)
+
+
+def _evaluate_shards(network, params, dataset, dist):
     n_test = len(dataset.test_labels)
     bounds = np.linspace(0, n_test, dist.size + 1).astype(np.int64)
     lo, hi = bounds[dist.rank], bounds[dist.rank + 1]
