@@ -218,16 +218,119 @@ class Progress:
 
 
 # ------------------------------------------------------------------------------------ start-up trace
+#
+# With $CNNPAR_STARTUP_TRACE set, every process notes when it reached each milestone of a run (wall and
+# CPU clocks), the time spent in named spans (imports of the big packages, numba's target set-up, each
+# kernel's cache load, the evaluations) and, at interpreter exit, appends one JSON line to that file:
+# cnnpar bench startup splits a run phase by phase and rank by rank from them. Unset, each call is one test.
 
 _TRACE_PATH = os.environ.get("CNNPAR_STARTUP_TRACE", "")
-_MILESTONES = []
+_MILESTONES = {}   # name -> (wall time, process CPU seconds), the first time it was reached
+_SPANS = {}        # name -> [wall seconds, CPU seconds] summed over every time it ran
+_TRACE = {"rank": None, "written": False}
+# imported packages whose load is worth its own line; an import nested in another is counted only in its own
+TIMED_IMPORTS = ("numpy", "mpi4py.MPI", "numba", "h5py", "tqdm", "matplotlib")
 
 
 def milestone(name: str) -> None:
-    """Note when this process reached a start-up milestone (only with $CNNPAR_STARTUP_TRACE set: then
-    rank 0 appends them to that file at the end, for cnnpar bench startup's split)."""
-    if _TRACE_PATH:
-        _MILESTONES.append((name, time.time()))
+    """Note when this process first reached a start-up milestone (only with $CNNPAR_STARTUP_TRACE set)."""
+    if _TRACE_PATH and name not in _MILESTONES:
+        _MILESTONES[name] = (time.time(), time.process_time())
+
+
+class _Span:
+    __slots__ = ("name", "wall", "cpu", "inner")
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        totals = _SPANS.setdefault(self.name, [0.0, 0.0])
+        totals[0] += time.perf_counter() - self.wall
+        totals[1] += time.process_time() - self.cpu
+        return False
+
+
+class _NoSpan:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_SPAN = _NoSpan()
+
+
+def span(name: str):
+    """`with span(name):` adds the block's wall and CPU seconds to the trace under `name` (when tracing)."""
+    return _Span(name) if _TRACE_PATH else _NO_SPAN
+
+
+def trace_rank(rank: int) -> None:
+    """Name this process's trace record after its world rank (MPI is up)."""
+    _TRACE["rank"] = rank
+
+
+class _TimedLoader:
+    """A module loader that times the loader it wraps; everything else is the wrapped loader's."""
+
+    _stack = []  # the timed imports under way, innermost last: a nested one is taken out of its parent's time
+
+    def __init__(self, loader, name: str):
+        self._loader, self._name = loader, name
+
+    def __getattr__(self, attribute):
+        return getattr(self._loader, attribute)
+
+    def _timed(self, call, *args):
+        wall, cpu = time.perf_counter(), time.process_time()
+        self._stack.append([0.0, 0.0])
+        try:
+            return call(*args)
+        finally:
+            nested = self._stack.pop()
+            took = (time.perf_counter() - wall, time.process_time() - cpu)
+            if self._stack:
+                self._stack[-1][0] += took[0]
+                self._stack[-1][1] += took[1]
+            totals = _SPANS.setdefault(f"import {self._name}", [0.0, 0.0])
+            totals[0] += took[0] - nested[0]
+            totals[1] += took[1] - nested[1]
+
+    def create_module(self, spec):  # an extension module loads (and mpi4py.MPI initialises MPI) here
+        return self._timed(self._loader.create_module, spec)
+
+    def exec_module(self, module):
+        return self._timed(self._loader.exec_module, module)
+
+
+class _ImportTimer:
+    """A finder that hands the TIMED_IMPORTS to the other finders and times the loaders they return."""
+
+    _busy = set()
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in TIMED_IMPORTS or name in self._busy:
+            return None
+        self._busy.add(name)
+        try:
+            for finder in sys.meta_path:
+                find = getattr(finder, "find_spec", None)
+                spec = find(name, path, target) if finder is not self and find is not None else None
+                if spec is not None:
+                    break
+            else:
+                return None
+        finally:
+            self._busy.discard(name)
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _TimedLoader(spec.loader, name)
+        return spec
 
 
 def _process_start_time() -> float | None:
@@ -243,11 +346,27 @@ def _process_start_time() -> float | None:
 
 
 def write_milestones() -> None:
-    if not _TRACE_PATH or not _MILESTONES:
+    """Append this process's record to the trace file (once; also run at interpreter exit)."""
+    if not _TRACE_PATH or _TRACE["written"]:
         return
-    record = {"pid": os.getpid(), "process_start": _process_start_time(), "events": _MILESTONES}
-    try:
-        with open(_TRACE_PATH, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    _TRACE["written"] = True
+    milestone("exit")
+    events = sorted(((name, wall, cpu) for name, (wall, cpu) in _MILESTONES.items()), key=lambda e: e[1])
+    record = {"pid": os.getpid(), "rank": _TRACE["rank"], "process_start": _process_start_time(),
+              "events": events, "spans": {name: list(v) for name, v in _SPANS.items()}}
+    try:  # one write to an O_APPEND file: the ranks' lines never interleave
+        fd = os.open(_TRACE_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+        finally:
+            os.close(fd)
     except OSError:
         pass
+
+
+if _TRACE_PATH:
+    import atexit
+
+    milestone("package")  # the interpreter is up and cnnpar's package (its kernel cache key) imported
+    sys.meta_path.insert(0, _ImportTimer())
+    atexit.register(write_milestones)  # registered before mpi4py's own: runs after MPI is finalised

@@ -23,6 +23,7 @@ import time
 
 from . import kernel_cache
 from .kernel_cache import cache_root, clear_caches, kernel_cache_dir
+from .progress import span
 
 # Seconds each task took to compile on the 2-core development VM (one rank, others idle); only used to
 # announce "about N s" before the first compile on a machine, which then records its own figures.
@@ -94,7 +95,8 @@ class Plan:
 
     def run(self, name: str) -> None:
         started = time.perf_counter()
-        self._tasks[name]()
+        with span(f"kernel {name}"):
+            self._tasks[name]()
         self.measured_s.setdefault(name, time.perf_counter() - started)  # the first run: the compile
 
     def estimate_s(self, workers: int) -> float:
@@ -126,6 +128,15 @@ class Plan:
             os.replace(f.name, self.stamp_path)
         except OSError:
             pass
+
+
+def initialise_numba_target() -> None:
+    """Set up numba's CPU target (its lowering and typing registries), which the first compile or cache
+    load of a process does anyway (a cache load refreshes the target first): here so that a start-up
+    trace times it on its own."""
+    from numba.core.registry import cpu_target
+
+    cpu_target.target_context.refresh()
 
 
 def _compile(dispatcher, *args) -> None:
@@ -178,6 +189,8 @@ def prepare(dist, plan: Plan, say=None) -> float:
 
     start = time.perf_counter()
     kernel_cache.serialize_cache_saves()  # a stamp whose cache was deleted by hand: every rank compiles
+    with span("numba target"):
+        initialise_numba_target()
     warm = dist.comm.allreduce(int(plan.is_warm()), op=_min_op()) == 1
     if warm:  # nothing to wait for: each rank loads the entry points' machine code from the cache itself
         for task in plan.phases[-1]:

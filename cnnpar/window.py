@@ -7,6 +7,8 @@ import itertools
 
 import numpy as np
 
+from .progress import milestone
+
 
 class Diverged(Exception):
     """The loss became NaN or infinite: rank 0 saw it in a window, and every rank stops together."""
@@ -31,6 +33,7 @@ def flush_window(window, comm, log, exchange) -> None:
     rows = np.fromiter(itertools.chain.from_iterable(window.rows), np.float64,
                        count=len(window.rows) * n_fields).reshape(len(window.rows), n_fields)
     window.rows.clear()
+    milestone("first_window")
     gathered = comm.gather(rows if window.noise is None else (rows, window.noise.take_rows()), root=0)
     if window.noise is not None and comm.Get_rank() == 0:
         gathered, noise_rows = [g[0] for g in gathered], [g[1] for g in gathered]

@@ -151,5 +151,13 @@ def test_bench_startup_quick_mode(tmp_path):
         assert not results[f"warm-{n}"]["compile_notice"], (n, results, result.stderr[-2000:])
         assert results[f"warm-{n}"]["first_step_s"] < results[f"warm-{n}"]["wall_s"]
         assert results[f"cold-{n}"]["samples_per_s"] > 0
+    assert set(summary["floors"]) == {"1", "2"} and all(f["cpu_s"] > 0 for f in summary["floors"].values())
+    for key, point in results.items():  # every rank's trace reached the end, through MPI's finalise
+        assert point["phases"]["MPI finalise"]["cpu_s"] is not None, (key, point["phases"])
+        assert point["spans"]["numba target"]["ranks"] == int(key[-1]), (key, point["spans"])
+        assert point["traced_cpu_s"] <= point["cpu_s"]
+    assert "kernel layer_backward" in results["cold-1"]["spans"]  # compiled cold, not loaded warm
+    assert "kernel layer_backward" not in results["warm-1"]["spans"]
     table = (tmp_path / "startup.md").read_text()
     assert "| 2 | warm |" in table and "| target | measured | met |" in table
+    assert "| 2 | import-only floor |" in table and "| MPI finalise |" in table and "| import numba |" in table
