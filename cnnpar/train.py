@@ -24,6 +24,7 @@ _dist.pin_threads()  # before numpy and numba load their thread pools
 
 import datetime  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import zlib  # noqa: E402

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from cnnpar.errors import UserError, exit_on_user_error
 from cnnpar.experiments.launchers import make_launcher

@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path

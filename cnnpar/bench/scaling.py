@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import resource
-import shutil
 import socket
 import statistics
 import subprocess
