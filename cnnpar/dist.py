@@ -70,6 +70,24 @@ class Dist:
     def barrier(self) -> None:
         self.wait(self.comm.Ibarrier())
 
+    def wait_on_rank0(self, request) -> None:
+        """Complete a request that may wait on rank 0 writing the log: with more ranks than cores, yield
+        for a moment (the usual wait is that short), then sleep, so that rank 0 gets the cores."""
+        if not self.yield_when_waiting:
+            request.Wait()
+            return
+        test, spin_until = request.Test, time.perf_counter() + YIELD_BEFORE_NAPS_S
+        while not test():
+            if time.perf_counter() > spin_until:
+                wait_idle(request, first_nap_s=2e-4, longest_nap_s=2e-3)
+                return
+            os.sched_yield()
+
+
+# How long a waiting rank yields before it naps (wait_on_rank0): a window's agreement normally completes
+# within it; a wait for rank 0's log write (tens of ms) then leaves the cores to rank 0.
+YIELD_BEFORE_NAPS_S = 0.002
+
 
 def wait_for(request, yield_core: bool) -> None:
     """Complete a non-blocking MPI request; when ranks outnumber cores, give the core away between polls."""

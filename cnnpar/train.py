@@ -328,7 +328,7 @@ def _train_and_log(run: Run, world, fold: int, resume) -> dict:
         except WriteError as err:
             failure = err.line()
     failed = np.array([failure is not None], np.int32)  # every rank exits with rank 0's outcome, and
-    run.dist.wait(world.Ibcast(failed, root=0))        # yields its core to rank 0 while that writes
+    run.dist.wait_on_rank0(world.Ibcast(failed, root=0))  # leaves the cores to rank 0 while that writes
     milestone("log_closed")
     if failed[0]:
         if world.Get_rank() == 0:
@@ -524,7 +524,8 @@ def _loop(run: Run, start: _Position) -> dict:
                 if log is not None:
                     log.append_epoch(epoch, steps_done, train_loss, train_acc, test_loss, test_acc,
                                      train_time_s, samples_done)
-                    _noting_write_errors(run.stop, log.flush_due)
+                    if steps_done < total_steps:  # at the last step the closing write follows at once
+                        _noting_write_errors(run.stop, log.flush_due)
                 if progress is not None:
                     progress.epoch(epoch, train_loss, train_acc, test_loss, test_acc)
                 result.update(test_loss=test_loss, test_acc=test_acc, confusion=confusion)
@@ -536,7 +537,7 @@ def _loop(run: Run, start: _Position) -> dict:
             summed = comm.reduce(np.array([epoch_loss, epoch_correct, epoch_count], np.float64), root=0)
             _noting_write_errors(run.stop, saver.save, log, params, steps_done, summed, train_time_s, samples_done)
             loop_start = time.perf_counter()
-        if flushed and (halt := run.stop.agreed(comm, dist.wait)) is not None and (steps_done < total_steps
+        if flushed and (halt := run.stop.agreed(comm, dist.wait_on_rank0)) is not None and (steps_done < total_steps
                                                                         or not halt.by_signal):
             train_time_s += time.perf_counter() - loop_start
             summed = np.array([epoch_loss, epoch_correct, epoch_count], np.float64)

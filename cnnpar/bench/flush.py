@@ -56,16 +56,19 @@ def _child(argv) -> int:
 
     writer.flush, writer.close = timed("flush", writer.flush), timed("close", writer.close)
     spent["fsync_s"] = 0.0
-    fsync = os.fsync
 
-    def timed_fsync(fd):  # the share of the device sync in the closing write
-        started = time.perf_counter()
-        try:
-            return fsync(fd)
-        finally:
-            spent["fsync_s"] += time.perf_counter() - started
+    def timed_sync(sync):  # the share of the device sync (fsync or fdatasync) in the closing write
+        def timed(fd):
+            started = time.perf_counter()
+            try:
+                return sync(fd)
+            finally:
+                spent["fsync_s"] += time.perf_counter() - started
+        return timed
 
-    os.fsync = timed_fsync
+    os.fsync = timed_sync(os.fsync)
+    if hasattr(os, "fdatasync"):
+        os.fdatasync = timed_sync(os.fdatasync)
     status = main(argv)
     if MPI.COMM_WORLD.Get_rank() == 0:
         print("BENCH " + json.dumps(spent), flush=True)

@@ -364,8 +364,8 @@ class RunLogWriter:
                 view, done = memoryview(data), 0
                 while done < len(view):
                     done += os.write(fd, view[done:])
-                if sync:
-                    os.fsync(fd)
+                if sync:  # the data and the size (what a reader needs), not the timestamps
+                    getattr(os, "fdatasync", os.fsync)(fd)
             finally:
                 os.close(fd)
             if check is not None:
