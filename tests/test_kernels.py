@@ -253,3 +253,103 @@ def test_softmax_xent_is_stable_for_large_logits():
     probs = np.empty(3, np.float32)
     loss = K.softmax_xent_forward(probs, np.array([1000.0, 0.0, -1000.0], np.float32), 1)
     assert np.isfinite(loss) and abs(loss - 1000.0) < 1e-3 and abs(probs.sum() - 1) < 1e-6
+
+
+# ------------------------------------------------------------------- conv + pool + relu, fused
+
+# (C, F, H, W, K, P): odd conv outputs (a dropped last row/column), several channels, K=5 / 3 / 4
+FUSED_SHAPES = [(1, 8, 12, 12, 5, 0), (2, 3, 9, 8, 3, 1), (3, 2, 7, 7, 4, 1), (2, 5, 10, 9, 5, 2)]
+
+
+def _unfused(x, weight, bias, P, dpooled):
+    """The three kernels in turn, as the table ran them before the fusion."""
+    C, H, W = x.shape
+    F, Kk = weight.shape[0], weight.shape[2]
+    out, xpad, scratch = _conv_buffers(C, F, H, W, Kk, P, x.dtype)
+    K.conv2d_forward(out, xpad, scratch, x, weight, bias, P)
+    pooled = np.empty((F, out.shape[1] // 2, out.shape[2] // 2), x.dtype)
+    argmax = np.empty(pooled.shape, np.int32)
+    K.maxpool2_forward(pooled, argmax, out)
+    relu = np.empty_like(pooled)
+    K.relu_forward(relu, pooled)
+    dpool = np.empty_like(pooled)
+    K.relu_backward(dpool, dpooled, relu)
+    dplane = np.empty_like(out)
+    K.maxpool2_backward(dplane, dpool, argmax)
+    dx, dweight, dbias = np.full(x.shape, np.nan, x.dtype), np.ones_like(weight), np.ones_like(bias)
+    K.conv2d_backward(dx, dweight, dbias, scratch, dplane, xpad, weight, P, True)
+    return relu, argmax, dplane, dx, dweight, dbias
+
+
+def _fused(x, weight, bias, P, dpooled):
+    C, H, W = x.shape
+    F, Kk = weight.shape[0], weight.shape[2]
+    plane, xpad, scratch = _conv_buffers(C, F, H, W, Kk, P, x.dtype)
+    pooled = np.full((F, plane.shape[1] // 2, plane.shape[2] // 2), np.nan, x.dtype)
+    argmax = np.full(pooled.shape, -1, np.int32)
+    K.conv_pool_relu_forward(pooled, argmax, plane, xpad, scratch, x, weight, bias, P)
+    dx, dweight, dbias = np.full(x.shape, np.nan, x.dtype), np.ones_like(weight), np.ones_like(bias)
+    K.conv_pool_relu_backward(dx, dweight, dbias, scratch, plane, dpooled, pooled, argmax, xpad, weight, P, True)
+    return pooled, argmax, plane, dx, dweight, dbias
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
+def test_fused_conv_pool_relu_equals_the_three_kernels_bit_for_bit(shape):
+    C, F, H, W, Kk, P = shape
+    rng = _rng(12, *shape)
+    x = rng.standard_normal((C, H, W)).astype(np.float32)
+    weight = rng.standard_normal((F, C, Kk, Kk)).astype(np.float32)
+    bias = rng.standard_normal(F).astype(np.float32)
+    OH, OW = H + 2 * P - Kk + 1, W + 2 * P - Kk + 1
+    dpooled = rng.standard_normal((F, OH // 2, OW // 2)).astype(np.float32)
+    for want, got in zip(_unfused(x, weight, bias, P, dpooled), _fused(x, weight, bias, P, dpooled)):
+        assert want.dtype == got.dtype and np.array_equal(want.view(np.uint8), got.view(np.uint8))
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
+def test_fused_conv_pool_relu_matches_reference_float32(shape):
+    C, F, H, W, Kk, P = shape
+    rng = _rng(13, *shape)
+    x = rng.standard_normal((C, H, W)).astype(np.float32)
+    weight = rng.standard_normal((F, C, Kk, Kk)).astype(np.float32)
+    bias = rng.standard_normal(F).astype(np.float32)
+    conv = ref.conv_forward(x, weight, bias, P)
+    pooled_ref, winner = ref.pool_forward(conv)
+    dpooled = rng.standard_normal(pooled_ref.shape).astype(np.float32)
+    pooled, argmax, _, dx, dweight, dbias = _fused(x, weight, bias, P, dpooled)
+    assert np.abs(pooled - ref.relu_forward(pooled_ref)).max() < F32_TOL * max(1, np.abs(pooled).max())
+    assert np.array_equal(argmax, ref.pool_argmax_flat(winner, conv.shape))
+    dplane = ref.pool_backward(ref.relu_backward(dpooled, pooled_ref), winner, conv.shape)
+    want_dx, want_dw, want_db = ref.conv_backward(dplane, x, weight, P)
+    assert np.abs(dx - want_dx).max() < F32_TOL * max(1, np.abs(want_dx).max())
+    assert np.abs(dweight - 1 - want_dw).max() < F32_TOL * max(1, np.abs(want_dw).max())
+    assert np.abs(dbias - 1 - want_db).max() < F32_TOL * max(1, np.abs(want_db).max())
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES[1:3], ids=str)
+def test_fused_conv_pool_relu_backward_matches_finite_differences(shape):
+    C, F, H, W, Kk, P = shape
+    rng = _rng(14, *shape)
+    x, weight, bias = rng.standard_normal((C, H, W)), rng.standard_normal((F, C, Kk, Kk)), rng.standard_normal(F)
+    plane, xpad, scratch = _conv_buffers(C, F, H, W, Kk, P, np.float64)
+    pooled = np.empty((F, plane.shape[1] // 2, plane.shape[2] // 2))
+    argmax = np.empty(pooled.shape, np.int32)
+    probe = rng.standard_normal(pooled.shape)   # loss = sum(pooled * probe)
+
+    def loss():
+        K.conv_pool_relu_forward(pooled, argmax, plane, xpad, scratch, x, weight, bias, P)
+        return float((pooled * probe).sum())
+
+    loss()
+    # keep clear of the kinks: no pooled value near 0, no window with a near tie
+    conv = ref.conv_forward(x, weight, bias, P)[:, :2 * pooled.shape[1], :2 * pooled.shape[2]]
+    windows = np.sort(conv.reshape(F, pooled.shape[1], 2, pooled.shape[2], 2).transpose(0, 1, 3, 2, 4)
+                      .reshape(F, pooled.shape[1], pooled.shape[2], 4), axis=-1)
+    assert np.abs(windows[..., 3]).min() > 1e-4 and (windows[..., 3] - windows[..., 2]).min() > 1e-4
+    kept_argmax = argmax.copy()
+    dx, dweight, dbias = np.empty_like(x), np.zeros_like(weight), np.zeros_like(bias)
+    K.conv_pool_relu_backward(dx, dweight, dbias, scratch, plane, probe, pooled, kept_argmax, xpad, weight, P,
+                              True)
+    assert _rel_err(dx, _fd(loss, x)) < FD_TOL
+    assert _rel_err(dweight, _fd(loss, weight)) < FD_TOL
+    assert _rel_err(dbias, _fd(loss, bias)) < FD_TOL

@@ -2,6 +2,9 @@
 with the same params and per-step losses, bit for bit. Issue 12's (the exchange package, the run-log schema,
 the loop's state object) is compared with 38d5212; issue 20's (one home for each fact: the mode families, the
 exchange rule, the config fields' roles, the run paths, train.py and data split by concern) with 2f62ac4.
+Issue 22's kernel work (conv, pool and relu fused into one pass each way) is compared with 2f62ac4 too, on
+the settings whose kernels it changed: both named architectures, and k samples per rank on one rank (the
+accuracy map's setting), where each sample's gradient is formed on its own before it is added.
 
 The earlier trees come from git history (`git archive`), so this needs a clone that holds those commits; a
 shallow clone skips with the reason. When a later change alters the numerics on purpose, move REFERENCES to
@@ -66,6 +69,14 @@ def _this_tree_run(n, flags, log):
     return _THIS_TREE[n, flags]
 
 
+def _assert_same_bits(reference_tree, n, flags, tmp_path):
+    before_params, before_loss = _run(reference_tree, n, flags, tmp_path / "before.h5")
+    after_params, after_loss = _this_tree_run(n, tuple(flags), tmp_path / "after.h5")
+    assert len(after_loss) == len(before_loss) == 300
+    assert np.array_equal(after_params.view(np.uint32), before_params.view(np.uint32))
+    assert np.array_equal(after_loss.view(np.uint32), before_loss.view(np.uint32))
+
+
 @pytest.mark.parametrize("n, flags", [
     (1, []),
     (2, ["--allreduce", "shm"]),
@@ -78,8 +89,16 @@ def _this_tree_run(n, flags, log):
     (2, ["--reduce", "mean", "--lr-scaling", "linear", "--warmup-steps", "40"]),
 ])
 def test_this_tree_matches_the_one_before_the_restructure_bit_for_bit(tmp_path, reference_tree, n, flags):
-    before_params, before_loss = _run(reference_tree, n, flags, tmp_path / "before.h5")
-    after_params, after_loss = _this_tree_run(n, tuple(flags), tmp_path / "after.h5")
-    assert len(after_loss) == len(before_loss) == 300
-    assert np.array_equal(after_params.view(np.uint32), before_params.view(np.uint32))
-    assert np.array_equal(after_loss.view(np.uint32), before_loss.view(np.uint32))
+    _assert_same_bits(reference_tree, n, flags, tmp_path)
+
+
+@pytest.mark.parametrize("n, flags", [
+    (1, ["--samples-per-rank", "12"]),
+    (1, ["--arch", "lenet"]),
+    (2, ["--arch", "lenet", "--samples-per-rank", "3", "--allreduce", "shm"]),
+    (1, ["--arch", "conv5k3p1,relu,pool,conv4k5,relu,pool,dense10", "--samples-per-rank", "2"]),
+])
+def test_the_fused_kernels_match_the_tree_before_them_bit_for_bit(request, tmp_path, reference_tree, n, flags):
+    if request.node.callspec.params["reference_tree"] != "2f62ac4":
+        pytest.skip("issue 22's kernels are compared with their own base only")
+    _assert_same_bits(reference_tree, n, flags, tmp_path)
