@@ -16,8 +16,8 @@ COMMANDS = {
     "train": ("cnnpar.train", "train the CNN (run it under mpirun/mpiexec/srun for several ranks)"),
     "sweep": ("cnnpar.experiments.sweep", "run a grid of training runs, resumably (presets: paper, explain, ...)"),
     "map": ("cnnpar.experiments.map", "run the accuracy map: learning rate x reduce x budget x ranks"),
-    "study": ("cnnpar.experiments.study", "issue 23's runs: the fit with 8 seeds, the collapse law, the threshold, "
-                                          "the climb search"),
+    "study": ("cnnpar.experiments.study", "the mechanism study's runs: the fit with 8 seeds, the collapse law, "
+                                          "the threshold, the climb search"),
     "predict": ("cnnpar.analysis.predict", "predict the smallest rank count that trains at an lr, from a short "
                                            "probe"),
     "report": ("cnnpar.analysis.map_report", "the accuracy map's report, fits and figures from its logs"),

@@ -28,8 +28,8 @@ point whose log is complete or diverged (the loss became NaN: a result, accuracy
 point stopped after a checkpoint (points of more than 20,000 samples write one every 20,000) continues from
 it, bit-identical to an uninterrupted run; anything else found there is moved to OUT/incomplete/ and run
 again. One map at a time uses a folder (OUT/.cnnpar-lock names the holder); the slices of one map (the
-tasks of a Slurm job array, or their resubmissions) share it, each running its own slice of the points (every N-th point of the full list, so a requeued
-or resubmitted task runs the same points). The estimate of the time left is learnt from the runs done
+tasks of a Slurm job array, or their resubmissions) share it, each running its own slice of the points
+(every N-th point of the full list, so a requeued or resubmitted task runs the same points). The estimate of the time left is learnt from the runs done
 (seconds per sample per dataset and mode, plus a per-run start cost).
 """
 

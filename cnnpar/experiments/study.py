@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Issue 23's runs, resumably: the fit setting with 8 seeds, the collapse law, the threshold's observed
+"""The mechanism study's runs, resumably: the fit setting with 8 seeds, the collapse law, the threshold's observed
 critical N per learning rate, and the climb search over axes the map never had.
 
     cnnpar study --out runs/predict --batches fit8,collapse,threshold   # map-style logs under OUT/map
