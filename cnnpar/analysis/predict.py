@@ -104,6 +104,25 @@ def curvature_along_gradient(network, params, images, labels, step: float = CURV
             "eps_max": 1.0 / curvature if curvature > 0 else float("inf")}
 
 
+def per_sample_noise(network, params, images, labels) -> dict:
+    """B_noise from every sample's own gradient: tr(Sigma) = mean |g_i - g|^2 x M/(M-1), |G|^2 = |g|^2 -
+    tr(Sigma)/M (unbiased), over M samples at one point of parameter space (no training in between)."""
+    count = len(labels)
+    grads = np.zeros(network.n_params, network.dtype)
+    total = np.zeros(network.n_params, np.float64)
+    sq_sum = 0.0
+    for i in range(count):
+        grads[:] = 0
+        network.forward_backward(params, grads, images[i:i + 1], labels[i:i + 1])
+        g = grads.astype(np.float64)
+        total += g
+        sq_sum += float(g @ g)
+    mean = total / count
+    trace = (sq_sum / count - float(mean @ mean)) * count / (count - 1)
+    g2 = float(mean @ mean) - trace / count
+    return {"g2": g2, "trace": trace, "b_noise": trace / g2 if g2 > 0 else float("nan")}
+
+
 def probe_inputs(log_path: str) -> dict:
     """Every input of the prediction, from the probe's log alone (its config, noise windows, final params)."""
     from cnnpar import data, model
@@ -118,9 +137,17 @@ def probe_inputs(log_path: str) -> dict:
     params = np.ascontiguousarray(log.final["params"], network.dtype)
     take = np.random.default_rng([int(c["seed"]), 23]).permutation(len(dataset.train_labels))[:CURVATURE_SAMPLES]
     take.sort()
-    curvature = curvature_along_gradient(network, params, dataset.train_images[take], dataset.train_labels[take])
+    images, labels = dataset.train_images[take], dataset.train_labels[take]
+    curvature = curvature_along_gradient(network, params, images, labels)
+    # the same two quantities where every run of the seed starts (added after the first comparison with
+    # mnist-5k's thresholds: the probe's windowed estimate is far above the early one the collapse sees)
+    start = network.init_params(int(c["seed"]))
+    at_start = per_sample_noise(network, start, images, labels)
+    curvature_start = curvature_along_gradient(network, start, images, labels)
     return {"dataset": c["dataset"], "seed": int(c["seed"]), "probe_log": str(log_path),
-            "probe_steps": int(log.final["attrs"]["steps"]), **noise_of(log), **curvature}
+            "probe_steps": int(log.final["attrs"]["steps"]), **noise_of(log), **curvature,
+            "start_b_noise": at_start["b_noise"], "start_g2": at_start["g2"], "start_trace": at_start["trace"],
+            "start_eps_max": curvature_start["eps_max"]}
 
 
 def critical_n(lr: float, eps_max: float, b_noise: float, c: float = CALIBRATED_C, max_n: int = MAX_N):

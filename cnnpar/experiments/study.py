@@ -41,11 +41,10 @@ def map_batches() -> dict:
     """name -> tuple of MapPoints (one epoch, sync, one process)."""
     fit8 = tuple(MapPoint("fashion-mnist", "epochs", n, "mean", FIT_LR, s, part="fit8")
                  for s in SEEDS8 for n in RANKS)
-    # N = 1..8 only (the collapse law puts every critical N of these lrs at 2-6): the machine's load left
-    # no time for 9..12
-    threshold = tuple(MapPoint(d, "epochs", n, "mean", lr, s, part="threshold")
-                      for d, lrs in THRESHOLD_LRS.items() for lr in lrs for s in SEEDS8 for n in RANKS[:8]
-                      if not (d == "fashion-mnist" and lr == FIT_LR))
+    # N = 1..8 first (the collapse law puts every critical N of these lrs at 2-6), 9..12 in `threshold-rest`
+    threshold = [MapPoint(d, "epochs", n, "mean", lr, s, part="threshold")
+                 for d, lrs in THRESHOLD_LRS.items() for lr in lrs for s in SEEDS8 for n in RANKS
+                 if not (d == "fashion-mnist" and lr == FIT_LR)]
     collapse = []
     for d, lrs in COLLAPSE_LRS.items():
         seeds = SEEDS8 if d == "mnist-5k" else SEEDS8[:2]  # fashion-mnist's runs cost 15x more
@@ -58,7 +57,9 @@ def map_batches() -> dict:
     # the step-budget hypotheses' best settings on mnist-5k (H3 summed, H5 averaged; the map's fits)
     steps = tuple(MapPoint("mnist-5k", "steps", n, reduce, lr, s, part="hypotheses", steps=4000)
                   for reduce, lr in (("sum", "0.001"), ("mean", "0.178")) for s in SEEDS8[:3] for n in RANKS[1:])
-    return {"fit8": fit8, "threshold": threshold, "collapse": tuple(collapse), "hypotheses": steps}
+    return {"fit8": fit8, "threshold": tuple(p for p in threshold if p.ranks <= 8),
+            "threshold-rest": tuple(p for p in threshold if p.ranks > 8), "collapse": tuple(collapse),
+            "hypotheses": steps}
 
 
 @dataclass(frozen=True)
