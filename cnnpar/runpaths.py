@@ -6,7 +6,18 @@ ask here. It imports nothing of cnnpar but its errors, so every one of them may.
 
 from __future__ import annotations
 
+import os
+
 CHECKPOINT_SUFFIX = ".ckpt"
+LOG_FOLDER = "runs"  # where a run without --log writes its log, relative to the working folder
+
+
+def default_log_path(stamp: str, ranks, mode: str) -> str:
+    """A run's log when --log is not given: runs/<stamp>-n<ranks>-<mode>.h5."""
+    return os.path.join(LOG_FOLDER, f"{stamp}-n{ranks}-{mode}.h5")
+
+
+DEFAULT_LOG_SHOWN = default_log_path("<date-time>", "<ranks>", "<mode>")  # what --help says the default is
 
 
 def checkpoint_path(log_path: str) -> str:

@@ -734,8 +734,9 @@ def _log_path(config: Config, world, started) -> str:
     """The log's path (default runs/<date-time>-n<ranks>-<mode>.h5), checked writable before training."""
     path = config.log
     if not path:
-        stamp = started.strftime("%Y%m%d-%H%M%S")
-        path = os.path.join("runs", f"{stamp}-n{world.Get_size()}-{config.mode}.h5")
+        from .runpaths import default_log_path
+
+        path = default_log_path(started.strftime("%Y%m%d-%H%M%S"), world.Get_size(), config.mode)
     if world.Get_rank() == 0:
         _check_log_path(path, make_folder=not config.log, resuming=bool(config.resume))
     return path

@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import MODES, ALLREDUCES
 
     parser = argparse.ArgumentParser(
-        prog="python -m cnnpar.warmup",
+        allow_abbrev=False, prog="python -m cnnpar.warmup",
         description="Compile the numba kernels a training run will call into the on-disk cache (so the "
                     "run itself starts at once), or remove cnnpar's kernel caches. Runs on one process; "
                     "no MPI launcher needed.",
