@@ -34,6 +34,18 @@ COMMANDS = {
 BENCHMARKS = ("kernels", "scaling", "startup", "flush", "compare", "noise", "race")
 
 
+def invoked_as(module: str) -> str:
+    """This program's name as the user typed it, for usage lines: `cnnpar COMMAND` (main() below sets it), a
+    console script's own name (`cnnpar-train`), or `python -m MODULE` where Python ran the module's file."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if argv0.startswith("cnnpar "):
+        return argv0
+    name = argv0.replace("\\", "/").rsplit("/", 1)[-1]
+    if not name or name == "-c" or name.endswith(".py"):
+        return f"python -m {module}"
+    return name
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: cnnpar COMMAND [FLAGS ...]   (cnnpar COMMAND --help for its flags)", "", "commands:"]

@@ -15,9 +15,10 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 
-from .errors import UserError
+from .errors import OneLineParser, UserError
 from .modes import FACTORED_SAMPLES_PER_RANK, MODES, RACE_MODES, factored_fits, is_race_mode
 from .progress import PROGRESS_MODES
+from .runpaths import DEFAULT_LOG_SHOWN
 
 REDUCES = ("sum", "mean")
 ALLREDUCES = ("auto", "mpi", "shm", "factored", "hier")
@@ -123,7 +124,7 @@ class Config:
                                            "time is outside the training time)")
     check_every: int = _opt(200, "compare a checksum of every replica's params every N steps (0 = only at the end)",
                             affects=(), why="when the replicas are compared: rows of /consistency, never an update")
-    log: str = _opt("", "HDF5 run log path; default runs/<date-time>-n<ranks>-<mode>.h5",
+    log: str = _opt("", "HDF5 run log path", shown_default=DEFAULT_LOG_SHOWN,
                     affects=(), why="where the log goes")
     log_window: int = _opt(512, "steps of per-rank statistics gathered to rank 0 at once",
                            affects=(), why="how often the statistics travel to rank 0, never what they are")
@@ -236,19 +237,21 @@ def checkpoint_interval(spec: str) -> tuple[int, str] | None:
     return count, unit
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports mistakes as one `cnnpar: error:` line with exit 2, like every other user error."""
-
-    def error(self, message):
-        raise UserError("command line", message)
+def shown_default(f) -> str:
+    """What --help gives as a field's default: its metadata's `shown_default` where the empty default stands
+    for something (the log path made at start-up), 'none' for other empty strings, else the value."""
+    return f.metadata.get("shown_default") or (str(f.default) if f.default != "" else "none")
 
 
 def build_parser(epilog: str = "") -> argparse.ArgumentParser:
-    parser = _OneLineParser(
-        prog="python -m cnnpar.train",
+    from .cli import invoked_as
+
+    prog = invoked_as("cnnpar.train")
+    parser = OneLineParser(
+        allow_abbrev=False, prog=prog,
         description="Data-parallel CNN training: each MPI rank runs its samples of every step's global batch "
                     "with numba kernels, then the gradients are exchanged and all ranks take the same SGD step. "
-                    "Run under MPI: mpirun -n 12 python -m cnnpar.train",
+                    f"Run under MPI: mpirun -n 12 {prog}",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -258,7 +261,7 @@ def build_parser(epilog: str = "") -> argparse.ArgumentParser:
             continue
         py_type = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
         kwargs = {"type": py_type, "default": f.default,
-                  "help": f"{help_text} (default: {f.default if f.default != '' else 'none'})"}
+                  "help": f"{help_text} (default: {shown_default(f)})"}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(flag, **kwargs)

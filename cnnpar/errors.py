@@ -8,6 +8,7 @@ UserErrors: they keep their traceback (and, under MPI, abort the job).
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -26,6 +27,17 @@ class UserError(Exception):
 
     def line(self) -> str:
         return f"cnnpar: error: {self.culprit}: {self.message}"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are a UserError (one `cnnpar: error: command line: ...` line, exit 2 under
+    exit_on_user_error) instead of argparse's usage screen, and which never takes `--ep` for `--epochs`."""
+
+    def __init__(self, *args, allow_abbrev=False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
+    def error(self, message):
+        raise UserError("command line", message)
 
 
 def print_user_error(err: UserError, file=None) -> None:

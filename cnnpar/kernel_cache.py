@@ -219,6 +219,8 @@ def after_saves(action) -> None:
 
 
 def recorded_seconds() -> dict:
+    """Task name -> seconds its compile took here, scaled to a machine with a core per process (see
+    record_seconds); {} when nothing was recorded."""
     try:
         with open(os.path.join(cache_root(), "compile_seconds.json")) as f:
             return {str(k): float(v) for k, v in json.load(f).items()}
@@ -226,10 +228,12 @@ def recorded_seconds() -> dict:
         return {}
 
 
-def record_seconds(seconds_by_task: dict) -> None:
-    """Keep each task's measured compile time for the next announcement (best effort)."""
+def record_seconds(seconds_by_task: dict, busy: float = 1.0) -> None:
+    """Keep each task's measured compile time for the next announcement (best effort), divided by `busy`
+    (processes per core while it compiled, at least 1): a compile on a loaded machine took that much
+    longer than it will on an idle one, and the next announcement scales by its own machine's load."""
     recorded = recorded_seconds()
-    recorded.update({name: round(s, 3) for name, s in seconds_by_task.items()})
+    recorded.update({name: round(s / max(1.0, busy), 3) for name, s in seconds_by_task.items()})
     try:
         os.makedirs(cache_root(), exist_ok=True)
         path = os.path.join(cache_root(), "compile_seconds.json")

@@ -145,7 +145,7 @@ def _library_version() -> str:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m cnnpar.launcher", description=(
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m cnnpar.launcher", description=(
         "The MPI that mpi4py links and how to launch it. `plugin` prints srun's --mpi plugin for it (pmi2 for "
         "MPICH, Intel MPI and MVAPICH, pmix for Open MPI; empty when unknown) without initialising MPI; "
         "`check` initialises MPI on every task and prints one line, or fails with exit 2 when the launcher's "

@@ -120,11 +120,12 @@ class Speaker:
         if self.is_root:
             print(text, flush=True)
 
-    def compiling(self, kernels: int, estimate_s: float):
-        """Announce a first-run compilation at once; returns the notice to count kernels on, or None."""
+    def compiling(self, kernels: int, fewest_s: float, most_s: float):
+        """Announce a first-run compilation at once, with the range of seconds it may take; returns the
+        notice to count kernels on, or None."""
         if not self.active:
             return None
-        return CompileNotice(kernels, estimate_s, live=self.mode == "bar", lines=self.mode == "lines")
+        return CompileNotice(kernels, fewest_s, most_s, live=self.mode == "bar", lines=self.mode == "lines")
 
     def progress(self, total_steps: int, first_step: int = 0):
         if not self.active or self.mode == "none":
@@ -133,17 +134,19 @@ class Speaker:
 
 
 class CompileNotice:
-    """`compiling numba kernels for this machine (first run only, about N s)` and a count of the kernels
-    done: rewritten in place on a terminal, a line at most every LINE_EVERY_S into files and pipes."""
+    """`compiling numba kernels for this machine (first run only, 8-30 s)` and a count of the kernels done:
+    rewritten in place on a terminal, a line at most every LINE_EVERY_S into files and pipes. A range, never
+    one figure: how long a compile takes depends on what else the machine runs meanwhile."""
 
-    def __init__(self, kernels: int, estimate_s: float, live: bool, lines: bool = True):
+    def __init__(self, kernels: int, fewest_s: float, most_s: float, live: bool, lines: bool = True):
         self.total = kernels
         self.done = 0
         self.live = live
         self.lines = lines or live
         self.start = time.perf_counter()
         self.next_line = LINE_EVERY_S
-        self.head = f"compiling numba kernels for this machine (first run only, about {max(1, round(estimate_s))} s)"
+        fewest, most = max(1, math.floor(fewest_s)), max(1, math.ceil(most_s))
+        self.head = f"compiling numba kernels for this machine (first run only, {fewest}-{max(most, fewest + 1)} s)"
         if self.live:
             self._write(f"\r{self.head}: 0/{self.total} kernels")
         else:

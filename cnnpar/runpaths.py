@@ -13,6 +13,15 @@ import os
 from .errors import UserError
 
 CHECKPOINT_SUFFIX = ".ckpt"
+LOG_FOLDER = "runs"  # where a run without --log writes its log, relative to the working folder
+
+
+def default_log_path(stamp: str, ranks, mode: str) -> str:
+    """A run's log when --log is not given: runs/<stamp>-n<ranks>-<mode>.h5."""
+    return os.path.join(LOG_FOLDER, f"{stamp}-n{ranks}-{mode}.h5")
+
+
+DEFAULT_LOG_SHOWN = default_log_path("<date-time>", "<ranks>", "<mode>")  # what --help says the default is
 
 
 def checkpoint_path(log_path: str) -> str:
@@ -29,7 +38,7 @@ def log_path(config, ranks: int, started) -> str:
     """The log's path: --log, or runs/<date-time>-n<ranks>-<mode>.h5 stamped with the run's start."""
     if config.log:
         return config.log
-    return os.path.join("runs", f"{started.strftime('%Y%m%d-%H%M%S')}-n{ranks}-{config.mode}.h5")
+    return default_log_path(started.strftime("%Y%m%d-%H%M%S"), ranks, config.mode)
 
 
 def check_log_path(path: str, make_folder: bool, resuming: bool) -> None:

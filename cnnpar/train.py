@@ -506,11 +506,12 @@ def _loop(run: Run, start: _Position) -> dict:
         checkpoint_due = saver.due(steps_done) and steps_done < total_steps
         flushed = len(window.rows) == window.size or last_of_epoch or checkpoint_due
         if flushed:
-            if progress is not None:
-                progress.update(step, samples_done, train_time_s + time.perf_counter() - loop_start, window.rows)
+            shown_rows = window.rows[:] if progress is not None else None  # the flush empties the window
             flush_window(window, comm, log, exchange)
         if check_every and steps_done % check_every == 0:
             _check_replicas(comm, params, step, log, exchange)
+        if flushed and progress is not None:  # timed as the summary's figure is, flush and check included
+            progress.update(step, samples_done, train_time_s + time.perf_counter() - loop_start, shown_rows)
 
         if last_of_epoch:
             train_time_s += time.perf_counter() - loop_start

@@ -26,9 +26,24 @@ from .kernel_cache import cache_root, clear_caches, kernel_cache_dir
 from .progress import span
 
 # Seconds each task took to compile on the 2-core development VM (one rank, others idle); only used to
-# announce "about N s" before the first compile on a machine, which then records its own figures.
+# announce the first compile on a machine, which then records its own figures.
 DEFAULT_TASK_S = {"layer_backward": 4.2, "layer_forward": 2.2, "step": 3.2, "evaluate": 0.6, "sgd": 0.15,
                   "exchange:factored": 2.5, "exchange:shm": 4.0, "exchange:race": 1.5}
+# The announced range runs from the expected time on an idle machine to this many times it, or to the
+# machine's present load times it when that is more: a compile shares its core with everything else running
+# (a first run announced as "about 8 s" took 34 s on a loaded machine).
+ESTIMATE_SPREAD = 2.0
+
+
+def busy_factor(cores: int | None = None) -> float:
+    """Runnable processes per core over the last minute, at least 1 (1 where unknown): how many times
+    longer than on an idle machine a compile may take now."""
+    try:
+        load = os.getloadavg()[0]
+        cores = cores or len(os.sched_getaffinity(0))
+    except (OSError, AttributeError):
+        return 1.0
+    return max(1.0, load / max(1, cores))
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -78,7 +93,9 @@ class Plan:
         self.names = names
         self.phases = [[functools.partial(self.run, name) for name in phase] for phase in names]
         self.count = sum(len(phase) for phase in names)
-        self.measured_s = {}  # seconds of the tasks this process ran
+        self.measured_s = {}  # seconds of the tasks this process compiled
+        self.finished = 0     # tasks of the plan finished on the node, counted by prepare: after all of
+                              # them a task's run only loads machine code, which must not pass for a compile
         self.spec = {"arch": network.grammar, "input_shape": list(network.input_shape),
                      "n_classes": network.n_classes, "dtype": str(network.dtype), "exchange": exchange}
 
@@ -97,10 +114,12 @@ class Plan:
         started = time.perf_counter()
         with span(f"kernel {name}"):
             self._tasks[name]()
-        self.measured_s.setdefault(name, time.perf_counter() - started)  # the first run: the compile
+        if self.finished < self.count:  # still compiling: the first run of a task is its compile
+            self.measured_s.setdefault(name, time.perf_counter() - started)
 
     def estimate_s(self, workers: int) -> float:
-        """Seconds the plan should take with `workers` compiling at once (measured here if it was before)."""
+        """Seconds the plan should take on an idle machine with `workers` compiling at once (from the figures
+        measured here where there are some)."""
         per_task = dict(DEFAULT_TASK_S)
         per_task.update(kernel_cache.recorded_seconds())
         total = 0.0
@@ -110,6 +129,12 @@ class Plan:
                 loads[index % len(loads)] += per_task.get(name, 1.0)
             total += max(loads)
         return total
+
+    def estimate_range_s(self, workers: int, busy: float) -> tuple:
+        """(fewest, most) seconds to announce: the idle machine's estimate, and that times the spread or
+        times `busy` (busy_factor) when the machine is loaded more."""
+        idle_s = self.estimate_s(workers)
+        return idle_s, idle_s * max(ESTIMATE_SPREAD, busy)
 
     @property
     def stamp_path(self) -> str:
@@ -183,7 +208,7 @@ def exchange_kernels(mode: str, allreduce: str, ranks: int, samples_per_rank: in
 def prepare(dist, plan: Plan, say=None) -> float:
     """Compile the plan across the node (cold) or just load it (warm); returns the seconds taken.
 
-    Cold, rank 0 announces it at once with the expected time and a live count (say.compiling). A rank
+    Cold, rank 0 announces it at once with the range of time it may take and a live count (say.compiling). A rank
     alone on its node with a spare core compiles half of each phase in a helper process (no MPI in it)."""
     from . import dist as dist_lib
 
@@ -198,8 +223,14 @@ def prepare(dist, plan: Plan, say=None) -> float:
         return time.perf_counter() - start
     helped = dist.node_size == 1 and dist.cores >= 2 and max(len(phase) for phase in plan.phases) > 1
     workers = 2 if helped else max(1, min(dist.node_size, dist.cores))
-    notice = say.compiling(plan.count, plan.estimate_s(workers)) if say is not None else None
-    on_done = notice.task_done if notice is not None else None
+    busy = busy_factor(dist.cores)
+    notice = say.compiling(plan.count, *plan.estimate_range_s(workers, busy)) if say is not None else None
+
+    def on_done():
+        plan.finished += 1
+        if notice is not None:
+            notice.task_done()
+
     if helped:
         compile_with_helper(plan, on_done)
     else:
@@ -209,7 +240,7 @@ def prepare(dist, plan: Plan, say=None) -> float:
         notice.close(seconds)
     if dist.node_rank == 0:
         plan.mark_warm(seconds)
-        kernel_cache.record_seconds(plan.measured_s)
+        kernel_cache.record_seconds(plan.measured_s, busy)
     return seconds
 
 
@@ -287,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import MODES, ALLREDUCES
 
     parser = argparse.ArgumentParser(
-        prog="python -m cnnpar.warmup",
+        allow_abbrev=False, prog="python -m cnnpar.warmup",
         description="Compile the numba kernels a training run will call into the on-disk cache (so the "
                     "run itself starts at once), or remove cnnpar's kernel caches. Runs on one process; "
                     "no MPI launcher needed.",
@@ -323,6 +354,7 @@ def warm_up(archs=("small",), mode="sync", allreduce="auto", ranks=12, samples_p
     from .model import build_network
 
     start = time.perf_counter()
+    busy = busy_factor()
     kernel_cache.serialize_cache_saves()
     exchange = exchange_kernels(mode, allreduce, ranks, samples_per_rank, nodes=nodes)
     for arch in archs:
@@ -341,7 +373,7 @@ def warm_up(archs=("small",), mode="sync", allreduce="auto", ranks=12, samples_p
                 for task in phase:
                     task()
         plan.mark_warm(time.perf_counter() - start)
-        kernel_cache.record_seconds(plan.measured_s)
+        kernel_cache.record_seconds(plan.measured_s, busy)
     return time.perf_counter() - start
 
 

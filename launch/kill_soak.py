@@ -61,7 +61,8 @@ def _rows_match(log, reference) -> bool:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=30, help="rounds, one SIGKILL of rank 0 each")
     parser.add_argument("--ranks", type=int, default=2, help="MPI ranks of the run")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random kill moments")

@@ -83,7 +83,7 @@ def final_accuracy(path: str) -> float | None:
 
 @exit_on_user_error
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python launch/soak.py", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python launch/soak.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=12, help="MPI ranks (default 12)")
     parser.add_argument("--epochs", type=int, default=20, help="epochs of the bundled mnist-5k (default 20; "

@@ -292,3 +292,94 @@ def test_cnnpar_subcommand_runs_the_module_with_its_flags(tmp_path):
 def test_cnnpar_unknown_subcommand_is_one_line(argv, culprit):
     line = _assert_one_error(_run(CNNPAR, *argv), argv[-1])
     assert line.startswith(f"cnnpar: error: {culprit}: ")
+
+
+def _help_text(text: str) -> str:
+    """argparse's help with its line wrapping undone (it also breaks lines after a hyphen)."""
+    return re.sub(r"\s+", " ", re.sub(r"-\n\s+", "-", text))
+
+
+def test_every_flag_help_gives_the_config_default(tmp_path):
+    from dataclasses import fields
+
+    from cnnpar.config import Config, build_parser
+
+    actions = {action.dest: action for action in build_parser()._actions}
+    for f in fields(Config):
+        action = actions[f.name]
+        if f.type in ("bool", bool):  # a switch: off unless given, and its help promises no other default
+            assert f.default is False and action.const is True and "(default:" not in action.help, f.name
+            continue
+        assert action.default == f.default, f.name
+        shown = re.fullmatch(r".*\(default: ([^()]*)\)", action.help, re.S)
+        assert shown, (f.name, action.help)
+        if f.default == "":
+            assert shown.group(1) == f.metadata.get("shown_default", "none"), (f.name, action.help)
+        else:  # parsed back as the flag would parse it, the shown default is the Config default
+            assert action.type(shown.group(1)) == f.default, (f.name, action.help)
+    # --log's default is the path a run without --log really writes (the help said 'none')
+    screen = _help_text(_run(SCRIPTS["cnnpar.train"], "--help").stdout)
+    shown = re.search(r"--log LOG HDF5 run log path \(default: (\S+)\)", screen).group(1)
+    assert shown == "runs/<date-time>-n<ranks>-<mode>.h5", shown
+    done = subprocess.run([*SCRIPTS["cnnpar.train"], "--dataset", "mnist-5k", "--steps", "5", "--quiet"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (written,) = (p.relative_to(tmp_path) for p in (tmp_path / "runs").iterdir())
+    pattern = re.escape(shown).replace(re.escape("<date-time>"), r"\d{8}-\d{6}").replace(re.escape("<ranks>"), "1")
+    assert re.fullmatch(pattern.replace(re.escape("<mode>"), "sync"), str(written)), written
+
+
+@pytest.mark.parametrize("command, usage", [
+    ([sys.executable, "-m", "cnnpar.train"], "python -m cnnpar.train"),
+    ([os.path.join(os.path.dirname(sys.executable), "cnnpar-train")], "cnnpar-train"),
+    ([os.path.join(os.path.dirname(sys.executable), "cnnpar"), "train"], "cnnpar train"),
+    ([os.path.join(os.path.dirname(sys.executable), "cnnpar"), "runlog"], "cnnpar runlog"),
+])
+def test_usage_names_the_command_as_invoked(command, usage):
+    if not os.path.exists(command[0]):
+        pytest.skip(f"{command[0]} is not installed beside this Python")
+    done = _run(command, "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: {usage} "), done.stdout[:200]
+    if "train" in usage:
+        assert f"Run under MPI: mpirun -n 12 {usage}" in _help_text(done.stdout)
+
+
+@pytest.mark.parametrize("command, flags, given", [
+    (SCRIPTS["cnnpar.train"], ["--epoch", "1"], "--epoch 1"),  # --epochs
+    (SCRIPTS["cnnpar.train"], ["--ep", "1"], "--ep 1"),
+    (SCRIPTS["cnnpar.train"], ["--log-win", "8"], "--log-win 8"),  # --log-window
+    ([sys.executable, "-m", "cnnpar.data", "list"], ["--data", "x"], "--data x"),  # --data-dir
+    ([sys.executable, "-m", "cnnpar", "table", "x.h5"], ["--pap"], "--pap"),  # --paper
+])
+def test_abbreviated_flags_are_refused(tmp_path, command, flags, given):
+    done = _run(command, *flags, *(["--log", tmp_path / "x.h5"] if command is SCRIPTS["cnnpar.train"] else []))
+    line = _assert_one_error(done)
+    assert given in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def _parsers_made(path) -> list:
+    """(line, whether allow_abbrev=False is given) for every argparse parser the file makes."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    made = []
+    parser_classes = {"ArgumentParser"} | {node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
+                                           and any(getattr(base, "attr", getattr(base, "id", "")) == "ArgumentParser"
+                                                   for base in node.bases)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+            if name in parser_classes or name == "add_parser":
+                made.append((node.lineno, any(k.arg == "allow_abbrev" and getattr(k.value, "value", None) is False
+                                              for k in node.keywords)))
+    return made
+
+
+def test_no_parser_in_the_package_accepts_abbreviations():
+    """argparse's prefix matching (--ep for --epochs) would let a typo or a removed flag pass as another."""
+    files = [p for folder in ("cnnpar", "launch", "analysis") for p in sorted((REPO / folder).rglob("*.py"))]
+    made = {f"{p.relative_to(REPO)}:{line}": refused for p in files for line, refused in _parsers_made(p)}
+    assert len(made) > 20  # the scan finds the parsers (the trainer's, the subcommands', the benchmarks')
+    assert [where for where, refused in made.items() if not refused] == []

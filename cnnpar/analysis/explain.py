@@ -670,7 +670,7 @@ def main(argv=None) -> int:
         def error(self, message):
             raise UserError("command line", message)
 
-    parser = Parser(prog="cnnpar explain", description=__doc__.split("\n\n")[0],
+    parser = Parser(allow_abbrev=False, prog="cnnpar explain", description=__doc__.split("\n\n")[0],
                     formatter_class=argparse.RawDescriptionHelpFormatter,
                     epilog=__doc__.split("\n\n", 2)[2] + "\n\nA file that is not a readable run log, or a log that "
                     "is not complete, is skipped with a note on stderr\nnaming it (diverged runs count, at "

@@ -868,7 +868,7 @@ def _race_loss_text(runs) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnpar report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="cnnpar report", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="the map folder written by cnnpar map")
     parser.add_argument("--out", default=os.path.join("analysis", "results", "explain"),
                         help="where explain.md, table1_fit.json and the figures go")

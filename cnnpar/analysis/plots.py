@@ -46,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    parser = _Parser(prog="cnnpar plots", description=__doc__.split("\n\n")[0],
+    parser = _Parser(allow_abbrev=False, prog="cnnpar plots", description=__doc__.split("\n\n")[0],
                      epilog=SKIP_RULE)
     parser.add_argument("logs", nargs="+", metavar="LOGS", help="run logs (.h5) or folders of them")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the figures (created if needed)")

@@ -183,7 +183,7 @@ def predict(dataset: str, lr: float, seed: int = 1, log: str = "", data_dir: str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnpar predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="cnnpar predict", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--dataset", default="mnist-5k", help="dataset name or folder (default mnist-5k)")
     parser.add_argument("--reduce", default="mean", help="only 'mean': the law is for averaged gradients")
     parser.add_argument("--lr", type=float, required=True, help="the learning rate to predict for")

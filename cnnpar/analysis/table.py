@@ -44,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    parser = _Parser(prog="cnnpar table", description=__doc__.split("\n\n")[0],
+    parser = _Parser(allow_abbrev=False, prog="cnnpar table", description=__doc__.split("\n\n")[0],
                      epilog="Columns and grouping: see the top of cnnpar table. " + SKIP_RULE)
     parser.add_argument("logs", nargs="+", metavar="LOGS", help="run logs (.h5) or folders of them")
     parser.add_argument("--paper", action="store_true", help="add the paper's accuracy, time and speedup columns")

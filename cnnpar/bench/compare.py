@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                      epilog="Trainer flags after -- are passed to both trees.")
     parser.add_argument("--base", required=True, metavar="DIR", help="the other source tree (a checkout "
                         "holding cnnpar/), e.g. made with `git worktree add /tmp/base <commit>`")

@@ -98,7 +98,8 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == CHILD_MARK:
         # run as a script with PYTHONPATH naming the tree to measure: its cnnpar comes first on sys.path
         return _child(sys.argv[2:])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 12], help="rank counts to measure")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per tree and rank count")
     parser.add_argument("--against", default="/work/base", help="the other cnnpar checkout")

@@ -266,7 +266,7 @@ def bench_torch(grammar: str, batch: int, calls: int, rounds: int) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="small", help="architecture, as the trainer's --arch (default small)")
     parser.add_argument("--k", type=int, default=1, help="samples per rank per step (default 1)")
     parser.add_argument("--vs-torch", action="store_true", help="also time PyTorch eager (needs torch: "

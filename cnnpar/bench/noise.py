@@ -53,7 +53,7 @@ def train_seconds(ranks: int, per_rank: int, steps: int, noise: bool, folder: Pa
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=parse_case, nargs="+", default=[parse_case(c) for c in DEFAULT_CASES],
                         help=f"RANKSxSAMPLES per rank (default {' '.join(DEFAULT_CASES)})")
     parser.add_argument("--steps", type=int, default=1500, help="steps per run (default 1500)")

@@ -111,7 +111,7 @@ def launcher(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_RANKS),
                         help=f"rank counts, one mpiexec run each (default {' '.join(map(str, DEFAULT_RANKS))})")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),

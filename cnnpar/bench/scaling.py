@@ -596,7 +596,7 @@ def default_out_dir(quick: bool) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", default=None, help="comma-separated rank counts (default 1,2,4,8,12)")
     parser.add_argument("--samples-per-rank", default=None, help="comma-separated (default 1,16)")

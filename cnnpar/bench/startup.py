@@ -278,9 +278,10 @@ def markdown(results: dict, floors: dict, ranks: list, command: str, machine: st
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Cold and warm start-up of the trainer for a few rank counts, "
-                                                 "phase by phase on every rank, beside the import-only floor: "
-                                                 "a Markdown table and, last on stdout, one JSON object.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Cold and warm start-up of the trainer for a few rank counts, phase by "
+                                        "phase on every rank, beside the import-only floor: a Markdown table "
+                                        "and, last on stdout, one JSON object.")
     parser.add_argument("--ranks", default=None, help="comma-separated rank counts (default 1,2,12; --quick 1,2)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats, medians reported "
                                                                   "(default 3; --quick 1)")

@@ -89,17 +89,20 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="python -m cnnpar.data",
+    parser = _OneLineParser(allow_abbrev=False, prog="python -m cnnpar.data",
                             description="List the datasets cnnpar can find, check one as the trainer loads it, "
                                         "or fetch MNIST / Fashion-MNIST (training itself never downloads).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{list,check,fetch}")
-    listing = commands.add_parser("list", help="every dataset: found where, samples train/test, per class")
+    listing = commands.add_parser("list", allow_abbrev=False,
+                                  help="every dataset: found where, samples train/test, per class")
     listing.add_argument("--data-dir", default=None, help="look here first (as the trainer's --data-dir)")
-    checking = commands.add_parser("check", help="load one dataset exactly as the trainer does and report it")
+    checking = commands.add_parser("check", allow_abbrev=False,
+                                   help="load one dataset exactly as the trainer does and report it")
     checking.add_argument("dataset", nargs="?", default=AUTO,
                           help=f"{AUTO} (default), {', '.join(KNOWN)}, or a directory holding the four IDX files")
     checking.add_argument("--data-dir", default=None, help="look here first (as the trainer's --data-dir)")
-    fetching = commands.add_parser("fetch", help="download a dataset's four IDX files and verify their MD5s")
+    fetching = commands.add_parser("fetch", allow_abbrev=False,
+                                   help="download a dataset's four IDX files and verify their MD5s")
     fetching.add_argument("name", help="mnist or fashion-mnist")
     fetching.add_argument("--dir", default=None,
                           help="data root; files go to DIR/NAME/ (default: $CNNPAR_DATA, else the project's data/)")

@@ -119,7 +119,7 @@ def climb_map(dataset: str, axis: str, lr: str, seeds=SEEDS8) -> Part:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnpar study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="cnnpar study", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--out", default="runs/predict", help="the study's folder (default runs/predict)")
     parser.add_argument("--batches", default="fit8,threshold,collapse", help="comma-separated batch names")
     parser.add_argument("--climb-map", default="", help="DATASET:AXIS:LR: map N = 1..12 at a climb candidate")

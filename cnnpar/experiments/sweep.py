@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         def error(self, message):
             raise UserError("command line", message)
 
-    parser = Parser(prog="cnnpar sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = Parser(allow_abbrev=False, prog="cnnpar sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
                     description="Run a grid of cnnpar training runs (one HDF5 log each) through mpiexec, "
                                 "skipping runs whose complete log exists, so an interrupted sweep resumes.",
                     epilog="Arguments after `--` go to every training run unchanged and override the preset's value of the same "

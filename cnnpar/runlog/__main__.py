@@ -11,7 +11,7 @@ import math
 import os
 import sys
 
-from ..errors import UserError, WriteError, exit_on_user_error
+from ..errors import OneLineParser, UserError, WriteError, exit_on_user_error
 from ..runpaths import checkpoint_path
 
 
@@ -93,7 +93,9 @@ def export_csv(path: str, folder: str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnpar runlog", description=__doc__, allow_abbrev=False)
+    from ..cli import invoked_as
+
+    parser = OneLineParser(prog=invoked_as("cnnpar.runlog"), description=__doc__, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="status, row counts and final result of run logs", allow_abbrev=False)
     info.add_argument("paths", nargs="+", metavar="PATH", help="run log files (.h5)")
