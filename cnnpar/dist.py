@@ -97,6 +97,13 @@ def wait_idle(request, poll=None, first_nap_s: float = 1e-4, longest_nap_s: floa
         nap = min(nap * 1.5, longest_nap_s)
 
 
+def arrive(comm) -> None:
+    """Wait, asleep (wait_idle), until every rank of comm has come here. Before a blocking collective that
+    ranks reach at different times during start-up: MPI's blocking calls poll at full speed, so the early
+    ranks would take the cores from the late ones still importing, loading or writing."""
+    wait_idle(comm.Ibarrier())
+
+
 def setup(comm=None, pretend_nodes: int = 0, wait: str = "auto", folds: int = 1) -> Dist:
     """Build the rank/node picture of `comm` (default COMM_WORLD); collective."""
     from mpi4py import MPI
@@ -104,6 +111,7 @@ def setup(comm=None, pretend_nodes: int = 0, wait: str = "auto", folds: int = 1)
     world = MPI.COMM_WORLD
     if comm is None:
         comm = world
+    arrive(comm)  # the ranks come out of their imports and MPI's init at different times
     rank, size = comm.Get_rank(), comm.Get_size()
     if pretend_nodes > 0:
         # Contiguous blocks of ranks play separate nodes, so the multi-node paths run on one machine.
@@ -131,6 +139,7 @@ def setup(comm=None, pretend_nodes: int = 0, wait: str = "auto", folds: int = 1)
 def agree(comm, error: UserError | None) -> None:
     """Collective: if any rank holds a user error, rank 0 prints the first one and every rank exits 2."""
     line = error.line() if error is not None else None
+    arrive(comm)  # rank 0 checks more (the log path, a checkpoint) than the others: they sleep meanwhile
     lines = comm.allgather(line)
     failed = [text for text in lines if text is not None]
     if not failed:

@@ -328,7 +328,7 @@ def _train_and_log(run: Run, world, fold: int, resume) -> dict:
         except WriteError as err:
             failure = err.line()
     failed = np.array([failure is not None], np.int32)  # every rank exits with rank 0's outcome, and
-    run.dist.wait(world.Ibcast(failed, root=0))        # yields its core to rank 0 while that writes
+    _dist.wait_idle(world.Ibcast(failed, root=0))      # sleeps while rank 0 writes the final rows and closes
     milestone("log_closed")
     if failed[0]:
         if world.Get_rank() == 0:
