@@ -115,6 +115,13 @@ def wait_idle(request, poll=None, first_nap_s: float = 1e-4, longest_nap_s: floa
         nap = min(nap * 1.5, longest_nap_s)
 
 
+def arrive(comm) -> None:
+    """Wait, asleep (wait_idle), until every rank of comm has come here. Before a blocking collective that
+    ranks reach at different times during start-up: MPI's blocking calls poll at full speed, so the early
+    ranks would take the cores from the late ones still importing, loading or writing."""
+    wait_idle(comm.Ibarrier())
+
+
 def setup(comm=None, pretend_nodes: int = 0, wait: str = "auto", folds: int = 1) -> Dist:
     """Build the rank/node picture of `comm` (default COMM_WORLD); collective."""
     from mpi4py import MPI
@@ -122,6 +129,7 @@ def setup(comm=None, pretend_nodes: int = 0, wait: str = "auto", folds: int = 1)
     world = MPI.COMM_WORLD
     if comm is None:
         comm = world
+    arrive(comm)  # the ranks come out of their imports and MPI's init at different times
     rank, size = comm.Get_rank(), comm.Get_size()
     if pretend_nodes > 0:
         # Contiguous blocks of ranks play separate nodes, so the multi-node paths run on one machine.
@@ -149,6 +157,7 @@ def setup(comm=None, pretend_nodes: int = 0, wait: str = "auto", folds: int = 1)
 def agree(comm, error: UserError | None) -> None:
     """Collective: if any rank holds a user error, rank 0 prints the first one and every rank exits 2."""
     line = error.line() if error is not None else None
+    arrive(comm)  # rank 0 checks more (the log path, a checkpoint) than the others: they sleep meanwhile
     lines = comm.allgather(line)
     failed = [text for text in lines if text is not None]
     if not failed:
@@ -176,6 +185,10 @@ def compile_once(dist: Dist, warm) -> None:
 
 
 _TASK_DONE_TAG = 7317
+# A compile phase lasts seconds: a waiting rank that naps up to 50 ms (not wait_idle's 10) ends its wait at
+# most 50 ms late and wakes a fifth as often; ten waiting ranks' wake-ups took ~8 of a cold 12-rank job's
+# ~50 CPU s on this 2-core machine under load.
+_COMPILE_NAP_S = 0.05
 
 
 def compile_in_parallel(dist: Dist, phases, on_task_done=None, load_phases=None) -> None:
@@ -217,14 +230,14 @@ def compile_in_parallel(dist: Dist, phases, on_task_done=None, load_phases=None)
                         on_task_done()
 
             request = node.Ibarrier()
-            wait_idle(request, poll=count_finished)
+            wait_idle(request, poll=count_finished, longest_nap_s=_COMPILE_NAP_S)
             while received[0] < expected:  # sent before their barrier, so these are due
                 node.recv(source=MPI.ANY_SOURCE, tag=_TASK_DONE_TAG)
                 received[0] += 1
                 if on_task_done is not None:
                     on_task_done()
         else:
-            wait_idle(node.Ibarrier())
+            wait_idle(node.Ibarrier(), longest_nap_s=_COMPILE_NAP_S)
     for number in range(len(phases)) if load_phases is None else load_phases:  # a task run here is loaded
         for index, task in enumerate(phases[number]):
             if index % workers != me:

@@ -216,7 +216,9 @@ def prepare(dist, plan: Plan, say=None) -> float:
     kernel_cache.serialize_cache_saves()  # a stamp whose cache was deleted by hand: every rank compiles
     with span("numba target"):
         initialise_numba_target()
-    warm = dist.comm.allreduce(int(plan.is_warm()), op=_min_op()) == 1
+    is_warm = int(plan.is_warm())
+    dist_lib.arrive(dist.comm)
+    warm = dist.comm.allreduce(is_warm, op=_min_op()) == 1
     if warm:  # nothing to wait for: each rank loads the entry points' machine code from the cache itself
         for task in plan.phases[-1]:
             task()

@@ -15,8 +15,9 @@ from mpi_util import REPO, clean_env, run_mpi
 BURN_S = 2.0
 
 
-def test_waiting_ranks_use_no_cpu_while_one_compiles():
-    result = run_mpi(3, [REPO / "tests" / "startup_wait_driver.py", BURN_S], timeout=120)
+@pytest.mark.parametrize("where", ["compile", "agree"])
+def test_waiting_ranks_use_no_cpu_while_one_compiles_or_checks(where):
+    result = run_mpi(3, [REPO / "tests" / "startup_wait_driver.py", BURN_S, where], timeout=120)
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     waiters = [row for row in rows if row[1] != 0]
