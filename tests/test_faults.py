@@ -34,8 +34,10 @@ SIGNAL_RANKS = 4  # the signal tests' rank count; the rows run at SCALE_RANKS to
 SCALE_RANKS = 12  # README's job: on a 2-core machine, oversubscribed 6 to 1
 # Each row at both rank counts, this many times; CNNPAR_FAULT_REPEATS=10 looks for races 1 time in 10
 REPEATS = int(os.environ.get("CNNPAR_FAULT_REPEATS", "3"))
-# From the signal to the launcher's exit; 12 ranks on 2 cores take 2.5-6 s to stop and finalise MPI
-EXIT_WITHIN_S = {SIGNAL_RANKS: 10.0, SCALE_RANKS: 20.0}
+# From the signal to the launcher's exit, generous for a loaded machine (a hang still fails): measured
+# 2-6 s under MPICH at 4 and 12 ranks, and up to 15 s (4 ranks) and 56 s (12 ranks) under Open MPI at a
+# load average of 30 on 2 cores
+EXIT_WITHIN_S = {SIGNAL_RANKS: 30.0, SCALE_RANKS: 90.0}
 
 
 def _h5dump_reads(path) -> None:
@@ -87,7 +89,7 @@ def _same_prefix(log, reference) -> int:
 
 
 def _resume_matches(n, flags, path, reference) -> None:
-    resumed = run_train(n, *flags, "--log", path, "--resume", "auto")
+    resumed = run_train(n, *flags, "--log", path, "--resume", "auto", timeout=600)  # 12 ranks, loaded: minutes
     assert resumed.returncode == 0, resumed.stderr
     with open_log(path) as log:
         assert log.complete
