@@ -202,7 +202,7 @@ def signal_references(tmp_path_factory):
     def reference(ranks: int):
         if ranks not in made:
             path = tmp_path_factory.mktemp("ref") / f"ref{ranks}.h5"
-            done = run_train(ranks, *SIGNAL_FLAGS, "--log", path, timeout=300)
+            done = run_train(ranks, *SIGNAL_FLAGS, "--log", path, timeout=900)  # 12 ranks, cold, loaded
             assert done.returncode == 0, done.stderr
             made[ranks] = open_log(path)
         return made[ranks]
