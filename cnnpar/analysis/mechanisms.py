@@ -501,7 +501,8 @@ def verdict_lines(fit, table: dict, threshold: dict, climb_rows: list, figure) -
               f"{len(r['seeds'])} seeds, against {best_null['rms_pp']:.1f} pp for the {best_null['name']}, a curve "
               f"with no mechanism), **not the climb** (n=4 -> 12: {sh['climb_4_12']:+.1f} pp against "
               f"{paper['climb_4_12']:+.1f}) **and not the level** (n=1: {sh['level_n1']:.1f}% against "
-              f"{paper['level_n1']:.1f}%: a collapsed network, where the paper's one thread learnt something)"
+              f"{paper['level_n1']:.1f}%: {1 - r['trained'][0]:.0%} of the seeds collapse to a constant output at "
+              f"n=1 and the rest train, where the paper's one thread learnt a little)"
               + (f"; the climb search's best candidate ({best_climb['dataset']}, {best_climb['axis']}, lr "
                  f"{best_climb['lr']:.3g}, {best_climb['kind']}) has an n=1 level of {best_climb['level_n1']:.1f}% "
                  f"but a climb of {best_climb['climb_4_12']:+.1f} pp." if best_climb else "."))
