@@ -545,7 +545,7 @@ def write_report(folder: Path, out: Path, probes: Path | None = None, climb: Pat
     table.update(threshold=threshold, climb=climb_rows)
     best = min(fits, key=lambda f: f[3]["rms_pp"]) if fits else None
     verdict = mech.verdict_lines(best, table, threshold, climb_rows,
-                                 mech.plot_verdict(plt, best, collapse, threshold, out))
+                                 mech.plot_verdict(plt, best, collapse, threshold, out, climb_rows))
     lines[lines.index("## What ran"):lines.index("## What ran")] = verdict + ([note, ""] if note else [])
     (out / "table1_fit.json").write_text(json.dumps(table, indent=1, default=_json_value) + "\n")
     (out / "explain.md").write_text("\n".join(lines) + "\n")

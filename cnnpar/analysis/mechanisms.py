@@ -435,8 +435,9 @@ def climb_lines(climb: dict, base_curves: dict) -> tuple:
 # the verdict
 
 
-def plot_verdict(plt, fit, collapse_rows_, threshold, out: Path) -> str | None:
-    """Table I, the best fit's seed mean (+- sd), the collapse law's A(1, lr/N) and the predicted critical N."""
+def plot_verdict(plt, fit, collapse_rows_, threshold, out: Path, climb_rows=()) -> str | None:
+    """Table I, the best fit's seed mean (+- sd), the collapse law's A(1, lr/N), the predicted critical N and
+    the climb search's measured candidates."""
     if fit is None:
         return None
     hyp, dataset, ranks, r = fit
@@ -451,6 +452,9 @@ def plot_verdict(plt, fit, collapse_rows_, threshold, out: Path) -> str | None:
     if law:
         ax.plot([1] + [n for n, _ in law], [mean[0]] + [a for _, a in law], "g^--",
                 label=f"collapse law: one rank at lr {r['setting'].lr}/N")
+    for c in (c for c in climb_rows if "curve" in c):
+        ax.plot(range(1, 13), c["curve"], "x-", color="tab:purple", lw=1,
+                label=f"climb search: {c['dataset']}, {c['axis']}, lr {c['lr']:.3g} (RMS {c['rms_pp']:.1f} pp)")
     pred = next((row for row in (threshold or {}).get("rows", []) if row["dataset"] == dataset
                  and f"{row['lr']:.3g}" == r["setting"].lr), None)
     if pred and pred["predicted"]:
@@ -497,10 +501,11 @@ def verdict_lines(fit, table: dict, threshold: dict, climb_rows: list, figure) -
               f"{len(r['seeds'])} seeds, against {best_null['rms_pp']:.1f} pp for the {best_null['name']}, a curve "
               f"with no mechanism), **not the climb** (n=4 -> 12: {sh['climb_4_12']:+.1f} pp against "
               f"{paper['climb_4_12']:+.1f}) **and not the level** (n=1: {sh['level_n1']:.1f}% against "
-              f"{paper['level_n1']:.1f}%: a collapsed network, where the paper's one thread learnt something)"
-              + (f"; no axis of the climb search gives both (largest climb found: {best_climb['climb_4_12']:+.1f} pp, "
-                 f"{best_climb['dataset']}, {best_climb['axis']}, lr {best_climb['lr']:.3g}, n=1 "
-                 f"{best_climb['level_n1']:.1f}%)." if best_climb else "."))
+              f"{paper['level_n1']:.1f}%: {1 - r['trained'][0]:.0%} of the seeds collapse to a constant output at "
+              f"n=1 and the rest train, where the paper's one thread learnt a little)"
+              + (f"; the climb search's best candidate ({best_climb['dataset']}, {best_climb['axis']}, lr "
+                 f"{best_climb['lr']:.3g}, {best_climb['kind']}) has an n=1 level of {best_climb['level_n1']:.1f}% "
+                 f"but a climb of {best_climb['climb_4_12']:+.1f} pp." if best_climb else "."))
     third = ("**It predicts** the rank count at which training starts from a probe of 400 steps: the smallest N "
              "with lr <= c eps_max N / (N + B_noise)"
              + (f", c fitted on {threshold['calibrated_on']}; on the held-out dataset it is within +-1 of the "
