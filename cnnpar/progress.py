@@ -145,8 +145,10 @@ class CompileNotice:
         self.lines = lines or live
         self.start = time.perf_counter()
         self.next_line = LINE_EVERY_S
-        fewest, most = max(1, math.floor(fewest_s)), max(1, math.ceil(most_s))
-        self.head = f"compiling numba kernels for this machine (first run only, {fewest}-{max(most, fewest + 1)} s)"
+        fewest = max(1, math.floor(fewest_s))
+        span = (f"{fewest}-{max(math.ceil(most_s), fewest + 1)} s" if math.isfinite(most_s) else
+                f"{fewest} s or more: niced on a busy machine")
+        self.head = f"compiling numba kernels for this machine (first run only, {span})"
         if self.live:
             self._write(f"\r{self.head}: 0/{self.total} kernels")
         else:

@@ -17,6 +17,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -33,6 +34,13 @@ DEFAULT_TASK_S = {"layer_backward": 4.2, "layer_forward": 2.2, "step": 3.2, "eva
 # machine's present load times it when that is more: a compile shares its core with everything else running
 # (a first run announced as "about 8 s" took 34 s on a loaded machine).
 ESTIMATE_SPREAD = 2.0
+
+
+def _niceness() -> int:
+    try:
+        return os.nice(0)
+    except (OSError, AttributeError):
+        return 0
 
 
 def busy_factor(cores: int | None = None) -> float:
@@ -130,10 +138,14 @@ class Plan:
             total += max(loads)
         return total
 
-    def estimate_range_s(self, workers: int, busy: float) -> tuple:
+    def estimate_range_s(self, workers: int, busy: float, niceness: int = 0) -> tuple:
         """(fewest, most) seconds to announce: the idle machine's estimate, and that times the spread or
-        times `busy` (busy_factor) when the machine is loaded more."""
+        times `busy` (busy_factor) when the machine is loaded more. A niced process on a busy machine gets
+        far less than its share of a core (at nice 19, 139 s where 100 s was the most announced), so
+        there the range is open: most is infinite."""
         idle_s = self.estimate_s(workers)
+        if niceness > 0 and busy > 1:
+            return idle_s, math.inf
         return idle_s, idle_s * max(ESTIMATE_SPREAD, busy)
 
     @property
@@ -226,7 +238,8 @@ def prepare(dist, plan: Plan, say=None) -> float:
     helped = dist.node_size == 1 and dist.cores >= 2 and max(len(phase) for phase in plan.phases) > 1
     workers = 2 if helped else max(1, min(dist.node_size, dist.cores))
     busy = busy_factor(dist.cores)
-    notice = say.compiling(plan.count, *plan.estimate_range_s(workers, busy)) if say is not None else None
+    notice = (say.compiling(plan.count, *plan.estimate_range_s(workers, busy, _niceness())) if say is not None
+              else None)
 
     def on_done():
         plan.finished += 1

@@ -1,6 +1,7 @@
 """Rank 0's progress display: a bar when the user's terminal is behind mpiexec, plain lines into pipes
 and files (tested in a pseudo-terminal under the real launcher)."""
 
+import math
 import os
 import pty
 import select
@@ -103,6 +104,9 @@ def test_the_compile_notice_counts_kernels_in_place_on_a_terminal_and_in_lines_e
     assert text.startswith("\rcompiling numba kernels for this machine (first run only, 7-16 s): 0/3 kernels")
     assert "\r" in text and ": 2/3 kernels" in text and text.endswith("3/3 kernels, done in 7.9 s\n")
     assert text.count("\n") == 1  # one line, redrawn
+    niced = CompileNotice(3, 7.6, math.inf, live=False)
+    assert niced.head.endswith("(first run only, 7 s or more: niced on a busy machine)")
+    capsys.readouterr()
     plain = CompileNotice(3, 0.2, 0.4, live=False)
     plain.task_done()
     plain.close(2.0)
@@ -137,8 +141,10 @@ def test_the_compile_estimate_is_a_range_that_grows_with_the_machine_load(tmp_pa
     assert warmup.busy_factor() == 15.0 and warmup.busy_factor(cores=4) == 7.5
     fewest, most = plan.estimate_range_s(2, warmup.busy_factor(2))
     assert fewest == idle_s and most == pytest.approx(15 * idle_s) and most > 34
+    assert plan.estimate_range_s(2, 15.0, niceness=19) == (idle_s, math.inf)  # a niced run gets no fair share
     monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.3, 0.3))
     assert warmup.busy_factor(2) == 1.0
+    assert plan.estimate_range_s(2, warmup.busy_factor(2), niceness=19) == (idle_s, 2 * idle_s)  # idle: it does
 
 
 def test_the_estimate_learns_from_compiles_measured_here_but_not_from_loads(tmp_path, monkeypatch):

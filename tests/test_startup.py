@@ -32,7 +32,8 @@ def test_a_run_compiles_only_what_it_calls_and_says_so_once(tmp_path):
     cold = run_mpi(1, ["-m", "cnnpar.train", "--steps", "50", "--log", tmp_path / "a.h5"], env=env, timeout=600)
     assert cold.returncode == 0, cold.stderr
     announced = re.search(r"compiling numba kernels for this machine \(first run only, (\d+)-(\d+) s\)", cold.stderr)
-    assert announced and int(announced[1]) < int(announced[2]), cold.stderr  # a range, never one promise
+    niced = "s or more: niced on a busy machine)" in cold.stderr  # the suite itself may run under nice
+    assert niced or (announced and int(announced[1]) < int(announced[2])), cold.stderr  # never one promise
     recorded = json.loads((tmp_path / "cache" / "compile_seconds.json").read_text())
     assert {"layer_backward", "step", "evaluate", "sgd"} <= set(recorded)  # the next estimate's history
     indexed = {path.name.split("-")[0] for path in (tmp_path / "cache").glob("numba-*/**/*.nbi")}
