@@ -299,9 +299,11 @@ def test_srun_without_the_matching_plugin_is_refused_not_run_as_separate_jobs(tm
 # Slurm's time limits count in minutes, and slurmctld checks them every 30 s, sending a --signal warning
 # at the first check that finds the job within the warning time plus 30 s of its end: `--time=2` with
 # `--signal=B:USR1@60` warns 30-60 s after the start (after the start-up, before the limit). The run
-# trains for longer than that (about 80 s on an idle 2-core machine), so its first start cannot finish.
+# trains for longer than that (lenet, 120 epochs: about 95 s alone on an idle 2-core machine; the small net's
+# 80 epochs took 14 s there and finished before the warning), so its first start cannot finish.
 TIME_LIMIT = ("--time=2", "--signal=B:USR1@60")
-TIME_LIMIT_EPOCHS = "80"
+TIME_LIMIT_EPOCHS = "120"
+TIME_LIMIT_ARCH = "lenet"
 
 
 @needs_slurm
@@ -310,11 +312,11 @@ def test_a_time_limit_warning_checkpoints_requeues_and_resumes_bit_identical(tmp
     requeues the job, and the second start resumes and ends bit-identical to an uninterrupted run."""
     log_path, out = tmp_path / "limited.h5", tmp_path / "limited.out"
     line = _readme_jobs()["multinode"].replace(" launch/slurm/", f" {' '.join(TIME_LIMIT)} launch/slurm/")
-    job_id = _submit(line, out, "--epochs", TIME_LIMIT_EPOCHS, "--log", log_path)
+    job_id = _submit(line, out, "--arch", TIME_LIMIT_ARCH, "--epochs", TIME_LIMIT_EPOCHS, "--log", log_path)
     # The same run without interruption, by the MPI's own launcher, meanwhile (it only slows the job down)
     whole_path = tmp_path / "whole.h5"
     whole = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, "-m", "cnnpar.train", "--dataset", "mnist-5k", "--reduce", "sum",
-                              "--epochs", TIME_LIMIT_EPOCHS, "--seed", "1", "--checkpoint-every", "1e",
+                              "--arch", TIME_LIMIT_ARCH, "--epochs", TIME_LIMIT_EPOCHS, "--seed", "1", "--checkpoint-every", "1e",
                               "--log", str(whole_path), "--quiet"], cwd=REPO, env=clean_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -366,21 +368,23 @@ def test_map_job_array_equals_a_local_map_and_a_cancelled_task_resubmitted_compl
     here = subprocess.Popen([sys.executable, "-m", "cnnpar", "map", "--tiny", "--out", str(local), "--jobs", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=clean_env())
     try:
-        # task 0 is cancelled while it runs the audited race of its slice (the longest point: tens of seconds)
+        # the task holding the audited race is cancelled while it runs it (the longest point: tens of seconds)
         from cnnpar.experiments import map as tiny_map
 
-        first = f"{job}_0"
-        (race,) = [p for p in tiny_map.unique_points(tiny_map.slice_parts(tiny_map.parts(tiny=True), 0, 4))
-                   if p.mode == "race"]
+        # the task whose slice holds the race (slices are a pure function of the map's points)
+        holder, race = next((k, p) for k in range(4)
+                            for p in tiny_map.unique_points(tiny_map.slice_parts(tiny_map.parts(tiny=True), k, 4))
+                            if p.mode == "race")
+        first = f"{job}_{holder}"
         race_log = tiny_map.log_path(array, race)
         deadline = time.monotonic() + 300
         while not (race_log.exists() and _job(first).get("JobState") == "RUNNING"):
-            assert time.monotonic() < deadline, (_job(first), (tmp_path / "map-0.out").read_text()
-                                                 if (tmp_path / "map-0.out").exists() else "")
+            assert time.monotonic() < deadline, (_job(first), (tmp_path / f"map-{holder}.out").read_text()
+                                                 if (tmp_path / f"map-{holder}.out").exists() else "")
             time.sleep(0.2)
         subprocess.run(["scancel", first], check=True, timeout=30)
         assert _wait(first)["JobState"] == "CANCELLED"
-        again = _submit(line.replace("--array=0-3", "--array=0"), tmp_path / "map-0-again.out", "--out", array)
+        again = _submit(line.replace("--array=0-3", f"--array={holder}"), tmp_path / "map-again.out", "--out", array)
         # the report waits for the resubmitted task too (a user does the same after a resubmission)
         subprocess.run(["scontrol", "update", f"jobid={report_id}", f"dependency=afterany:{job}:{again}"],
                        check=True, timeout=30)
@@ -391,12 +395,12 @@ def test_map_job_array_equals_a_local_map_and_a_cancelled_task_resubmitted_compl
             here.kill()
     info = _wait(report_id, 400)
     assert info["JobState"] == "COMPLETED", (tmp_path / "report.out").read_text()
-    tasks = {k: _job(f"{job}_{k}") for k in range(1, 4)} | {"again": _job(again)}
+    tasks = {k: _job(f"{job}_{k}") for k in range(4) if k != holder} | {"again": _job(again)}
     for name, task in tasks.items():
-        out = tmp_path / ("map-0-again.out" if name == "again" else f"map-{name}.out")
+        out = tmp_path / ("map-again.out" if name == "again" else f"map-{name}.out")
         assert task["JobState"] == "COMPLETED", out.read_text()
         assert task["EndTime"] <= info["StartTime"]   # ISO times: the report ran after every task ended
-    print(f"map array {job}: 4 tasks (task 0 cancelled, resubmitted as {again}), report {report_id}, "
+    print(f"map array {job}: 4 tasks (task {holder} cancelled, resubmitted as {again}), report {report_id}, "
           f"{time.monotonic() - started:.0f} s in all")
     # the race the cancel stopped was moved aside and run again (too short to checkpoint)
     assert list((array / "incomplete").glob(race.name.replace(".h5", ".*.h5")))

@@ -420,6 +420,8 @@ def climb_lines(climb: dict, base_curves: dict) -> tuple:
         best = min(measured_hits, key=lambda r: r["rms_pp"])
         lines += ["", f"**A regime reproduces the climb**: {best['dataset']}, {best['axis']}, lr {best['lr']:.3g}: "
                   f"n=1 {best['level_n1']:.1f}%, climb {best['climb_4_12']:+.1f} pp, RMS {best['rms_pp']:.1f} pp."]
+    elif not summary:
+        lines += ["", "No climb-search runs in this folder (`cnnpar study` makes them)."]
     else:
         pool = [r for r in summary if r["kind"].startswith("measured")] or summary
         closest = min(pool, key=lambda r: abs(r["climb_4_12"] - CLIMB_TARGET_PP)
