@@ -24,7 +24,6 @@ _dist.pin_threads()  # before numpy and numba load their thread pools
 
 import datetime  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import zlib  # noqa: E402
@@ -56,8 +55,7 @@ def main(argv=None) -> int:
     """The command. Without `argv` (the console script, `python -m cnnpar.train`) it owns the process:
     it finalises MPI itself before putting the signal handlers back, so that a launcher's late copy of
     a stop signal cannot kill a rank inside MPI's finalise. With `argv` (in-process callers: the map's
-    workers, test drivers) MPI stays up for the caller, and the handlers are put back on return. A run
-    that owns its process and returns ends it at once (end_process)."""
+    workers, test drivers) MPI stays up for the caller, and the handlers are put back on return."""
     from mpi4py import MPI
 
     from .signals import StopRequest
@@ -83,26 +81,7 @@ def main(argv=None) -> int:
             MPI.Finalize()
             milestone("finalized")
         stop.restore()
-    if owns_process:
-        end_process(status)
     return status
-
-
-def end_process(status: int) -> None:
-    """Exit now, as Python would but without its teardown: run every atexit handler (mpi4py's, h5py's,
-    the start-up trace's), flush stdout and stderr, then os._exit. What is skipped is the interpreter
-    freeing every module and its last garbage collection, ~0.3 s of CPU per rank with numba and LLVM
-    loaded (twelve ranks on two cores: ~2 s of the default job's wall). Nothing of the run is left to
-    it: the log was closed, MPI finalised and the summary printed before this."""
-    import atexit
-
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: Python's own exit reports it with status 120
-            status = status or 120
-    os._exit(status)
 
 
 def train(argv, stop=None) -> int:

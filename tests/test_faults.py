@@ -90,7 +90,7 @@ def _same_prefix(log, reference) -> int:
 
 def _resume_matches(n, flags, path, reference) -> None:
     resumed = run_train(n, *flags, "--log", path, "--resume", "auto", timeout=600)  # 12 ranks, loaded: minutes
-    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr
     with open_log(path) as log:
         assert log.complete
         assert np.array_equal(log.final["params"], reference.final["params"])
