@@ -626,8 +626,10 @@ def _launcher_for_tests():
 def test_an_interrupted_sweep_point_resumes_from_its_checkpoint_bit_identical(tmp_path):
     from cnnpar.runlog import open_log
 
-    grid_args = ("--ranks", "1", "--seeds", "1", "--", "--dataset", "mnist-5k", "--steps", "30000",
-                 "--checkpoint-every", "2000")
+    # lenet: ~7 s of training, so the stop (taken at a window flush, forwarded by mpiexec or Open MPI's
+    # mpirun) lands mid-run; the small network runs these steps in about one second.
+    grid_args = ("--ranks", "1", "--seeds", "1", "--", "--dataset", "mnist-5k", "--arch", "lenet",
+                 "--steps", "30000", "--checkpoint-every", "2000")
     args, extra = _args(*grid_args)
     groups, _, _ = sweep.build_groups(args, extra)
     (point,) = grid.expand(groups, extra)

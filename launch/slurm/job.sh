@@ -54,13 +54,15 @@ cnnpar_pick_launcher() {
     exit 1
   fi
   plugin="${CNNPAR_SRUN_MPI:-$(python -m cnnpar.launcher plugin)}"
-  # After a requeue the job's steps are numbered from 0 again, and MPICH names its shared memory after the
-  # PMI job step (JOB.STEP): a step that reuses the number of the one killed by the requeue finds that step's
-  # leftovers and fails in MPI_Init (seen with the mpich wheel: `UCX ERROR failed to unpack address`). Its own
-  # mpiexec names them after its own process, so a requeued MPICH job starts with mpiexec.
+  # After a requeue the job's steps are numbered from 0 again, and a step that reuses the number of the one
+  # stopped before the requeue can find that step's leftovers: MPICH names its shared memory after the PMI
+  # job step (JOB.STEP) and fails in MPI_Init (the mpich wheel: `UCX ERROR failed to unpack address`);
+  # Slurm's pmix plugin binds a socket named after the step, still held by the old step's slurmstepd while it
+  # cleans up (Open MPI: `Cannot bind() UNIX socket .../stepd.slurm.pmix.JOB.STEP: Address already in use`,
+  # then `task 0 launch failed`). The MPI's own mpiexec names neither after the step, so a requeued job
+  # starts with mpiexec.
   local srun_first=1 why=""
-  if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && [ "$(python -m cnnpar.launcher family)" = mpich ] \
-     && [ -z "${CNNPAR_SRUN_MPI:-}" ]; then
+  if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && [ -z "${CNNPAR_SRUN_MPI:-}" ]; then
     srun_first=0 why=", mpiexec first after a requeue"
   fi
   while IFS= read -r candidate; do
@@ -106,6 +108,14 @@ cnnpar_run() {
   if [ "$CNNPAR_SIGNALLED" = USR1 ] && [ "${CNNPAR_REQUEUE:-1}" != 0 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
     echo "cnnpar: job: run stopped with exit $rc after SIG$CNNPAR_SIGNALLED; requeueing job $SLURM_JOB_ID" \
          "(it resumes from the checkpoint)"
+    # srun returns before its step's slurmstepd has cleaned up: let the step end before the job starts
+    # again under the same step numbers (at most 30 s).
+    local waited=0
+    while [ "$waited" -lt 30 ] && squeue -h -s -j "$SLURM_JOB_ID" -o %i 2>/dev/null \
+          | grep -qE "^$SLURM_JOB_ID\.[0-9]+$"; do
+      sleep 1
+      waited=$((waited + 1))
+    done
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     echo "cnnpar: job: requeue refused here; resubmit the same command to resume"
   fi
