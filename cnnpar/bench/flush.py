@@ -55,7 +55,17 @@ def _child(argv) -> int:
         return wrapper
 
     writer.flush, writer.close = timed("flush", writer.flush), timed("close", writer.close)
-    spent["fsync_s"] = 0.0
+    spent["fsync_s"] = spent["verify_s"] = 0.0
+    if hasattr(writer, "_verify"):  # the closing read-back of a complete log (trees that have one)
+        verify = writer._verify
+
+        def timed_verify(self, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return verify(self, *args, **kwargs)
+            finally:
+                spent["verify_s"] += time.perf_counter() - started
+        writer._verify = timed_verify
 
     def timed_sync(sync):  # the share of the device sync (fsync or fdatasync) in the closing write
         def timed(fd):
@@ -104,9 +114,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per tree and rank count")
     parser.add_argument("--against", default="/work/base", help="the other cnnpar checkout")
     parser.add_argument("train_args", nargs="*", help="flags for cnnpar.train (after --); default "
-                        "--dataset mnist-5k --epochs 3 --quiet")
+                        "--dataset mnist-5k --epochs 1 --quiet (the issue's 1-epoch run)")
     args = parser.parse_args()
-    flags = args.train_args or ["--dataset", "mnist-5k", "--epochs", "3", "--quiet"]
+    flags = args.train_args or ["--dataset", "mnist-5k", "--epochs", "1", "--quiet"]
     trees = {"this": SOURCE_ROOT, "other": Path(args.against).resolve()}
     results = {(name, n): [] for name in trees for n in args.ranks}
     with tempfile.TemporaryDirectory() as folder:
@@ -121,7 +131,8 @@ def main() -> int:
                     last = results[(name, n)][-1]
                     print(f"repeat {repeat + 1} n={n} {name}: train {last['train_time_s']:.3f} s, flush+close "
                           f"{1000 * (last['flush_s'] + last['close_s']):.1f} ms ({last['flushes']} flushes; "
-                          f"fsync {1000 * last.get('fsync_s', 0.0):.1f} ms)", flush=True)
+                          f"fsync {1000 * last.get('fsync_s', 0.0):.1f} ms, read-back "
+                          f"{1000 * last.get('verify_s', 0.0):.1f} ms)", flush=True)
     summary = {"flags": flags, "repeats": args.repeats, "against": str(trees["other"]), "points": []}
     for n in args.ranks:
         point = {"ranks": n}
@@ -131,8 +142,9 @@ def main() -> int:
             io_s = statistics.median(r["flush_s"] + r["close_s"] for r in rows)
             share = statistics.median((r["flush_s"] + r["close_s"]) / r["train_time_s"] for r in rows)
             fsync_s = statistics.median(r.get("fsync_s", 0.0) for r in rows)
+            verify_s = statistics.median(r.get("verify_s", 0.0) for r in rows)
             point[name] = {"train_time_s": round(train, 4), "flush_close_s": round(io_s, 5),
-                           "fsync_s": round(fsync_s, 5),
+                           "fsync_s": round(fsync_s, 5), "verify_s": round(verify_s, 5),
                            "flush_close_share": round(share, 5), "format_version": rows[0]["format_version"],
                            "flushes": rows[0]["flushes"]}
         ratios = [a["train_time_s"] / b["train_time_s"] for a, b in zip(results[("this", n)], results[("other", n)])]
@@ -142,7 +154,8 @@ def main() -> int:
         print(f"n={n}: flush+close {1000 * point['this']['flush_close_s']:.1f} ms = "
               f"{100 * point['this']['flush_close_share']:.2f}% of training (other tree: "
               f"{1000 * point['other']['flush_close_s']:.1f} ms = {100 * point['other']['flush_close_share']:.2f}%); "
-              f"of which fsync {1000 * point['this']['fsync_s']:.1f} ms; "
+              f"of which fsync {1000 * point['this']['fsync_s']:.1f} ms, read-back "
+              f"{1000 * point['this']['verify_s']:.1f} ms; "
               f"training time this/other {point['train_time_ratio_median']:.3f} "
               f"({point['train_time_ratio_range'][0]:.3f}-{point['train_time_ratio_range'][1]:.3f})", flush=True)
     print(json.dumps(summary))
