@@ -273,10 +273,6 @@ def _open_mpi_outcomes(to, signum, status, line) -> list:
 @pytest.mark.parametrize("to, signum, exit_status, status, line", SIGNAL_ROWS,
                          ids=[f"{r[1].name}-to-{r[0].replace(' ', '')}" for r in SIGNAL_ROWS])
 def test_signal(tmp_path, signal_references, to, signum, exit_status, status, line, ranks, attempt):
-    if ranks == SCALE_RANKS and launcher_is_open_mpi():
-        pytest.skip("the 12-rank rows under Open MPI's mpirun are not yet reliable (a SIGINT-to-group run "
-                    "failed in the last check there, where mpirun's own SIGKILL races the ranks' stop); they run "
-                    "under MPICH, and the 4-rank rows run under both")
     reference = signal_references(ranks)
     outcomes = [(status, line)] if _launcher_passes_exit_status() else _open_mpi_outcomes(to, signum, status, line)
     path = tmp_path / "sig.h5"
@@ -440,11 +436,11 @@ def _output_reader(job):
 def test_a_stop_signal_during_the_first_compile(tmp_path, warm_reference, to, signum):
     """Mid-compile on a cold cache: out within seconds with one line (none for SIGKILL), no log, and the
     next run on that cache loads or recompiles what was left and trains bit-identical."""
-    if launcher_is_open_mpi() and signum != signal.SIGKILL:
-        pytest.skip("under Open MPI's mpirun (which turns ^C and SIGTERM into SIGTERM, then SIGKILL) the ^C "
-                    "row printed no line in the last check; these rows are checked under MPICH")
-    if to == "mpirun":
-        _skip_unless_launcher_forwards_signals()
+    # Open MPI's mpirun turns ^C and SIGTERM into SIGTERM for every rank and SIGKILLs them a second later
+    # (docs/faults.md): a rank that ends its kernel's compile in time says so (SIGINT, when the group's own
+    # ^C reached it first, or SIGTERM), else the SIGKILL ends it without a line; either way nothing is
+    # written, and the next run on the cache trains bit-identical.
+    open_mpi = launcher_is_open_mpi()
     cache = tmp_path / "cache"
     cache.mkdir()
     path = tmp_path / "cold.h5"
@@ -485,9 +481,11 @@ def test_a_stop_signal_during_the_first_compile(tmp_path, warm_reference, to, si
     assert job.returncode != 0 and "Traceback" not in stderr, stderr
     if signum == signal.SIGKILL:
         assert ours == [], stderr
-    else:
+    elif not (open_mpi and ours == []):
         _assert_stop_status(job.returncode, 128 + signum, stderr)
-        assert len(ours) == 1 and ours[0].startswith(f"cnnpar: stopped by {signum.name} while starting"), stderr
+        names = {signum.name, "SIGTERM"} if open_mpi else {signum.name}
+        assert len(ours) == 1 and any(ours[0].startswith(f"cnnpar: stopped by {name} while starting")
+                                      for name in names), stderr
         assert "nothing was written" in ours[0]
         leftovers = [str(p) for p in cache.rglob("*") if ".tmp" in p.name]
         assert leftovers == [], leftovers  # a save in progress was finished first, not cut

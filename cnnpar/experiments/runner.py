@@ -42,6 +42,7 @@ SCHEDULER_STOP = re.compile(r"DUE TO (?:TIME LIMIT|PREEMPTION|NODE FAILURE)|Unab
 STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
 # How long a run stopped by a signal may take to checkpoint and exit before it is killed.
 STOP_GRACE_S = 60.0
+KILL_GRACE_S = 5.0  # after ^C or a --timeout, how long a run may take to stop before it is SIGKILLed
 
 
 class Stopped(BaseException):
@@ -308,7 +309,7 @@ class Runner:
         return Outcome(point, ok, seconds, rc, output or "", message)
 
     @staticmethod
-    def kill(proc, first=signal.SIGTERM, grace_s: float = 5.0) -> None:
+    def kill(proc, first=signal.SIGTERM, grace_s: float = KILL_GRACE_S) -> None:
         for sig, wait_s in ((first, grace_s), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(proc.pid, sig)
@@ -320,7 +321,7 @@ class Runner:
             except subprocess.TimeoutExpired:
                 continue
 
-    def stop_all(self, first=signal.SIGTERM, grace_s: float = 5.0) -> None:
+    def stop_all(self, first=signal.SIGTERM, grace_s: float = KILL_GRACE_S) -> None:
         with self.lock:
             self.stopping = True
             procs = list(self.procs)
