@@ -44,13 +44,15 @@ def launcher_is_open_mpi() -> bool:
 def cnnpar_lines(text: str) -> list[str]:
     """The non-empty lines of a job's output without the launcher's own report of a failed job: Open MPI's
     mpirun adds banners framed by dashed lines, and `[host:pid] ...` notes, after cnnpar's one error line
-    (MPICH's mpiexec adds nothing)."""
+    (MPICH's mpiexec adds nothing). Open MPI's libevent also warns `[warn] Epoll MOD(1) on fd N failed ... Bad
+    file descriptor` when a terminal's ^C reaches mpirun and its ranks at once (their sockets close under it):
+    mpirun's line, not cnnpar's."""
     kept, inside = [], False
     for line in text.splitlines():
         if re.fullmatch(r"-{20,}", line.strip()):
             inside = not inside
             continue
-        if inside or not line.strip() or re.match(r"\[[\w.-]+:\d+\] ", line):
+        if inside or not line.strip() or re.match(r"\[[\w.-]+:\d+\] ", line) or line.startswith("[warn] Epoll "):
             continue
         kept.append(line)
     return kept
