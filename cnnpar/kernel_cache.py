@@ -24,6 +24,7 @@ import json
 import os
 import re
 import sys
+import threading
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _SET_BY_US = "CNNPAR_SET_NUMBA_CACHE_DIR"  # what this module put in NUMBA_CACHE_DIR, seen by child processes
@@ -188,7 +189,8 @@ def serialize_cache_saves() -> None:
     unlocked = cls.save
 
     def save(self, key, data):
-        _saving[0] += 1
+        with _saving_lock:
+            _saving[0] += 1
         try:
             with open(os.path.join(self._cache_path, ".cnnpar-save.lock"), "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
@@ -197,9 +199,10 @@ def serialize_cache_saves() -> None:
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
         finally:
-            _saving[0] -= 1
-            if not _saving[0] and _deferred:
-                _deferred.pop()()
+            with _saving_lock:
+                _saving[0] -= 1
+                if not _saving[0] and _deferred:
+                    _deferred.pop()()
 
     save._cnnpar_locked = True
     cls.save = save
@@ -207,15 +210,19 @@ def serialize_cache_saves() -> None:
 
 _saving = [0]   # cache saves in progress in this process
 _deferred = []  # what after_saves() put off until they end
+# The main thread saves; a start-up stop may come from the signal watcher thread (cnnpar.signals) or from a
+# handler running inside a save on the main thread itself (hence reentrant).
+_saving_lock = threading.RLock()
 
 
 def after_saves(action) -> None:
     """Run `action` now, or, when a signal handler calls this inside a cache save, right after the save
     (a save is a few milliseconds): an exit then never leaves an index without its data file."""
-    if _saving[0]:
-        _deferred[:] = [action]
-    else:
-        action()
+    with _saving_lock:
+        if _saving[0]:
+            _deferred[:] = [action]
+        else:
+            action()
 
 
 def recorded_seconds() -> dict:

@@ -21,9 +21,12 @@ SIGUSR1 and SIGUSR2; so under Open MPI a run stops as `preempted` whichever of t
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -77,18 +80,132 @@ class StopRequest:
         self.write_error = None
         self.escalating = False  # inside the loop: a second signal may still kill at once
         self._previous = {}
+        self._wakeup = None  # start-up only: the (read, write) pipe the signal watcher thread reads
+        self._watch_lock = threading.Lock()
         self._mine = np.zeros(1, np.int32)
         self._agreed = np.zeros(1, np.int32)
 
     def install_for_startup(self, speaks: bool) -> "StopRequest":
         """Until `install()`: a stop signal ends this process at once (`exit_at_once`). Start-up (data,
         kernels, the exchange's windows) has no step boundary to agree at and has written nothing."""
-        self._speaks = speaks
-        return self._take(self._exit_at_once)
+        self._speaks = self._first = speaks
+        self._take(self._exit_at_once)
+        self._watch_startup()
+        return self
+
+    def share_the_startup_line(self, comm) -> "StopRequest":
+        """Collective: from here the first rank of rank 0's node to act on a start-up stop says its line,
+        not rank 0 alone. A launcher ends every rank still running once one has ended (hydra at once, by
+        SIGKILL), and on an oversubscribed node rank 0 may not have run since the signal came (measured: no
+        line in 1 of 4 mid-compile ^Cs at 4 ranks on 2 cores). The node's ranks share one small file,
+        opened by all and then unlinked (so nothing is left behind): the first to lock it and find it empty
+        marks it and speaks, and the mark outlives it for the ranks the launcher stops after it."""
+        if comm.Get_size() == 1:
+            return self
+        here = socket.gethostname()
+        path = None
+        if comm.Get_rank() == 0:
+            try:
+                folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+                fd, path = tempfile.mkstemp(prefix="cnnpar-stop-", dir=folder)
+                os.close(fd)
+            except OSError:
+                path = None
+        first_host, path = comm.bcast((here, path))
+        fd = None
+        if here == first_host and path is not None:
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                fd = None
+        comm.Barrier()  # every rank of the node has it open: it can go
+        if comm.Get_rank() == 0 and path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self._speaks, self._line_fd = here == first_host, fd
+        return self
+
+    def _says_the_line(self) -> bool:
+        """Whether this process says the start-up stop's line; asked once, by the process's one leaver."""
+        if not self._speaks:
+            return False
+        if self._line_fd is None:
+            return self._first
+        try:
+            fcntl.flock(self._line_fd, fcntl.LOCK_EX)  # held for microseconds; a SIGKILL releases it
+            try:
+                if os.pread(self._line_fd, 1, 0):
+                    return False  # a rank said it already
+                os.pwrite(self._line_fd, b"1", 0)
+                return True
+            finally:
+                fcntl.flock(self._line_fd, fcntl.LOCK_UN)
+        except OSError:
+            return self._first
 
     def install(self) -> "StopRequest":
         """From here (just before the log is created) stop signals are noted, and acted upon at a step."""
+        self._unwatch()
+        if self._line_fd is not None:
+            os.close(self._line_fd)
+            self._line_fd, self._speaks = None, self._first
         return self._take(self._note)
+
+    def _watch_startup(self) -> None:
+        """Act on a start-up stop signal even while the main thread sits in a long C call. A Python handler
+        runs only between bytecodes, and LLVM compiling one kernel can hold the main thread for seconds
+        (ctypes releases the GIL meanwhile); hydra's mpiexec, seeing the other ranks end at once, SIGKILLs
+        such a rank, and the job lost its line when that was rank 0 (measured with rank 0 of 4 in 1 s C
+        calls: its line came 0 times in 6 without this thread, 9 times in 9 with it). The interpreter's
+        C-level handler writes each signal's number to the wakeup fd at once, and this thread, blocked on
+        reading it, ends the process from there."""
+        if threading.current_thread() is not threading.main_thread() or self._wakeup is not None:
+            return
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)  # the C handler must never block on a full pipe
+        try:
+            previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        except ValueError:
+            previous = None
+        if previous != -1:  # someone else's wakeup fd (an event loop): leave it theirs
+            if previous is not None:
+                signal.set_wakeup_fd(previous)
+            os.close(read_fd)
+            os.close(write_fd)
+            return
+        self._wakeup = (read_fd, write_fd)
+        threading.Thread(target=self._watch, args=(read_fd,), name="cnnpar-stop-watch", daemon=True).start()
+
+    def _watch(self, read_fd: int) -> None:
+        try:
+            while True:
+                try:
+                    data = os.read(read_fd, 64)
+                except InterruptedError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return  # _unwatch closed the pipe
+                for signum in data:
+                    if signum in STOP_SIGNALS:
+                        with self._watch_lock:
+                            if self._wakeup is not None:  # still starting: the handler would do the same
+                                self._exit_at_once(signum, None)
+        finally:
+            os.close(read_fd)
+
+    def _unwatch(self) -> None:
+        with self._watch_lock:  # a watcher acting on a signal finishes first
+            if self._wakeup is None:
+                return
+            _, write_fd = self._wakeup
+            self._wakeup = None
+        if threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(-1)
+        os.close(write_fd)  # the watcher reads the end of the pipe and ends
 
     def _take(self, handler) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
@@ -100,12 +217,16 @@ class StopRequest:
     def _exit_at_once(self, signum, frame) -> None:
         if not self.signum:
             self.signum = signum
-        if self._speaks:
-            line = (f"cnnpar: stopped by {signal.Signals(signum).name} while starting (loading data, compiling "
-                    f"kernels); nothing was written: run the same command again\n")
-        exit_at_once(128 + signum, line if self._speaks else "")
 
-    _speaks = False
+        def line() -> str:
+            if not self._says_the_line():
+                return ""
+            return (f"cnnpar: stopped by {signal.Signals(signum).name} while starting (loading data, compiling "
+                    f"kernels); nothing was written: run the same command again\n")
+        exit_at_once(128 + signum, line)
+
+    _speaks = _first = False
+    _line_fd = None  # the node's shared file for who says the start-up line (share_the_startup_line)
 
     def stand_down(self) -> None:
         """No second signal kills at once from here: the timer is cancelled and the stop signals, should
@@ -118,7 +239,8 @@ class StopRequest:
                 signal.signal(signum, self._note)
 
     def restore(self) -> None:
-        """Every handler back as it was before `install()`, no timer armed."""
+        """Every handler back as it was before `install()`, no timer armed, no watcher left."""
+        self._unwatch()
         self.stand_down()
         # SIGALRM's handler goes last: a timer that fired just before it was cancelled has run its
         # (idle) handler by now, and finds no default action to kill with.
@@ -189,12 +311,18 @@ def end_with_me(process) -> None:
     _children.append(process)
 
 
-def exit_at_once(status: int, line: str = "") -> None:
-    """End the process now with `status` after writing `line` to stderr, without cleaning up (nothing
-    has been written that needs closing). A numba cache save in progress finishes first
+_leaving = threading.Lock()  # taken by whichever thread ends the process first
+
+
+def exit_at_once(status: int, line="") -> None:
+    """End the process now with `status` after writing `line` (a text, or a function giving it, asked only
+    by the thread that ends the process) to stderr, without cleaning up (nothing has been written that
+    needs closing). A numba cache save in progress finishes first
     (kernel_cache.after_saves), so no half-written entry is left; a child started with `end_with_me`
     gets SIGTERM."""
     def leave():
+        if not _leaving.acquire(blocking=False):
+            return  # the other thread (watcher or main) is ending the process already
         for child in _children:
             try:
                 child.terminate()
@@ -205,8 +333,9 @@ def exit_at_once(status: int, line: str = "") -> None:
                 stream.flush()
             except Exception:  # noqa: BLE001 - a flush the signal interrupted: what it held is lost
                 pass
-        if line:
-            os.write(2, line.encode())
+        text = line() if callable(line) else line
+        if text:
+            os.write(2, text.encode())
         os._exit(status)
 
     kernel_cache.after_saves(leave)

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     world = MPI.COMM_WORLD
     owns_process = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    stop = StopRequest().install_for_startup(speaks=world.Get_rank() == 0)
+    stop = StopRequest().install_for_startup(speaks=world.Get_rank() == 0).share_the_startup_line(world)
     status = 1
     try:
         status = train(argv, stop)

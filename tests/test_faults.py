@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import h5py
@@ -480,9 +481,17 @@ def test_a_stop_signal_during_the_first_compile(tmp_path, warm_reference, to, si
     assert exit_s <= COMPILE_EXIT_WITHIN_S, exit_s
     assert job.returncode != 0 and "Traceback" not in stderr, stderr
     if signum == signal.SIGKILL:
-        assert ours == [], stderr
+        # Open MPI's mpirun answers a rank's death with SIGTERM to the others, and one of them says so
+        expected = ([], ["cnnpar: stopped by SIGTERM while starting"]) if open_mpi else ([],)
+        assert [text[:len("cnnpar: stopped by SIGTERM while starting")] for text in ours] in expected, stderr
     elif not (open_mpi and ours == []):
-        _assert_stop_status(job.returncode, 128 + signum, stderr)
+        if _launcher_passes_exit_status():
+            # Every rank ends at once, before MPI's finalise; hydra SIGKILLs the ranks still running when the
+            # first one's PMI connection closes (its clean-up of a failed job), and reports 9 if one of them
+            # had not yet ended (docs/faults.md): which comes first is a race the ranks cannot settle
+            assert job.returncode in (128 + signum, signal.SIGKILL), stderr
+        else:
+            assert job.returncode != 0, stderr
         names = {signum.name, "SIGTERM"} if open_mpi else {signum.name}
         assert len(ours) == 1 and any(ours[0].startswith(f"cnnpar: stopped by {name} while starting")
                                       for name in names), stderr
@@ -539,6 +548,81 @@ def test_a_timer_that_fires_after_the_loop_ended_hands_nothing_to_the_default_ac
     stop._escalate(signal.SIGALRM, None)  # after the loop: does nothing
     stop.stand_down()
     assert all(signal.getsignal(signum) == stop._note for signum in STOP_SIGNALS)
+    stop.restore()
+    assert _handlers() == before
+
+
+STUCK_IN_C = """
+import hashlib, sys
+from cnnpar.signals import StopRequest
+StopRequest().install_for_startup(speaks=True)
+print("ready", flush=True)
+for _ in range(10):
+    hashlib.pbkdf2_hmac("sha256", b"x", b"y", 20_000_000)  # seconds in C, the GIL released (as LLVM in numba)
+print("finished", flush=True)
+"""
+
+
+def test_a_startup_stop_ends_a_process_stuck_in_a_long_c_call_at_once():
+    """Mid-compile a rank can sit in one C call for seconds, where no Python handler runs: the watcher thread
+    ends it at once with its line (else hydra SIGKILLs it when the other ranks end, and the job exits 9)."""
+    job = subprocess.Popen([sys.executable, "-c", STUCK_IN_C], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        assert job.stdout.readline() == "ready\n"
+        time.sleep(0.3)  # inside the first C call (seconds long even on an idle machine)
+        sent_at = time.monotonic()
+        job.send_signal(signal.SIGTERM)
+        out, err = job.communicate(timeout=120)
+        exit_s = time.monotonic() - sent_at
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode == 128 + signal.SIGTERM, err
+    assert "finished" not in out
+    assert err.splitlines() == ["cnnpar: stopped by SIGTERM while starting (loading data, compiling kernels); "
+                                "nothing was written: run the same command again"], err
+    assert exit_s < 2.0, exit_s
+
+
+ONE_RANK_STOPS = """
+import os, signal, time
+from mpi4py import MPI
+from cnnpar.signals import StopRequest
+world = MPI.COMM_WORLD
+StopRequest().install_for_startup(speaks=world.Get_rank() == 0).share_the_startup_line(world)
+world.Barrier()
+if world.Get_rank() == 2:
+    os.kill(os.getpid(), signal.SIGTERM)  # only this rank: as `kill` of one rank, or rank 0 not yet run
+time.sleep(60)
+"""
+
+
+def test_a_startup_stop_of_one_rank_is_said_once_by_that_rank():
+    """The start-up line comes from the first rank of rank 0's node to act, so a stop that rank 0 never
+    acted on (the launcher killed it first, or it never got the signal) still says it, once."""
+    started = time.monotonic()
+    done = run_mpi(SIGNAL_RANKS, ["-c", ONE_RANK_STOPS], timeout=120)
+    lines = [line for line in _lines(done.stderr) if line.startswith("cnnpar:")]
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert lines == ["cnnpar: stopped by SIGTERM while starting (loading data, compiling kernels); nothing was "
+                     "written: run the same command again"], done.stderr
+    assert time.monotonic() - started < 50  # the launcher ended the job, not the ranks' sleep
+
+
+def test_the_startup_watcher_ends_when_the_loop_begins_and_leaves_no_wakeup_fd():
+    before = _handlers()
+    stop = StopRequest().install_for_startup(speaks=False)
+    assert any(t.name == "cnnpar-stop-watch" for t in threading.enumerate())
+    stop.install()  # the log is created next: from here signals are only noted
+    deadline = time.monotonic() + 10
+    while any(t.name == "cnnpar-stop-watch" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the watcher outlived the start-up"
+        time.sleep(0.01)
+    assert signal.set_wakeup_fd(-1) == -1  # none left behind
+    os.kill(os.getpid(), signal.SIGTERM)  # noted, not an exit
+    assert stop.signum == signal.SIGTERM
     stop.restore()
     assert _handlers() == before
 
