@@ -238,9 +238,13 @@ assert all(e.present == BY_TABLE[e.group[1:]].present for e in SCHEMA if e.group
 FINAL_ATTRS = {e.name: e.dtype for e in SCHEMA if e.group == "/final" and e.is_attribute and e.name != "extra_json"}
 
 
-def columns(table: str) -> list[Entry]:
+def columns(table: str) -> tuple[Entry, ...]:
     """The datasets of one row table, in schema order."""
-    return [e for e in SCHEMA if e.group == f"/{table}" and not e.is_attribute]
+    return _COLUMNS.get(table, ())
+
+
+# Looked up for every column of every append and flush: the schema is scanned once, not each time
+_COLUMNS = {t.name: tuple(e for e in SCHEMA if e.group == f"/{t.name}" and not e.is_attribute) for t in TABLE_RECORDS}
 
 
 def datasets() -> list[Entry]:
