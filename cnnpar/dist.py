@@ -70,13 +70,15 @@ class Dist:
     def barrier(self) -> None:
         self.wait(self.comm.Ibarrier())
 
-    def wait_on_rank0(self, request) -> None:
+    def wait_on_rank0(self, request, writing: bool = False) -> None:
         """Complete a request that may wait on rank 0 writing the log: with more ranks than cores, yield
-        for a moment (the usual wait is that short), then sleep, so that rank 0 gets the cores."""
+        for a moment (the usual wait is that short), then sleep, so that rank 0 gets the cores. `writing`:
+        rank 0 is known to be writing (the closing write, milliseconds): sleep at once, since yielding
+        ranks on oversubscribed cores would still take most of their time from rank 0."""
         if not self.yield_when_waiting:
             request.Wait()
             return
-        test, spin_until = request.Test, time.perf_counter() + YIELD_BEFORE_NAPS_S
+        test, spin_until = request.Test, time.perf_counter() + (0.0 if writing else YIELD_BEFORE_NAPS_S)
         while not test():
             if time.perf_counter() > spin_until:
                 wait_idle(request, first_nap_s=2e-4, longest_nap_s=2e-3)

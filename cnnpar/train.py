@@ -307,7 +307,7 @@ def _train_and_log(run: Run, world, fold: int, resume) -> dict:
         except WriteError as err:
             failure = err.line()
     failed = np.array([failure is not None], np.int32)  # every rank exits with rank 0's outcome, and
-    run.dist.wait_on_rank0(world.Ibcast(failed, root=0))  # leaves the cores to rank 0 while that writes
+    run.dist.wait_on_rank0(world.Ibcast(failed, root=0), writing=True)  # leaves the cores to rank 0
     milestone("log_closed")
     if failed[0]:
         if world.Get_rank() == 0:

@@ -318,6 +318,53 @@ def test_rows_wait_in_memory_until_flush_and_are_never_lost(tmp_path, monkeypatc
         np.testing.assert_array_equal(raw["steps/loss"][:180], expected)
 
 
+@pytest.mark.parametrize("fault", ["flipped byte", "short file", "/final stored wrong"])
+def test_a_closing_write_that_reads_back_different_is_never_marked_complete(tmp_path, monkeypatch, fault):
+    from cnnpar.errors import WriteError
+    from cnnpar.runlog import writer
+
+    path = tmp_path / "readback.h5"
+    rng = np.random.default_rng(9)
+    config = _config()
+    log = RunLogWriter(path, json.dumps(config, sort_keys=True), config, ENV, LAYOUT, 3)
+    log.append_steps(**_step_window(rng, 0, 40, 3, 0))
+    log.append_epoch(0, 40, 1.0, 0.5, 1.1, 0.5, 2.0, 120)
+    log.flush()
+    log.append_steps(**_step_window(rng, 40, 40, 3, 1))
+    log.write_final(rng.standard_normal(N_PARAMS).astype(np.float32), np.eye(10, dtype=np.int64), test_acc=0.5)
+    real_pread = os.pread
+    reads = []
+
+    def bad_pread(fd, n, offset):  # the disk hands back something else than was written
+        data = real_pread(fd, n, offset)
+        reads.append((n, offset))
+        end = reads[0][0] // 2  # half way through the file
+        if fault == "short file":  # the file ends there
+            return data[: max(0, end - offset)]
+        if offset <= end < offset + len(data):  # one bit flipped there
+            data = data[: end - offset] + bytes([data[end - offset] ^ 0x10]) + data[end - offset + 1:]
+        return data
+
+    if fault == "/final stored wrong":  # HDF5 keeps something else than it was given
+        real_write_whole = writer._write_whole
+
+        def bad_write_whole(dset, values):
+            real_write_whole(dset, values + 1 if dset.name == "/final/confusion" else values)
+
+        monkeypatch.setattr(writer, "_write_whole", bad_write_whole)
+    else:
+        monkeypatch.setattr(os, "pread", bad_pread)
+    with pytest.raises(WriteError) as err:
+        log.close("complete")
+    what = "/final reads back different" if fault == "/final stored wrong" else "the file reads back different"
+    assert what in err.value.message and "\n" not in err.value.message
+    assert not is_complete_log(path)
+    with open_log(path) as kept:  # the log as of its last good flush, marked failed
+        assert kept.status == "failed" and "reads back different" in kept.status_message
+        assert kept.steps["step"].tolist() == list(range(40)) and kept.final is None
+    assert not os.path.exists(f"{path}.flush-tmp")
+
+
 # ----------------------------------------------------------------------------------------------------
 # bad files
 
