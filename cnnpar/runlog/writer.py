@@ -371,7 +371,7 @@ class RunLogWriter:
                     done += os.write(fd, view[done:])
                 if sync:  # the device starts writing now; the sync at the end waits for what is left
                     _start_writeback(fd)
-                if check is not None:  # from the page cache: ~0.05 ms
+                if check is not None:  # from the page cache: ~0.4 ms, most of it faulting in the new buffer
                     check(fd, data)
                 if meanwhile is not None:
                     meanwhile()
