@@ -363,6 +363,24 @@ class Network:
 
         return forward_backward_at
 
+    def sampled_train_steps(self, images: np.ndarray, labels: np.ndarray):
+        """For a rank whose exchange does nothing (one rank, --mode local): the function
+        f(rows, params, grads, velocity, order, starts, stops, step_counts, first_step, step_in_epoch, n_steps,
+        epoch, lr, mean, momentum, sums) -> sums that runs n_steps whole steps (sample, forward, backward,
+        SGD) in one numba call, as the trainer's loop would one by one (`K.network_train_steps`); sums is
+        (loss sum, number correct, samples counted, samples done), continued."""
+        images, labels = self._as_batch(images, labels)
+        kernel = K.network_train_steps
+        sample_grads, work, iwork, table = self._sample_grads, self._work, self._iwork, self.table
+
+        def train_steps(rows, params, grads, velocity, order, starts, stops, step_counts, first_step, step_in_epoch,
+                        n_steps, epoch, lr, mean, momentum, sums):
+            return kernel(rows, params, grads, velocity, sample_grads, work, iwork, table, images, labels, order,
+                          starts, stops, step_counts, first_step, step_in_epoch, n_steps, epoch, lr, mean, momentum,
+                          *sums)
+
+        return train_steps
+
     def evaluate(self, params: np.ndarray, images: np.ndarray, labels: np.ndarray,
                  predictions_out: np.ndarray | None = None) -> tuple[float, int]:
         """Forward only, any batch size: (loss sum, number correct); optionally int32 predictions."""

@@ -13,31 +13,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+
+from .kernels import sgd_step_kernel  # beside the drivers that call it too: see cnnpar.kernels
 
 REDUCES = ("sum", "mean")
-
-
-@njit(cache=True)
-def sgd_step_kernel(params, grads, velocity, scale, momentum, zero_grads):
-    """params -= scale * grads, or with momentum > 0 through the velocity buffer (updated in place);
-    with zero_grads, grads are cleared in the same pass (saves the caller a separate sweep)."""
-    zero = grads.dtype.type(0)
-    if momentum == 0.0:
-        if zero_grads:
-            for i in range(params.shape[0]):
-                params[i] -= scale * grads[i]
-                grads[i] = zero
-        else:
-            for i in range(params.shape[0]):
-                params[i] -= scale * grads[i]
-    else:
-        for i in range(params.shape[0]):
-            v = momentum * velocity[i] + grads[i]
-            velocity[i] = v
-            params[i] -= scale * v
-            if zero_grads:
-                grads[i] = zero
 
 
 class SGD:
@@ -79,6 +58,12 @@ class SGD:
         if scale != self._scale:  # converting to a numpy scalar costs as much as a small step: reuse it
             self._scale, self._scale_typed = scale, self._dtype.type(scale)
         sgd_step_kernel(params, grads, self.velocity, self._scale_typed, self._momentum_typed, zero_grads)
+
+    def momentum_typed(self, dtype):
+        """The momentum as a scalar of `dtype`, the params' (the state follows that dtype from here)."""
+        if dtype is not self._dtype:
+            self._retype(dtype)
+        return self._momentum_typed
 
     def _retype(self, dtype) -> None:
         self._dtype = dtype

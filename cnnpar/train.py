@@ -209,7 +209,8 @@ def _compile_kernels(config: Config, dist, network, dataset, say) -> None:
     max_node_size = dist.comm.allreduce(dist.node_size, op=MPI.MAX) if dist.n_nodes > 1 else dist.node_size
     exchange = warmup.exchange_kernels(config.mode, config.allreduce, dist.size, config.samples_per_rank,
                                        network.dtype, dist.n_nodes, max_node_size)
-    plan = warmup.Plan(network, dataset.train_images, dataset.train_labels, exchange)
+    plan = warmup.Plan(network, dataset.train_images, dataset.train_labels, exchange,
+                       windowed=warmup.windowed(config.mode, dist.size, config.noise_scale))
     warmup.prepare(dist, plan, say)
 
 
@@ -418,7 +419,8 @@ class _Position:
 
 
 def _loop(run: Run, start: _Position) -> dict:
-    """The training loop: sample + forward + backward (one numba call), exchange, SGD step.
+    """The training loop: sample + forward + backward (one numba call), exchange, SGD step; a rank whose
+    exchange does nothing runs all of that for a window of steps in one numba call instead.
 
     At one sample per rank a step is a few tens of microseconds, so the loop body is kept to a handful
     of calls on local names: the per-step arithmetic that does not change between epochs (each rank's
@@ -451,46 +453,77 @@ def _loop(run: Run, start: _Position) -> dict:
     milestone("first_step")
     loop_start = time.perf_counter()
 
-    for step in range(first_step, total_steps):
+    # A rank whose exchange does nothing runs its steps in compiled windows, each up to the next step after
+    # which the loop has something to do (the same calls and bits as the three calls per step below).
+    from . import kernels as K
+
+    train_steps = None
+    if exchange.reduces_nothing and noise is None and K.HAS_STEP_CLOCK:
+        train_steps = network.sampled_train_steps(dataset.train_images, dataset.train_labels)
+        slices = [np.asarray(a, np.int64) for a in (starts, stops, step_counts)]
+        block = np.empty((window.size, len(StepWindow.FIELDS)), np.float64)
+        mean = config.reduce == "mean"
+        momentum = optimizer.momentum_typed(params.dtype)  # first: it may retype the velocity
+        velocity = optimizer.velocity
+        # plain Python numbers (a resumed epoch's sums come back as float64s): one compiled signature
+        epoch_loss, epoch_correct, epoch_count = float(epoch_loss), int(epoch_correct), int(epoch_count)
+        samples_done = int(samples_done)
+    step = first_step
+    while step < total_steps:
         if step_in_epoch == steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
             order = epoch_permutation(config.seed, epoch, n_train)
         if step < lr_constant_from:
             lr = learning_rate(config, step, global_batch)
-        start_at, stop, step_count = starts[step_in_epoch], stops[step_in_epoch], step_counts[step_in_epoch]
-
-        t0 = time.perf_counter()
-        if noise is None:
-            loss_sum, correct = forward_backward_at(params, grads, order, start_at, stop)
+        if train_steps is not None:
+            n = 1 if step < lr_constant_from else min(
+                steps_per_epoch - step_in_epoch, total_steps - step, window.size - len(window),
+                _steps_to_multiple(step, saver.every_steps), _steps_to_multiple(step, check_every))
+            used = len(window)
+            rows = block[used:used + n]
+            epoch_loss, epoch_correct, epoch_count, samples_done = train_steps(
+                rows, params, grads, velocity, order, *slices, step, step_in_epoch, n, epoch, lr, mean, momentum,
+                (epoch_loss, epoch_correct, epoch_count, samples_done))
+            window.add_block(rows)
+            step += n
+            step_in_epoch += n
         else:
-            loss_sum, correct = noise.forward_backward(forward_backward_at, params, grads, order, start_at, stop)
-        t1 = time.perf_counter()
-        measured_wait_s = exchange.reduce(grads)
-        t2 = time.perf_counter()
-        if noise is not None:
-            noise.after_exchange(grads)
-        optimizer.step(params, grads, step_count, lr, zero_grads=True)  # zeroing rides in the update's pass
+            start_at, stop, step_count = starts[step_in_epoch], stops[step_in_epoch], step_counts[step_in_epoch]
+            t0 = time.perf_counter()
+            if noise is None:
+                loss_sum, correct = forward_backward_at(params, grads, order, start_at, stop)
+            else:
+                loss_sum, correct = noise.forward_backward(forward_backward_at, params, grads, order, start_at,
+                                                           stop)
+            t1 = time.perf_counter()
+            measured_wait_s = exchange.reduce(grads)
+            t2 = time.perf_counter()
+            if noise is not None:
+                noise.after_exchange(grads)
+            optimizer.step(params, grads, step_count, lr, zero_grads=True)  # zeroing rides in the update's pass
 
-        excluded_s = exchange.excluded_s  # the race audit is diagnostics: not counted as training time
-        window.rows.append((step, epoch, loss_sum, stop - start_at, step_count, t1 - t0, t2 - t1 - excluded_s,
-                            measured_wait_s, lr))
-        loop_start += excluded_s
-        epoch_loss += loss_sum
-        epoch_correct += correct
-        epoch_count += stop - start_at
-        samples_done += step_count
-        step_in_epoch += 1
-        steps_done = step + 1
+            excluded_s = exchange.excluded_s  # the race audit is diagnostics: not counted as training time
+            window.rows.append((step, epoch, loss_sum, stop - start_at, step_count, t1 - t0,
+                                t2 - t1 - excluded_s, measured_wait_s, lr))
+            loop_start += excluded_s
+            epoch_loss += loss_sum
+            epoch_correct += correct
+            epoch_count += stop - start_at
+            samples_done += step_count
+            step += 1
+            step_in_epoch += 1
+        steps_done = step
+        last = step - 1  # the last step run
         last_of_epoch = step_in_epoch == steps_per_epoch or steps_done == total_steps
         checkpoint_due = saver.due(steps_done) and steps_done < total_steps
-        flushed = len(window.rows) == window.size or last_of_epoch or checkpoint_due
+        flushed = len(window) == window.size or last_of_epoch or checkpoint_due
         if flushed:
-            shown_rows = window.rows[:] if progress is not None else None  # the flush empties the window
+            shown_rows = window.table().copy() if progress is not None else None  # the flush empties it
             flush_window(window, comm, log, exchange)
         if check_every and steps_done % check_every == 0:
-            _check_replicas(comm, params, step, log, exchange)
+            _check_replicas(comm, params, last, log, exchange)
         if flushed and progress is not None:  # timed as the summary's figure is, flush and check included
-            progress.update(step, samples_done, train_time_s + time.perf_counter() - loop_start, shown_rows)
+            progress.update(last, samples_done, train_time_s + time.perf_counter() - loop_start, shown_rows)
 
         if last_of_epoch:
             train_time_s += time.perf_counter() - loop_start
@@ -533,6 +566,11 @@ def _loop(run: Run, start: _Position) -> dict:
     result.update(train_time_s=train_time_s, samples=samples_done,
                   samples_per_s=samples_per_s(samples_done, train_time_s))
     return result
+
+
+def _steps_to_multiple(step: int, every: int) -> int:
+    """How many steps from `step` on until the steps done are a multiple of `every` (0: never)."""
+    return every - step % every if every > 0 else 1 << 62
 
 
 def _noting_write_errors(stop, write, *args) -> None:

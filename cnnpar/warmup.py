@@ -28,8 +28,9 @@ from .progress import span
 
 # Seconds each task took to compile on the 2-core development VM (one rank, others idle); only used to
 # announce the first compile on a machine, which then records its own figures.
-DEFAULT_TASK_S = {"layer_backward": 4.2, "layer_forward": 2.2, "step": 3.2, "evaluate": 0.6, "sgd": 0.15,
-                  "exchange:factored": 2.5, "exchange:shm": 4.0, "exchange:race": 1.5}
+# ("steps", the window driver of one-rank runs, scaled from a busy machine's 9.6 s beside layer_backward's 9.1)
+DEFAULT_TASK_S = {"layer_backward": 4.2, "layer_forward": 2.2, "step": 3.2, "steps": 4.4, "evaluate": 0.6,
+                  "sgd": 0.15, "exchange:factored": 2.5, "exchange:shm": 4.0, "exchange:race": 1.5}
 # The announced range runs from the expected time on an idle machine to this many times it, or to the
 # machine's present load times it when that is more: a compile shares its core with everything else running
 # (a first run announced as "about 8 s" took 34 s on a loaded machine).
@@ -62,13 +63,15 @@ class Plan:
     the layer dispatchers, which the second phase's entry points (the step, the evaluation, SGD, the
     exchange) then load instead of compiling them again; only the entry points need loading to run."""
 
-    def __init__(self, network, images, labels, exchange: str):
+    def __init__(self, network, images, labels, exchange: str, windowed: bool = False):
         import numpy as np
 
         from . import kernels as K
 
         self.exchange = exchange
-        self.identity = f"{network.grammar}|{network.input_shape}|{network.n_classes}|{network.dtype}|{exchange}"
+        self.windowed = windowed  # the run trains in compiled windows of steps (one rank, no exchange)
+        self.identity = (f"{network.grammar}|{network.input_shape}|{network.n_classes}|{network.dtype}|{exchange}"
+                         + ("|windowed" if windowed else ""))
         params = network.init_params(0)
         grads = np.zeros_like(params)
         image = images[0]
@@ -92,9 +95,20 @@ class Plan:
 
             SGD(network.n_params, lr=0.01).step(params.copy(), grads, 1)
 
+        def steps():  # the trainer's call with its argument types, running no step
+            from .optim import SGD
+
+            optimizer = SGD(network.n_params, lr=0.01)
+            momentum = optimizer.momentum_typed(params.dtype)
+            slices = [np.zeros(1, np.int64) for _ in range(3)]
+            network.sampled_train_steps(images, labels)(
+                np.zeros((1, K.R_LR + 1)), params, grads, optimizer.velocity, np.zeros(1, np.int64), *slices,
+                0, 0, 0, 0, 0.01, False, momentum, (0.0, 0, 0, 0))
+
         self._tasks = {"layer_backward": layer_backward, "layer_forward": layer_forward, "step": step,
-                       "evaluate": evaluate, "sgd": sgd}
-        names = [["layer_backward", "layer_forward"], ["step", "evaluate", "sgd"]]
+                       "evaluate": evaluate, "sgd": sgd, "steps": steps}
+        # A windowed run calls the window driver (which holds the step and SGD) where the others call both
+        names = [["layer_backward", "layer_forward"], ["steps", "evaluate"] if windowed else ["step", "evaluate", "sgd"]]
         if exchange:
             self._tasks[f"exchange:{exchange}"] = _exchange_warmer(exchange)
             names[1].insert(1, f"exchange:{exchange}")  # beside the step: the two longest of phase 2
@@ -105,7 +119,8 @@ class Plan:
         self.finished = 0     # tasks of the plan finished on the node, counted by prepare: after all of
                               # them a task's run only loads machine code, which must not pass for a compile
         self.spec = {"arch": network.grammar, "input_shape": list(network.input_shape),
-                     "n_classes": network.n_classes, "dtype": str(network.dtype), "exchange": exchange}
+                     "n_classes": network.n_classes, "dtype": str(network.dtype), "exchange": exchange,
+                     "windowed": windowed}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "Plan":
@@ -116,7 +131,7 @@ class Plan:
 
         network = build_network(spec["arch"], tuple(spec["input_shape"]), spec["n_classes"], spec["dtype"])
         images = np.zeros((2,) + network.input_shape, network.dtype)
-        return cls(network, images, np.zeros(2, np.int32), spec["exchange"])
+        return cls(network, images, np.zeros(2, np.int32), spec["exchange"], spec.get("windowed", False))
 
     def run(self, name: str) -> None:
         started = time.perf_counter()
@@ -197,6 +212,15 @@ def _exchange_warmer(exchange: str):
 
         return race.warm_kernels
     raise ValueError(f"no kernels known for exchange {exchange!r}")
+
+
+def windowed(mode: str, ranks: int, noise_scale: bool = False) -> bool:
+    """Whether such a run trains in compiled windows of steps (the trainer's own test: its exchange does
+    nothing, no noise meter runs between the kernels, and the compiled code can read the clock)."""
+    from . import kernels as K
+    from .exchange import reduces_nothing
+
+    return K.HAS_STEP_CLOCK and not noise_scale and reduces_nothing(mode, ranks)
 
 
 def exchange_kernels(mode: str, allreduce: str, ranks: int, samples_per_rank: int, dtype="float32",
@@ -376,7 +400,7 @@ def warm_up(archs=("small",), mode="sync", allreduce="auto", ranks=12, samples_p
         network = build_network(arch)
         images = np.zeros((2,) + network.input_shape, np.float32)
         labels = np.zeros(2, np.int32)
-        plan = Plan(network, images, labels, exchange)
+        plan = Plan(network, images, labels, exchange, windowed(mode, ranks))
         if plan.is_warm():
             continue
         from .dist import usable_cores

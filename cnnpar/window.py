@@ -15,24 +15,51 @@ class Diverged(Exception):
 
 
 class StepWindow:
-    """Per-step statistics of this rank (one tuple of FIELDS per step), kept until they are gathered to
-    rank 0 in one go. A list of tuples: appending one costs a fraction of writing a row of an array."""
+    """Per-step statistics of this rank, kept until they are gathered to rank 0 in one go: one tuple of
+    FIELDS per step the Python loop ran (appending one costs a fraction of writing a row of an array), and
+    the blocks of rows a compiled window of steps wrote (float64, FIELDS columns), kept in step order."""
 
     FIELDS = ("step", "epoch", "loss_sum", "count", "step_count", "arrive_s", "reduce_s", "wait_s", "lr")
 
     def __init__(self, size: int):
         self.size = size
         self.rows = []
+        self._blocks = []   # earlier rows of the window as arrays, before those in `rows`
+        self._in_blocks = 0
         self.noise = None  # a cnnpar.noise.NoiseMeter with --noise-scale: its rows travel in the same gather
+
+    def __len__(self) -> int:
+        return self._in_blocks + len(self.rows)
+
+    def add_block(self, block: np.ndarray) -> None:
+        """Rows (n, FIELDS) that a compiled window of steps wrote, after every row so far."""
+        if self.rows:
+            self._blocks.append(self._tuples_as_array())
+            self.rows = []
+        self._blocks.append(block)
+        self._in_blocks += len(block)
+
+    def table(self) -> np.ndarray:
+        """Every row of the window, in step order, as one float64 array (steps, FIELDS)."""
+        parts = self._blocks + ([self._tuples_as_array()] if self.rows or not self._blocks else [])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def take(self) -> np.ndarray:
+        """`table()`, and the window starts empty."""
+        rows = self.table()
+        self.rows, self._blocks, self._in_blocks = [], [], 0
+        return rows
+
+    def _tuples_as_array(self) -> np.ndarray:
+        n_fields = len(self.FIELDS)  # fromiter over the flattened tuples: ~30% faster than np.array
+        return np.fromiter(itertools.chain.from_iterable(self.rows), np.float64,
+                           count=len(self.rows) * n_fields).reshape(len(self.rows), n_fields)
 
 
 def flush_window(window, comm, log, exchange) -> None:
     """Gather the window's per-rank rows to rank 0, which derives the step figures and logs them.
     Rank 0 also decides, for everyone, whether the run has diverged."""
-    n_fields = len(StepWindow.FIELDS)  # fromiter over the flattened tuples: ~30% faster than np.array
-    rows = np.fromiter(itertools.chain.from_iterable(window.rows), np.float64,
-                       count=len(window.rows) * n_fields).reshape(len(window.rows), n_fields)
-    window.rows.clear()
+    rows = window.take()
     milestone("first_window")
     gathered = comm.gather(rows if window.noise is None else (rows, window.noise.take_rows()), root=0)
     if window.noise is not None and comm.Get_rank() == 0:

@@ -40,6 +40,21 @@ def _crash_on_call(fault_rank: int, fault_call: int) -> None:
         return faulty_step
 
     model_lib.Network.sampled_forward_backward = faulty
+    original_window = model_lib.Network.sampled_train_steps
+
+    def faulty_window(self, images, labels):  # a rank without an exchange runs windows of steps in one call
+        steps = original_window(self, images, labels)
+
+        def faulty_steps(*args):
+            n_steps = args[10]
+            calls[0] += max(n_steps, 1)  # the warm-up's call runs no step and counts one, as the step's does
+            if RANK == fault_rank and calls[0] >= fault_call:
+                raise RuntimeError("injected fault")
+            return steps(*args)
+
+        return faulty_steps
+
+    model_lib.Network.sampled_train_steps = faulty_window
 
 
 def _fill_disk(folder: str, how: str) -> None:

@@ -4,7 +4,10 @@ the loop's state object) is compared with 38d5212; issue 20's (one home for each
 exchange rule, the config fields' roles, the run paths, train.py and data split by concern) with 2f62ac4.
 Issue 22's kernel work (conv, pool and relu fused into one pass each way) is compared with 2f62ac4 too, on
 the settings whose kernels it changed: both named architectures, and k samples per rank on one rank (the
-accuracy map's setting), where each sample's gradient is formed on its own before it is added.
+accuracy map's setting), where each sample's gradient is formed on its own before it is added. So are its
+compiled windows of steps (a rank whose exchange does nothing, one rank or --mode local, runs sample,
+forward, backward and SGD for many steps in one numba call), on settings that end windows at every kind of
+event: the log window, the replica check, a learning-rate warm-up, an epoch's end, a short last step.
 
 The earlier trees come from git history (`git archive`), so this needs a clone that holds those commits; a
 shallow clone skips with the reason. When a later change alters the numerics on purpose, move REFERENCES to
@@ -101,4 +104,17 @@ def test_this_tree_matches_the_one_before_the_restructure_bit_for_bit(tmp_path, 
 def test_the_fused_kernels_match_the_tree_before_them_bit_for_bit(request, tmp_path, reference_tree, n, flags):
     if request.node.callspec.params["reference_tree"] != "2f62ac4":
         pytest.skip("issue 22's kernels are compared with their own base only")
+    _assert_same_bits(reference_tree, n, flags, tmp_path)
+
+
+@pytest.mark.parametrize("n, flags", [
+    (1, ["--log-window", "37", "--check-every", "50"]),
+    (1, ["--reduce", "mean", "--lr-scaling", "linear", "--warmup-steps", "40", "--momentum", "0.9"]),
+    (1, ["--samples-per-rank", "14", "--reduce", "mean"]),  # 4,000 = 285 x 14 + 10: step 286 is short
+    (2, ["--mode", "local", "--log-window", "64"]),
+])
+def test_the_compiled_windows_of_steps_match_the_tree_before_them_bit_for_bit(request, tmp_path, reference_tree, n,
+                                                                               flags):
+    if request.node.callspec.params["reference_tree"] != "2f62ac4":
+        pytest.skip("issue 22's windows are compared with its base only")
     _assert_same_bits(reference_tree, n, flags, tmp_path)

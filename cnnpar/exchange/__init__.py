@@ -34,7 +34,7 @@ from ..errors import UserError
 from ..modes import FACTORED_DTYPE, FACTORED_SAMPLES_PER_RANK, is_race_mode
 from .interface import Exchange
 
-__all__ = ["Exchange", "KERNELS", "choose", "make_exchange"]
+__all__ = ["Exchange", "KERNELS", "choose", "make_exchange", "reduces_nothing"]
 
 
 # The kernels each exchange compiles before its first step (the warm-up compiles them ahead of the run).
@@ -64,6 +64,12 @@ def choose(mode: str, allreduce: str, ranks: int, n_nodes: int, max_node_size: C
     if n_nodes == 1:
         return "factored" if factored_fits() else "shm"
     return "hier" if max_node_size() > 1 else "mpi"
+
+
+def reduces_nothing(mode: str, ranks: int) -> bool:
+    """Whether the exchange `choose` gives does nothing in reduce(): 'local', or MPI_Allreduce over one rank
+    (every mode but a race at one rank). The warm-up's forecast of `Exchange.reduces_nothing`."""
+    return mode == "local" or (ranks == 1 and not is_race_mode(mode))
 
 
 def make_exchange(config, dist: Dist, n_params: int, network=None) -> Exchange:

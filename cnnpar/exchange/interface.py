@@ -12,6 +12,8 @@ class Exchange:
     replicas_agree = True  # False where a params checksum cannot be compared: 'local' (replicas diverge by
                            # design) and 'hogwild' (one shared copy, still being written when ranks check)
     excluded_s = 0.0       # seconds of the last reduce() spent on diagnostics (the race audit), not exchange
+    reduces_nothing = False  # True where reduce() does nothing at all (one rank, 'local'): the trainer then
+                             # runs whole windows of steps in one compiled call (cnnpar.exchange.reduces_nothing)
     first_step = 0         # global step of the first reduce() (a resumed run starts later)
 
     def describe(self) -> str:

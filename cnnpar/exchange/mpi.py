@@ -23,7 +23,7 @@ class MpiAllreduce(Exchange):
         self._in_place = MPI.IN_PLACE
         self._sum = MPI.SUM
         self._dist = dist
-        self._alone = dist.size == 1
+        self._alone = self.reduces_nothing = dist.size == 1
 
     def reduce(self, grads: np.ndarray) -> float:
         if self._alone:  # the sum over one rank is its own gradient; MPI would still cost ~1.5 us a step

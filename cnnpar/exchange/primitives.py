@@ -39,6 +39,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..kernels import now_ns  # noqa: F401 - the clock, beside the kernels' own use of it
+
 # ----------------------------------------------------------------------------------------------------
 # Numba intrinsics emitting LLVM atomics and libc/syscall calls
 # ----------------------------------------------------------------------------------------------------
@@ -79,23 +81,6 @@ def fetch_add(typingctx, arr, idx, val):
         return builder.atomic_rmw("add", ptr, value, "seq_cst")
 
     return arr.dtype(arr, idx, val), codegen
-
-
-@intrinsic
-def now_ns(typingctx):
-    """CLOCK_MONOTONIC in nanoseconds (clock_gettime through the vDSO: ~20 ns, no system call)."""
-
-    def codegen(context, builder, sig, args):
-        ts = cgutils.alloca_once(builder, ir.ArrayType(_I64, 2))
-        fnty = ir.FunctionType(_I32, [_I32, ts.type])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "clock_gettime")
-        builder.call(fn, [ir.Constant(_I32, 1), ts])
-        zero = ir.Constant(_I32, 0)
-        sec = builder.load(builder.gep(ts, [zero, ir.Constant(_I32, 0)]))
-        nsec = builder.load(builder.gep(ts, [zero, ir.Constant(_I32, 1)]))
-        return builder.add(builder.mul(sec, ir.Constant(_I64, 1_000_000_000)), nsec)
-
-    return types.int64(), codegen
 
 
 @intrinsic
