@@ -226,12 +226,13 @@ def test_requeued_job_resumes_and_ends_bit_identical(tmp_path, uninterrupted):
     job_id = _submit(_readme_jobs()["multinode"], out, "--epochs", RESUME_EPOCHS, "--log", log_path)
     _wait_for_epochs(log_path, 1, job_id)
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
-    # A requeued job waits before it may start again; this one may start at once.
+    # A requeued job waits before it may start again; this one may start soon (not within the second of the
+    # requeue: see the time-limit test)
     for _ in range(60):
         if _job(job_id).get("JobState") == "PENDING":
             break
         time.sleep(0.5)
-    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], timeout=30)
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now+2"], timeout=30)
     info = _wait(job_id)
     text = out.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
@@ -324,8 +325,10 @@ def test_a_time_limit_warning_checkpoints_requeues_and_resumes_bit_identical(tmp
         # Requeued by its job script at the warning: the time limit never ended it
         info = _wait(job_id, timeout_s=180, until=("PENDING", "REQUEUED") + FINAL_STATES)
         assert info["JobState"] in ("PENDING", "REQUEUED"), out.read_text()
-        # The second start gets time to finish, and may begin at once (a requeued job waits otherwise)
-        subprocess.run(["scontrol", "update", f"jobid={job_id}", "TimeLimit=10", "StartTime=now"], timeout=30)
+        # The second start gets time to finish, and may begin soon (a requeued job waits otherwise), but not
+        # within the second of the requeue: slurmd revoked the job's credential then, and refuses a launch
+        # whose credential is not newer, in whole seconds ("Job credential revoked"; the job ends FAILED)
+        subprocess.run(["scontrol", "update", f"jobid={job_id}", "TimeLimit=10", "StartTime=now+2"], timeout=30)
         info = _wait(job_id, timeout_s=600)
         output, _ = whole.communicate(timeout=600)
     finally:
